@@ -1,0 +1,185 @@
+"""The one small interface every cloud implements (`local` and `openstack`).
+
+Rules every driver keeps, because durable operations rely on them:
+- Every create_* is idempotent by `name`: if a resource with that name exists it is
+  returned (adopted), never made twice. Names embed the instance id and node id.
+- Every delete_* of something already gone returns quietly.
+- Every resource carries `tags` (at least `pgha-instance` and, for nodes, `pgha-node`
+  and `pgha-role`) so cleanup and the orphan sweeper can find it.
+- Waiting is bounded; a driver raises `CloudError` with a plain sentence, never a
+  secret, when something does not happen in time.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass, field
+from typing import Literal
+
+from broker.guest.bootstrap import GuestConfig
+
+TAG_INSTANCE = "pgha-instance"
+TAG_NODE = "pgha-node"
+TAG_ROLE = "pgha-role"
+TAG_MANAGED = "pgha-managed"  # value "true": the orphan sweeper's filter
+
+
+class CloudError(Exception):
+    """A cloud call failed for good (after the driver's own retries)."""
+
+
+class TransientCloudError(CloudError):
+    """Worth retrying later (5xx, 409 while busy, timeouts)."""
+
+
+class FenceError(CloudError):
+    """The old primary could not be confirmed stopped: never promote after this."""
+
+
+class ServerStatus(enum.StrEnum):
+    BUILD = "BUILD"
+    ACTIVE = "ACTIVE"
+    SHUTOFF = "SHUTOFF"      # stopped: fenced
+    ERROR = "ERROR"
+    UNKNOWN = "UNKNOWN"      # the hypervisor does not answer (host down)
+
+
+@dataclass(frozen=True)
+class Port:
+    id: str
+    name: str
+    address: str
+    device_id: str | None          # the server it is attached to, None when unbound
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Volume:
+    id: str
+    name: str
+    availability_zone: str
+    size_gb: int
+    status: str                    # available | in-use | ...
+    attached_to: str | None        # server id
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Server:
+    id: str
+    name: str
+    availability_zone: str
+    status: ServerStatus
+    management_address: str | None
+    tags: dict[str, str] = field(default_factory=dict)
+    # Driver-specific facts for operators (e.g. {"netns": "pgha-1a2b"}).
+    details: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """Everything needed to boot one node."""
+
+    name: str                      # pgha-<instance>-<node>
+    availability_zone: str
+    flavor: str
+    image: str
+    management_port_id: str        # made first, so its address is known before boot
+    volume_id: str                 # the data volume, attached as the data disk
+    guest: GuestConfig             # what the guest bootstrap makes of the server
+    server_group_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CloudResource:
+    """Anything the broker made, for cleanup and the orphan sweeper."""
+
+    kind: Literal["server", "volume", "port", "server_group"]
+    id: str
+    name: str
+    tags: dict[str, str]
+
+
+class Cloud(abc.ABC):
+    """Servers in zones, volumes, a movable service port, stop/fence and delete."""
+
+    name: str = "abstract"
+
+    # --- ports -----------------------------------------------------------------
+    @abc.abstractmethod
+    def create_port(self, name: str, purpose: Literal["management", "service"],
+                    tags: dict[str, str]) -> Port:
+        """A port with a fixed address, not attached to anything."""
+
+    @abc.abstractmethod
+    def get_port(self, port_id: str) -> Port | None: ...
+
+    @abc.abstractmethod
+    def attach_port(self, port_id: str, server_id: str) -> None:
+        """Hot-plug the port into the server; returns once the guest has the address.
+
+        Raises CloudError if the port is bound to another server (never steals it)."""
+
+    @abc.abstractmethod
+    def detach_port(self, port_id: str, server_id: str) -> None:
+        """Unplug; returns only once the cloud shows the port unbound (bounded wait)."""
+
+    @abc.abstractmethod
+    def delete_port(self, port_id: str) -> None: ...
+
+    # --- volumes ---------------------------------------------------------------
+    @abc.abstractmethod
+    def create_volume(self, name: str, size_gb: int, availability_zone: str,
+                      volume_type: str | None, tags: dict[str, str]) -> Volume: ...
+
+    @abc.abstractmethod
+    def get_volume(self, volume_id: str) -> Volume | None: ...
+
+    @abc.abstractmethod
+    def detach_volume(self, volume_id: str, server_id: str, *, force: bool = False) -> None:
+        """Release the volume from a (possibly dead) server; `force` for a dead host."""
+
+    @abc.abstractmethod
+    def delete_volume(self, volume_id: str) -> None: ...
+
+    # --- servers ---------------------------------------------------------------
+    @abc.abstractmethod
+    def ensure_server_group(self, name: str, tags: dict[str, str]) -> str | None:
+        """An anti-affinity group for the instance's nodes (None where meaningless)."""
+
+    @abc.abstractmethod
+    def delete_server_group(self, group_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def create_server(self, spec: ServerSpec) -> Server:
+        """Boot a server that runs the guest bootstrap; adopt one with the same name.
+
+        Returns when the cloud reports it ACTIVE. PostgreSQL may still be starting:
+        callers wait for it with `broker.pg.admin.wait_ready`."""
+
+    @abc.abstractmethod
+    def get_server(self, server_id: str) -> Server | None: ...
+
+    @abc.abstractmethod
+    def stop_server(self, server_id: str) -> None:
+        """Fence: power the server off. Returns only when it is confirmed stopped;
+        raises FenceError when that cannot be confirmed."""
+
+    @abc.abstractmethod
+    def delete_server(self, server_id: str) -> None:
+        """Delete the server. Its ports are unbound and kept (they are deleted on
+        their own), its volumes are detached and kept."""
+
+    # --- housekeeping ----------------------------------------------------------
+    @abc.abstractmethod
+    def find_resources(self, instance_id: str | None = None) -> list[CloudResource]:
+        """Everything tagged as the broker's (for one instance, or all)."""
+
+    def check(self) -> list[str]:
+        """Problems with the configuration (unreachable cloud, unknown flavor, ...)."""
+        return []
+
+    def close(self) -> None:
+        """Release connections (optional)."""  # noqa: B027 - optional hook

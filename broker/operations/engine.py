@@ -1,0 +1,383 @@
+"""The durable operation engine: claim an Operation row, run its steps, record each.
+
+The Operation row is the source of truth (cloud.gov external-domain-broker style):
+- `step_index` is the next step to run; it advances only after a step returned.
+- A step is an idempotent function: re-running it after a crash adopts what it made
+  (resources are named after the instance and node), so a SIGKILL at any point is
+  followed by the same step again and then the rest.
+- Workers claim rows with a lease (`owner`, `lease_expires_at`); on PostgreSQL the
+  candidate rows are locked `FOR UPDATE SKIP LOCKED` so several workers share the
+  queue. A lease whose owner died is taken over once it expires (at once when the
+  owner is a dead process on this host).
+- A failing step is retried with backoff when the failure is transient; otherwise
+  the workflow's `cleanup` runs and the operation ends `failed` with a plain reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import psycopg2
+from sqlalchemy import or_, select
+
+from broker.catalog import Catalog, Plan
+from broker.cloud.base import Cloud, TransientCloudError
+from broker.config import Settings
+from broker.crypto import Vault
+from broker.store.db import Store
+from broker.store.models import (
+    IN_PROGRESS,
+    OP_FAILED,
+    QUEUED,
+    SUCCEEDED,
+    UNFINISHED,
+    Instance,
+    Operation,
+    aware,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+LEASE_SECONDS = 15.0
+MAX_ATTEMPTS = 5
+# Test hook: "kind:step" makes the process SIGKILL itself right after that step ran
+# and before it was recorded, to prove that every step is safe to run again.
+CRASH_AFTER_STEP_ENV = "BROKER_CRASH_AFTER_STEP"
+
+
+class StepFailed(Exception):
+    """An expected, permanent failure; the message is shown to the user as is."""
+
+
+class RetryLater(Exception):
+    """Not ready yet (e.g. a standby still catching up): run this step again soon."""
+
+    def __init__(self, reason: str, delay: float = 0.5) -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+@dataclass
+class Context:
+    """What a step can touch. Steps open short sessions; they never hold one open."""
+
+    operation_id: str
+    instance_id: str
+    kind: str
+    params: dict[str, Any]
+    store: Store
+    cloud: Cloud
+    vault: Vault
+    catalog: Catalog
+    settings: Settings
+    attempt: int = 0
+    scratch: dict[str, Any] = field(default_factory=dict)
+
+    def instance(self) -> Instance:
+        with self.store.session() as s:
+            inst = s.get(Instance, self.instance_id)
+            if inst is None:
+                raise StepFailed(f"instance {self.instance_id} is not in the state store")
+            # Load relationships before the session closes.
+            _ = list(inst.nodes), list(inst.bindings)
+            return inst
+
+    def plan(self, plan_id: str | None = None) -> Plan:
+        pid = plan_id or self.instance().plan_id
+        plan = self.catalog.plan(pid)
+        if plan is None:
+            raise StepFailed(f"plan {pid} is no longer in the catalog")
+        return plan
+
+    def progress(self, description: str) -> None:
+        """Say what the step is doing right now (shown by last_operation)."""
+        with self.store.session() as s:
+            op = s.get(Operation, self.operation_id)
+            if op is not None:
+                op.description = description
+        log.info("operation %s (%s): %s", self.operation_id, self.kind, description)
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    describe: str                    # shown while the step runs ("creating standby in az2")
+    run: Callable[[Context], None]
+
+
+@dataclass(frozen=True)
+class Workflow:
+    kind: str
+    steps: Callable[[Context], list[Step]]  # must be the same list every time for one op
+    cleanup: Callable[[Context, str], None] | None = None  # after a permanent failure
+    done: str = "done"                      # description once succeeded
+
+
+_REGISTRY: dict[str, Workflow] = {}
+
+
+def register(workflow: Workflow) -> Workflow:
+    _REGISTRY[workflow.kind] = workflow
+    return workflow
+
+
+def workflow_for(kind: str) -> Workflow:
+    try:
+        return _REGISTRY[kind]
+    except KeyError:
+        raise StepFailed(f"no workflow for operation kind {kind!r}") from None
+
+
+def new_operation(instance_id: str, kind: str, *, params: dict[str, Any] | None = None,
+                  binding_id: str | None = None, description: str = "queued") -> Operation:
+    """A queued Operation row; the caller adds it in its own transaction."""
+    return Operation(
+        id=str(uuid.uuid4()), instance_id=instance_id, binding_id=binding_id, kind=kind,
+        state=QUEUED, params=params or {}, description=description, step_index=0,
+    )
+
+
+def _owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def _owner_is_dead(owner: str | None) -> bool:
+    """True when `owner` is a process of this host that no longer runs."""
+    if not owner:
+        return True
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("State:") and "Z" in line.split()[1:2] for line in f)
+    except FileNotFoundError:
+        return True
+
+
+class Engine:
+    """Runs queued operations. One per worker process; thread-safe `wake()`."""
+
+    def __init__(self, store: Store, cloud: Cloud, vault: Vault, catalog: Catalog,
+                 settings: Settings, *, poll_interval: float = 0.25) -> None:
+        self.store = store
+        self.cloud = cloud
+        self.vault = vault
+        self.catalog = catalog
+        self.settings = settings
+        self.owner = _owner_id()
+        self.poll_interval = poll_interval
+        self._wake = threading.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # --- claiming --------------------------------------------------------------
+    def claim_next(self) -> str | None:
+        now = utcnow()
+        with self.store.session() as s:
+            query = (
+                select(Operation)
+                .where(Operation.state.in_(UNFINISHED))
+                .where(or_(Operation.not_before.is_(None), Operation.not_before <= now))
+                .order_by(Operation.created_at)
+                .limit(20)
+                .with_for_update(skip_locked=True)
+            )
+            for op in s.scalars(query):
+                expires = aware(op.lease_expires_at)
+                if op.owner and op.owner != self.owner and expires and expires > now \
+                        and not _owner_is_dead(op.owner):
+                    continue
+                # One operation at a time per instance: the oldest goes first.
+                older = s.scalar(
+                    select(Operation.id)
+                    .where(Operation.instance_id == op.instance_id)
+                    .where(Operation.state.in_(UNFINISHED))
+                    .where(Operation.created_at < op.created_at)
+                    .limit(1)
+                )
+                if older is not None:
+                    continue
+                op.owner = self.owner
+                op.lease_expires_at = now + timedelta(seconds=LEASE_SECONDS)
+                if op.state == QUEUED:
+                    op.state = IN_PROGRESS
+                return op.id
+        return None
+
+    def _renew(self, op_id: str, stop: threading.Event) -> None:
+        while not stop.wait(LEASE_SECONDS / 3):
+            try:
+                with self.store.session() as s:
+                    op = s.get(Operation, op_id)
+                    if op is None or op.owner != self.owner:
+                        return
+                    op.lease_expires_at = utcnow() + timedelta(seconds=LEASE_SECONDS)
+            except Exception:  # a blip in the store: the next renewal tries again
+                log.warning("could not renew the lease of operation %s", op_id)
+
+    # --- running ---------------------------------------------------------------
+    def run(self, op_id: str) -> str:
+        """Run a claimed operation to its end (or to a retry); returns its state."""
+        with self.store.session() as s:
+            op = s.get(Operation, op_id)
+            if op is None:
+                return OP_FAILED
+            ctx = Context(
+                operation_id=op.id, instance_id=op.instance_id, kind=op.kind,
+                params=dict(op.params or {}), store=self.store, cloud=self.cloud,
+                vault=self.vault, catalog=self.catalog, settings=self.settings,
+                attempt=op.attempts,
+            )
+            start_index = op.step_index
+        stop = threading.Event()
+        renewer = threading.Thread(target=self._renew, args=(op_id, stop), daemon=True)
+        renewer.start()
+        try:
+            return self._run_steps(ctx, start_index)
+        finally:
+            stop.set()
+
+    def _run_steps(self, ctx: Context, start_index: int) -> str:
+        try:
+            workflow = workflow_for(ctx.kind)
+            steps = workflow.steps(ctx)
+        except Exception as exc:
+            return self._fail(ctx, None, exc)
+        crash_at = os.environ.get(CRASH_AFTER_STEP_ENV)
+        for index in range(start_index, len(steps)):
+            step = steps[index]
+            with self.store.session() as s:
+                op = s.get(Operation, ctx.operation_id)
+                assert op is not None
+                op.step = step.name
+                op.description = step.describe
+            log.info("operation %s (%s) step %d/%d %s: %s", ctx.operation_id, ctx.kind,
+                     index + 1, len(steps), step.name, step.describe)
+            try:
+                step.run(ctx)
+            except RetryLater as exc:
+                return self._retry(ctx, str(exc), exc.delay, count_attempt=False)
+            except (TransientCloudError, psycopg2.OperationalError) as exc:
+                if ctx.attempt + 1 < MAX_ATTEMPTS:
+                    return self._retry(ctx, _plain(exc), min(2.0 ** ctx.attempt, 30.0))
+                return self._fail(ctx, workflow, exc)
+            except Exception as exc:
+                return self._fail(ctx, workflow, exc)
+            if crash_at == f"{ctx.kind}:{step.name}":
+                log.warning("test hook %s: killing this process", CRASH_AFTER_STEP_ENV)
+                os.kill(os.getpid(), 9)
+            with self.store.session() as s:
+                op = s.get(Operation, ctx.operation_id)
+                assert op is not None
+                op.step_index = index + 1
+                op.attempts = 0
+            ctx.attempt = 0
+        with self.store.session() as s:
+            op = s.get(Operation, ctx.operation_id)
+            assert op is not None
+            op.state = SUCCEEDED
+            op.step = None
+            op.description = workflow.done
+            op.finished_at = utcnow()
+            op.owner = None
+            op.lease_expires_at = None
+        log.info("operation %s (%s) succeeded", ctx.operation_id, ctx.kind)
+        return SUCCEEDED
+
+    def _retry(self, ctx: Context, reason: str, delay: float, *, count_attempt: bool = True) -> str:
+        with self.store.session() as s:
+            op = s.get(Operation, ctx.operation_id)
+            assert op is not None
+            if count_attempt:
+                op.attempts += 1
+            op.not_before = utcnow() + timedelta(seconds=delay)
+            op.owner = None
+            op.lease_expires_at = None
+            if count_attempt:
+                op.description = f"{op.description} (retrying: {reason})"
+        log.info("operation %s (%s) will retry in %.1fs: %s", ctx.operation_id, ctx.kind,
+                 delay, reason)
+        return IN_PROGRESS
+
+    def _fail(self, ctx: Context, workflow: Workflow | None, exc: BaseException) -> str:
+        reason = _plain(exc)
+        log.error("operation %s (%s) failed: %s", ctx.operation_id, ctx.kind, reason,
+                  exc_info=not isinstance(exc, StepFailed))
+        if workflow is not None and workflow.cleanup is not None:
+            try:
+                ctx.progress(f"failed ({reason}); cleaning up")
+                workflow.cleanup(ctx, reason)
+            except Exception as cleanup_exc:
+                log.exception("cleanup after operation %s failed", ctx.operation_id)
+                reason = f"{reason}; cleanup incomplete: {_plain(cleanup_exc)}"
+        with self.store.session() as s:
+            op = s.get(Operation, ctx.operation_id)
+            assert op is not None
+            op.state = OP_FAILED
+            op.error = reason
+            op.description = f"failed: {reason}"
+            op.finished_at = utcnow()
+            op.owner = None
+            op.lease_expires_at = None
+        return OP_FAILED
+
+    # --- loop ------------------------------------------------------------------
+    def run_pending(self, limit: int = 100) -> int:
+        """Run claimable operations until none is left; returns how many ran."""
+        ran = 0
+        while ran < limit:
+            op_id = self.claim_next()
+            if op_id is None:
+                break
+            self.run(op_id)
+            ran += 1
+        return ran
+
+    def loop(self, stop: threading.Event) -> None:
+        log.info("operation worker %s started", self.owner)
+        while not stop.is_set():
+            try:
+                ran = self.run_pending()
+            except Exception:
+                log.exception("operation worker: unexpected error; continuing")
+                ran = 0
+            if ran == 0:
+                self._wake.wait(self.poll_interval)
+                self._wake.clear()
+        log.info("operation worker %s stopped", self.owner)
+
+
+def _plain(exc: BaseException) -> str:
+    """A one-line reason for users: the message, with the type only when unexpected."""
+    text = " ".join(str(exc).split()) or exc.__class__.__name__
+    if isinstance(exc, StepFailed | TransientCloudError):
+        return text
+    if isinstance(exc, psycopg2.Error):
+        return f"PostgreSQL: {text}"
+    return f"{exc.__class__.__name__}: {text}"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
+               interval: float = 0.1) -> None:
+    """Bounded polling; raises StepFailed naming `what` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if time.monotonic() > deadline:
+            raise StepFailed(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
