@@ -197,9 +197,8 @@ class Engine:
             )
             for op in s.scalars(query):
                 expires = aware(op.lease_expires_at)
-                if op.owner and op.owner != self.owner and expires and expires > now \
-                        and not _owner_is_dead(op.owner):
-                    continue
+                if op.owner and expires and expires > now and not _owner_is_dead(op.owner):
+                    continue  # someone (maybe this worker) is running it
                 # One operation at a time per instance: the oldest goes first.
                 older = s.scalar(
                     select(Operation.id)
@@ -345,6 +344,25 @@ class Engine:
             self.run(op_id)
             ran += 1
         return ran
+
+    def run_until_finished(self, operation_id: str, timeout: float = 300.0) -> str:
+        """Run operations until `operation_id` has finished; returns its final state.
+
+        For tests, benchmarks and one-shot tools: `run_pending` alone returns while
+        an operation waits out a RetryLater delay."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.store.session() as s:
+                op = s.get(Operation, operation_id)
+                if op is None:
+                    raise StepFailed(f"no operation {operation_id}")
+                state = op.state
+            if state not in UNFINISHED:
+                return state
+            if time.monotonic() > deadline:
+                raise StepFailed(f"operation {operation_id} did not finish in {timeout:.0f}s")
+            if self.run_pending() == 0:
+                time.sleep(0.05)
 
     def loop(self, stop: threading.Event) -> None:
         log.info("operation worker %s started", self.owner)

@@ -10,7 +10,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.config import ROOT
@@ -36,6 +36,9 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
+    if url.startswith("postgresql://"):
+        # SQLAlchemy 2.1 defaults to psycopg 3; the broker ships psycopg2.
+        url = "postgresql+psycopg2://" + url[len("postgresql://"):]
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
@@ -78,6 +81,21 @@ def alembic_config(engine: Engine) -> Config:
     return cfg
 
 
+_UPGRADE_LOCK = 7_345_001  # pg_advisory_lock key: web and worker may start together
+
+
 def upgrade_schema(engine: Engine) -> None:
     """Bring the schema to the newest migration (safe to run at every start)."""
-    command.upgrade(alembic_config(engine), "head")
+    cfg = alembic_config(engine)
+    if engine.dialect.name != "postgresql":
+        command.upgrade(cfg, "head")
+        return
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _UPGRADE_LOCK})
+        try:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+            conn.commit()
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _UPGRADE_LOCK})
+            conn.commit()

@@ -1,0 +1,61 @@
+# Everything a fresh Debian/Ubuntu machine needs, installed by the project itself.
+#   make serve   set up, then run the broker on the embedded local cloud
+#   make test    set up, then lint, type-check and run the whole test suite
+# Both need root (network namespaces); see README.md.
+
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+PG_MAJOR ?= 15
+PG_BIN  := /usr/lib/postgresql/$(PG_MAJOR)/bin
+PYTEST_ARGS ?=
+
+export BROKER_STATE_DIR ?= /var/lib/pgha-broker
+
+.PHONY: setup system-packages python-env serve test lint typecheck unit benchmark clean-local
+
+setup: system-packages python-env
+
+# apt packages: PostgreSQL server binaries (without the distribution's default
+# cluster), iproute2 for namespaces and veths, venv support for python3.
+system-packages:
+	@if [ "$$(id -u)" != 0 ]; then echo "make: run as root (the local cloud creates network namespaces)"; exit 1; fi
+	@missing=""; \
+	  [ -x $(PG_BIN)/initdb ] || missing="$$missing postgresql-$(PG_MAJOR) postgresql-contrib-$(PG_MAJOR)"; \
+	  command -v ip >/dev/null || missing="$$missing iproute2"; \
+	  $(PYTHON) -m venv --help >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing:$$missing"; \
+	    mkdir -p /etc/postgresql-common; \
+	    grep -qs '^create_main_cluster' /etc/postgresql-common/createcluster.conf || \
+	      echo 'create_main_cluster = false' >> /etc/postgresql-common/createcluster.conf; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  fi
+	@id postgres >/dev/null 2>&1 || useradd --system --home /var/lib/postgresql --shell /bin/false postgres
+
+python-env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+serve: setup
+	$(PY) -m broker serve
+
+lint: python-env
+	$(VENV)/bin/ruff check broker migrations tests benchmarks
+
+typecheck: python-env
+	$(VENV)/bin/mypy
+
+test: setup lint typecheck
+	$(VENV)/bin/pytest -n 2 -p no:cacheprovider $(PYTEST_ARGS)
+
+benchmark: setup
+	$(PY) benchmarks/run_all.py
+
+# Remove every namespace, interface and data directory of the dev broker's local cloud.
+clean-local: python-env
+	$(PY) -c "from broker.config import load_settings; from broker.cloud.local import LocalCloud; LocalCloud.from_settings(load_settings(require_auth=False)).destroy_everything()"
