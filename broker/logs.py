@@ -42,5 +42,5 @@ def setup_logging(level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Third-party chatter that could echo request details at DEBUG.
-    for noisy in ("urllib3", "keystoneauth", "openstack", "werkzeug"):
+    for noisy in ("urllib3", "keystoneauth", "openstack", "werkzeug", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

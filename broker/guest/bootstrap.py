@@ -8,15 +8,50 @@ The SAME code runs in both clouds:
 It uses only the standard library and PostgreSQL's own binaries, because a guest
 image has python3 and PostgreSQL but none of the broker's packages.
 
+What it does, every step idempotent (running it twice, or after a crash, is safe):
+1. (OpenStack) format the data volume if it has no filesystem, mount it.
+2. Make the data directory, owned by the unprivileged PostgreSQL user.
+3. primary: initdb; standby: pg_basebackup from the primary through its slot. Both
+   build into `<data_dir>.partial` and rename it when complete, so a crash never
+   leaves a half-made cluster that looks whole.
+4. Write our settings (an included `pgha.conf`) and pg_hba.conf.
+5. Remove a postmaster.pid left by a killed server, start PostgreSQL.
+
+It never prints a secret: passwords reach PostgreSQL through 0600 files only
+(never a command line, which `ps` shows).
+
 Usage: python3 bootstrap.py CONFIG.json
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
+import locale
+import os
+import pwd
+import re
+import shutil
+import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
+
+ADMIN_USER = "postgres"
+REPLICATION_USER = "pgha_replicator"
+APP_OWNER = "app_owner"
+READ_ONLY_GROUP = "pg_read_all_data"
+CONF_FILE = "pgha.conf"
+INCLUDE_LINE = f"include_if_exists = '{CONF_FILE}'"
+# Settings a base backup copies from the primary's postgresql.auto.conf that must not
+# survive on a new standby (a copied synchronous_standby_names makes it wait for itself
+# once promoted; NOTES §3).
+STANDBY_UNSAFE_AUTO_SETTINGS = ("synchronous_standby_names", "primary_conninfo",
+                                "primary_slot_name")
+_SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 
 
 @dataclass(frozen=True)
@@ -62,8 +97,389 @@ class GuestConfig:
         return cls(**values)
 
 
+class BootstrapError(Exception):
+    """A step failed; the message is plain and carries no secret."""
+
+
+# --- pg_hba.conf: the ONE implementation (broker.pg.admin.render_hba calls it) -----------
+
+def _cidr(address: str) -> str:
+    """'10.0.0.5' → '10.0.0.5/32'; a CIDR is normalised; anything else is refused."""
+    try:
+        return str(ipaddress.ip_network(address.strip(), strict=False))
+    except ValueError:
+        raise BootstrapError(f"not an IP address or CIDR: {address!r}") from None
+
+
+def render_hba(*, admin_cidrs: list[str] | tuple[str, ...],
+               peer_addresses: list[str] | tuple[str, ...],
+               app_cidrs: list[str] | tuple[str, ...], database: str = "appdb") -> list[str]:
+    """pg_hba.conf lines. First match wins and nothing else is allowed:
+    - `postgres` by peer on the node's own socket (the bootstrap), and by password only
+      from the broker's addresses;
+    - replication only as pgha_replicator, only from the instance's nodes;
+    - application roles (members of app_owner or pg_read_all_data; superusers are never
+      "members" for pg_hba) only to the application database, only from app_cidrs."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", database):
+        raise BootstrapError(f"unsupported database name {database!r}")
+    row = "{:<7} {:<12} {:<20} {:<20} {}"
+    lines = ["# Written by pgha (guest bootstrap / broker). Changes here are overwritten.",
+             row.format("local", "all", ADMIN_USER, "", "peer").rstrip()]
+    lines += [row.format("host", "all", ADMIN_USER, _cidr(c), "scram-sha-256")
+              for c in _unique(admin_cidrs)]
+    lines += [row.format("host", "replication", REPLICATION_USER, _cidr(p), "scram-sha-256")
+              for p in _unique(peer_addresses)]
+    for group in (APP_OWNER, READ_ONLY_GROUP):
+        lines += [row.format("host", database, "+" + group, _cidr(c), "scram-sha-256")
+                  for c in _unique(app_cidrs)]
+    return lines
+
+
+def _unique(items: list[str] | tuple[str, ...]) -> list[str]:
+    return list(dict.fromkeys(_cidr(i) for i in items))
+
+
+# --- postgresql.conf ---------------------------------------------------------------------
+
+def _conf_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, int):
+        return str(value)
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def render_conf(config: GuestConfig, *, passfile: str) -> str:
+    """Our settings, included from postgresql.conf (later lines win; the plan's last)."""
+    values: dict[str, object] = {
+        "listen_addresses": "*",
+        "port": config.port,
+        "unix_socket_directories": config.socket_dir,
+        "password_encryption": "scram-sha-256",
+        "wal_level": "replica",
+        "max_wal_senders": 10,
+        "max_replication_slots": 10,
+        "hot_standby": True,
+        "wal_keep_size": "128MB",
+        "wal_log_hints": True,  # lets pg_rewind bring an old primary back later
+        "max_slot_wal_keep_size": "2GB",  # a dead standby's slot never fills the disk
+        "wal_receiver_status_interval": "1s",  # the primary sees a standby's lag promptly
+    }
+    if config.role == "standby" and config.primary_address:
+        conninfo = " ".join([
+            f"host={config.primary_address}", f"port={config.port}",
+            f"user={REPLICATION_USER}", f"passfile={passfile}",
+            f"application_name={config.application_name or 'node_' + config.node_id}",
+            "connect_timeout=2",
+        ])
+        values["primary_conninfo"] = conninfo
+        if config.slot_name:
+            values["primary_slot_name"] = config.slot_name
+    for name, value in config.settings.items():
+        if not _SETTING_NAME.match(name):
+            raise BootstrapError(f"unsupported setting name {name!r}")
+        values[name] = value
+    lines = ["# Written by the pgha guest bootstrap at every boot. Do not edit."]
+    lines += [f"{name} = {_conf_value(value)}" for name, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+# --- processes -----------------------------------------------------------------------------
+
+class Runner:
+    """Runs PostgreSQL's binaries as the unprivileged user (PostgreSQL refuses root)."""
+
+    def __init__(self, config: GuestConfig) -> None:
+        self.config = config
+        self.user = pwd.getpwnam(config.run_as)
+        self.demote = os.geteuid() == 0 and self.user.pw_uid != 0
+
+    def chown(self, path: str | Path) -> None:
+        if os.geteuid() == 0:
+            os.chown(path, self.user.pw_uid, self.user.pw_gid)
+
+    def run(self, args: list[str], *, what: str, env: dict[str, str] | None = None,
+            timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
+        full_env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "HOME": self.user.pw_dir,
+                    "USER": self.user.pw_name, **(env or {})}
+        kwargs: dict[str, Any] = {}
+        if self.demote:
+            kwargs = {"user": self.user.pw_uid, "group": self.user.pw_gid, "extra_groups": []}
+        try:
+            result = subprocess.run(args, capture_output=True, text=True, env=full_env,
+                                    cwd="/", timeout=timeout, check=False, **kwargs)
+        except subprocess.TimeoutExpired:
+            raise BootstrapError(f"{what}: no answer after {timeout:.0f} s") from None
+        if check and result.returncode != 0:
+            tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
+            raise BootstrapError(f"{what} failed (exit {result.returncode}): "
+                                 + " | ".join(tail))
+        return result
+
+    def bin(self, name: str) -> str:
+        return str(Path(self.config.pg_bin) / name)
+
+
+def say(message: str) -> None:
+    print(f"pgha-bootstrap: {message}", flush=True)
+
+
+def _write_private(path: Path, text: str, runner: Runner) -> None:
+    """A 0600 file owned by the PostgreSQL user, created that way (never world-readable)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    runner.chown(path)
+
+
+def _pgpass_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def process_is_live_postgres(pid: int, data_dir: str) -> bool:
+    """True when `pid` is a running (not zombie) process working in `data_dir`.
+
+    PostgreSQL itself only checks that the pid exists, which a zombie or a recycled pid
+    (namespaces share one pid space) also satisfies; then a restart fails for good."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        state = stat.rsplit(")", 1)[1].split()[0]
+        if state in ("Z", "X"):
+            return False
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except (OSError, IndexError):
+        return False
+    return os.path.realpath(cwd) == os.path.realpath(data_dir)
+
+
+def _remove_stale_lock(lock: Path, data_dir: str) -> None:
+    try:
+        first = lock.read_text().splitlines()[0].strip()
+        pid = int(first)
+    except (OSError, IndexError, ValueError):
+        return
+    if not process_is_live_postgres(pid, data_dir):
+        say(f"removing stale {lock.name} (pid {pid} is gone)")
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+
+
+# --- steps -----------------------------------------------------------------------------------
+
+def mount_volume(config: GuestConfig, runner: Runner) -> None:
+    """OpenStack: format the data volume on first boot only, mount it (at every boot:
+    the bootstrap runs at every boot, so no fstab entry is needed)."""
+    device = config.volume_device
+    if not device:
+        return
+    deadline = time.monotonic() + 120
+    while not Path(device).exists():  # a hot-attached volume can show up late
+        if time.monotonic() > deadline:
+            raise BootstrapError(f"data volume {device} did not appear within 120 s")
+        time.sleep(1)
+    probe = subprocess.run(["blkid", "-o", "value", "-s", "TYPE", device],
+                           capture_output=True, text=True, check=False)
+    if not probe.stdout.strip():
+        say(f"formatting {device} (ext4)")
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "pgha-data", device], check=True,
+                       capture_output=True)
+    mount_point = os.path.realpath(config.mount_point)
+    Path(mount_point).mkdir(parents=True, exist_ok=True)
+    mounts = Path("/proc/self/mounts").read_text().split("\n")
+    if not any(len(m.split()) > 1 and m.split()[1] == mount_point for m in mounts):
+        say(f"mounting {device} on {mount_point}")
+        subprocess.run(["mount", "-t", "ext4", device, mount_point], check=True,
+                       capture_output=True)
+
+
+def prepare_dirs(config: GuestConfig, runner: Runner) -> None:
+    data = Path(config.data_dir)
+    data.parent.mkdir(parents=True, exist_ok=True)
+    sockets = Path(config.socket_dir)
+    sockets.mkdir(parents=True, exist_ok=True)
+    runner.chown(sockets)
+    sockets.chmod(0o755)
+    if config.log_file:
+        log = Path(config.log_file)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.touch(mode=0o600, exist_ok=True)
+        runner.chown(log)
+
+
+def _has_cluster(data: Path) -> bool:
+    return (data / "PG_VERSION").exists()
+
+
+def _fresh_target(config: GuestConfig, runner: Runner) -> Path:
+    """An empty `<data_dir>.partial` for initdb/pg_basebackup (a crash's leftovers removed)."""
+    data = Path(config.data_dir)
+    if data.exists():
+        if any(data.iterdir()):
+            raise BootstrapError(f"{data} holds files but no PostgreSQL cluster (no "
+                                 "PG_VERSION); refusing to touch it")
+        data.rmdir()
+    partial = data.with_name(data.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(mode=0o700)
+    runner.chown(partial)
+    return partial
+
+
+def _finish_target(partial: Path, config: GuestConfig) -> None:
+    partial.chmod(0o700)
+    os.rename(partial, config.data_dir)
+
+
+def _utf8_locale() -> str:
+    """C.UTF-8 where the image has it (character classes work), plain C otherwise."""
+    for name in ("C.UTF-8", "C.utf8"):
+        try:
+            locale.setlocale(locale.LC_CTYPE, name)
+        except locale.Error:
+            continue
+        locale.setlocale(locale.LC_CTYPE, "C")
+        return name
+    return "C"
+
+
+def init_primary(config: GuestConfig, runner: Runner) -> None:
+    partial = _fresh_target(config, runner)
+    pwfile = partial.parent / f".{partial.name}.pw"
+    _write_private(pwfile, config.admin_password + "\n", runner)
+    try:
+        say("initdb")
+        runner.run([runner.bin("initdb"), "-D", str(partial), "-U", ADMIN_USER,
+                    f"--pwfile={pwfile}", "-A", "scram-sha-256", "--auth-local=peer",
+                    "-E", "UTF8", f"--locale={_utf8_locale()}", "-N"],
+                   what="initdb", timeout=300)
+    finally:
+        pwfile.unlink(missing_ok=True)
+    _finish_target(partial, config)
+
+
+def _passfile(config: GuestConfig) -> Path:
+    # Beside the data directory, on the same volume: outlives restarts, never in a backup.
+    return Path(config.data_dir).parent / "replication.pgpass"
+
+
+def write_passfile(config: GuestConfig, runner: Runner) -> Path:
+    path = _passfile(config)
+    line = ":".join(["*", "*", "*", REPLICATION_USER,
+                     _pgpass_escape(config.replication_password)])
+    _write_private(path, line + "\n", runner)
+    return path
+
+
+def init_standby(config: GuestConfig, runner: Runner) -> None:
+    if not config.primary_address:
+        raise BootstrapError("a standby needs primary_address")
+    passfile = write_passfile(config, runner)
+    partial = _fresh_target(config, runner)
+    args = [runner.bin("pg_basebackup"), "-h", config.primary_address,
+            "-p", str(config.port), "-U", REPLICATION_USER, "-D", str(partial),
+            "-c", "fast", "-X", "stream", "-w"]
+    if config.slot_name:
+        args += ["-S", config.slot_name]
+    say(f"base backup from {config.primary_address}")
+    runner.run(args, what="pg_basebackup", timeout=3600,
+               env={"PGPASSFILE": str(passfile), "PGCONNECT_TIMEOUT": "5",
+                    "PGAPPNAME": f"pgha_basebackup_{config.node_id}"})
+    _clean_auto_conf(partial / "postgresql.auto.conf")
+    (partial / "standby.signal").touch(mode=0o600)
+    runner.chown(partial / "standby.signal")
+    _finish_target(partial, config)
+
+
+def _clean_auto_conf(path: Path) -> None:
+    """Drop the primary's settings a new standby must not inherit (NOTES §3)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.split("=", 1)[0].strip() not in STANDBY_UNSAFE_AUTO_SETTINGS]
+    stat = path.stat()
+    path.write_text("\n".join(keep) + "\n")
+    os.chown(path, stat.st_uid, stat.st_gid)
+
+
+def write_config(config: GuestConfig, runner: Runner) -> None:
+    data = Path(config.data_dir)
+    main_conf = data / "postgresql.conf"
+    text = main_conf.read_text()
+    if INCLUDE_LINE not in text.splitlines():
+        main_conf.write_text(text.rstrip("\n") + "\n\n" + INCLUDE_LINE + "\n")
+    if config.role == "standby":
+        write_passfile(config, runner)  # the password may have been rotated
+    ours = data / CONF_FILE
+    ours.write_text(render_conf(config, passfile=str(_passfile(config))))
+    runner.chown(ours)
+    hba = data / "pg_hba.conf"
+    hba.write_text("\n".join(render_hba(
+        admin_cidrs=config.admin_cidrs, peer_addresses=config.peer_addresses,
+        app_cidrs=config.app_cidrs, database=config.database)) + "\n")
+    runner.chown(hba)
+    hba.chmod(0o600)
+
+
+def start(config: GuestConfig, runner: Runner) -> None:
+    data = config.data_dir
+    _remove_stale_lock(Path(data) / "postmaster.pid", data)
+    _remove_stale_lock(Path(config.socket_dir) / f".s.PGSQL.{config.port}.lock", data)
+    status = runner.run([runner.bin("pg_ctl"), "-D", data, "status"], what="pg_ctl status",
+                        check=False)
+    if status.returncode == 0:
+        say("PostgreSQL already running: reloading its configuration")
+        runner.run([runner.bin("pg_ctl"), "-D", data, "reload"], what="pg_ctl reload")
+        return
+    log = config.log_file or str(Path(data).parent / "postgresql.log")
+    say("starting PostgreSQL")
+    runner.run([runner.bin("pg_ctl"), "-D", data, "-w", "-t", "300", "-l", log, "start"],
+               what="pg_ctl start", timeout=330)
+
+
+def bootstrap(config: GuestConfig) -> None:
+    if config.role not in ("primary", "standby"):
+        raise BootstrapError(f"role must be primary or standby, got {config.role!r}")
+    try:
+        runner = Runner(config)
+    except KeyError:
+        raise BootstrapError(f"no system user {config.run_as!r} to run PostgreSQL as") from None
+    if not Path(runner.bin("pg_ctl")).exists():
+        raise BootstrapError(f"PostgreSQL binaries not found in {config.pg_bin}")
+    mount_volume(config, runner)
+    prepare_dirs(config, runner)
+    if not _has_cluster(Path(config.data_dir)):
+        if config.role == "primary":
+            init_primary(config, runner)
+        else:
+            init_standby(config, runner)
+    # An existing cluster keeps its own role (standby.signal or not): a promoted standby
+    # that reboots with its old "standby" config must stay a primary.
+    write_config(config, runner)
+    start(config, runner)
+    say("ready")
+
+
 def main(argv: list[str]) -> int:
-    raise NotImplementedError("guest bootstrap: implemented in the local-cloud work")
+    if len(argv) != 1:
+        print("usage: bootstrap.py CONFIG.json", file=sys.stderr)
+        return 2
+    try:
+        config = GuestConfig.from_json(Path(argv[0]).read_text())
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"pgha-bootstrap: cannot read config {argv[0]}: {type(exc).__name__}",
+              file=sys.stderr)
+        return 2
+    os.umask(0o077)
+    try:
+        bootstrap(config)
+    except (BootstrapError, OSError, subprocess.CalledProcessError) as exc:
+        message = str(exc) if isinstance(exc, BootstrapError) else f"{type(exc).__name__}: {exc}"
+        print(f"pgha-bootstrap: failed: {message}", file=sys.stderr, flush=True)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

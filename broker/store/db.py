@@ -24,6 +24,11 @@ def make_engine(url: str) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # The state dir is traversable by PostgreSQL's user (local volumes live
+            # below it): the database itself is for root only. SQLite gives its
+            # -wal/-shm files the same mode.
+            Path(path).touch(mode=0o600, exist_ok=True)
+            Path(path).chmod(0o600)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")

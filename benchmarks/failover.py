@@ -1,0 +1,252 @@
+"""Failover figures under write load, on real PostgreSQL in network namespaces.
+
+Run as root:  .venv/bin/python benchmarks/failover.py [--rounds N] [--scenarios ...]
+              [--plan ha-sync] [--write BENCHMARKS.md]
+
+One ha-sync instance on its own bridge and /24, a client writing through the service
+address the whole time (client deadlines: connect 0.5 s, statement 1 s, retry after
+5 ms), the worker's engine and monitor running with their defaults (interval 1 s,
+connect_timeout 1 s, 3 failures) except the anti-flapping gap (1 s here, so that the
+rounds can follow each other). For each scenario, N rounds of:
+
+    wait until ready with a synchronous standby → fault the primary → time the first
+    acknowledged write after the fault → time until a standby streams again and the
+    instance is ready → count acknowledged writes missing from the new primary.
+
+Scenarios: `crashed` (kill -9 every process of the primary's server; the host stays
+up and refuses connections), `frozen` (SIGSTOP of the postmaster and its children),
+`blackholed` (kill -9 and the server's links down: a dead host, connects time out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from broker.operations import workflows  # noqa: F401 - registers every workflow
+from broker.store.models import Failover, aware
+from tests.failover_support import (
+    FailoverEnv,
+    Writer,
+    app_credentials,
+    background,
+    eventually,
+    failover_env,
+    freeze_server,
+    kill_server,
+    settled,
+    stored_ids,
+)
+from tests.fixtures.pg import pg_bin_dir
+from tests.workflow_support import deprovision, instance, provision
+
+FAULTS = {
+    "crashed": lambda cloud, sid: kill_server(cloud, sid),
+    "frozen": lambda cloud, sid: freeze_server(cloud, sid),
+    "blackholed": lambda cloud, sid: kill_server(cloud, sid, links_down=True),
+}
+MARK_START = "<!-- benchmarks/failover.py: start -->"
+MARK_END = "<!-- benchmarks/failover.py: end -->"
+
+
+@dataclasses.dataclass
+class Round:
+    scenario: str
+    first_write: float        # s from the fault to the client's first acknowledged write
+    standby_again: float      # s from the fault to a streaming standby, instance ready
+    detected: float           # s from the fault to the monitor's decision
+    promoted: float           # s from the fault to the promotion
+    lost: int                 # acknowledged writes missing afterwards
+    lag_at_promotion: int | None
+
+
+def _since(moment: float, value: dt.datetime | None) -> float:
+    stamp = aware(value)
+    return stamp.timestamp() - moment if stamp is not None else float("nan")
+
+
+def one_round(env: FailoverEnv, instance_id: str, creds: dict[str, Any], writer: Writer,
+              scenario: str) -> Round:
+    def ready() -> bool:
+        inst = instance(env.runtime, instance_id)
+        standby = inst.standby()
+        return settled(env, instance_id) and standby is not None and \
+            inst.sync_standby_node_id == standby.id
+    eventually(ready, "ready with a synchronous standby", 120)
+    time.sleep(1.5)  # a few healthy checks, and a random phase against the monitor's tick
+    inst = instance(env.runtime, instance_id)
+    primary = inst.primary()
+    assert primary is not None and primary.server_id is not None
+    with env.runtime.store.session() as s:
+        before = s.query(Failover).filter(Failover.instance_id == instance_id).count()
+    wall, mono = time.time(), time.monotonic()
+    logging.getLogger("bench").info("fault %s on %s", scenario, primary.server_id)
+    FAULTS[scenario](env.cloud, primary.server_id)
+    first = writer.wait_recovery(mono, timeout=120)
+    eventually(lambda: settled(env, instance_id) and
+               instance(env.runtime, instance_id).primary().id != primary.id,  # type: ignore[union-attr]
+               "a streaming standby again", 180, interval=0.02)
+    standby_again = time.monotonic() - mono
+    with env.runtime.store.session() as s:
+        rows = s.query(Failover).filter(Failover.instance_id == instance_id) \
+            .order_by(Failover.detected_at).all()
+    assert len(rows) == before + 1, "expected exactly one failover"
+    event = rows[-1]
+    lost = {i for i, _ in writer.acked} - stored_ids(creds)
+    return Round(scenario=scenario, first_write=first - mono, standby_again=standby_again,
+                 detected=_since(wall, event.detected_at),
+                 promoted=_since(wall, event.promoted_at), lost=len(lost),
+                 lag_at_promotion=event.lag_bytes_at_promotion)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = max(0, min(len(ordered) - 1, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summary(rounds: list[Round]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for scenario in dict.fromkeys(r.scenario for r in rounds):
+        rs = [r for r in rounds if r.scenario == scenario]
+        first = [r.first_write for r in rs]
+        again = [r.standby_again for r in rs]
+        out[scenario] = {
+            "n": len(rs),
+            "first_write_p50": statistics.median(first),
+            "first_write_p95": percentile(first, 0.95),
+            "first_write_max": max(first),
+            "detected_p50": statistics.median(r.detected for r in rs),
+            "promoted_p50": statistics.median(r.promoted for r in rs),
+            "standby_again_p50": statistics.median(again),
+            "standby_again_p95": percentile(again, 0.95),
+            "lost": sum(r.lost for r in rs),
+        }
+    return out
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    pg = subprocess.run([f"{pg_bin_dir()}/postgres", "--version"], capture_output=True,
+                        text=True, check=False).stdout.strip()
+    return (f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, {pg or 'PostgreSQL 15'}")
+
+
+def markdown(stats: dict[str, dict[str, Any]], plan: str, acked: int, when: str) -> str:
+    lines = [
+        MARK_START,
+        "## Failover (benchmarks/failover.py)",
+        "",
+        f"{when}; {machine()}. One `{plan}` instance on the local cloud, a client writing "
+        "through the service address the whole time (client deadlines: connect 0.5 s, "
+        "statement 1 s); monitor defaults (interval 1 s, connect_timeout 1 s, 3 failures), "
+        "anti-flapping gap lowered to 1 s so the rounds can follow each other.",
+        "",
+        "| scenario | rounds | first write after the fault p50 / p95 / max | decision p50 "
+        "| promoted p50 | streaming standby again p50 / p95 | acknowledged writes lost |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, s in stats.items():
+        lines.append(
+            f"| {name} | {s['n']} | {s['first_write_p50']:.2f} / {s['first_write_p95']:.2f} / "
+            f"{s['first_write_max']:.2f} s | {s['detected_p50']:.2f} s | "
+            f"{s['promoted_p50']:.2f} s | {s['standby_again_p50']:.2f} / "
+            f"{s['standby_again_p95']:.2f} s | {s['lost']} |")
+    lines += [
+        "",
+        f"{acked} writes were acknowledged in total. Targets: crashed p50 ≤ 2 s, p95 ≤ 4 s; "
+        "frozen or black-holed p50 ≤ 4 s; a streaming standby again ≤ 10 s; 0 lost in "
+        "ha-sync. `crashed`: kill -9 of every process in the primary's server (the host "
+        "refuses connections); `frozen`: SIGSTOP of the postmaster and its children; "
+        "`blackholed`: kill -9 and the server's links down (connects time out). Times are "
+        "from the fault; \"decision\" is when the monitor queued the failover.",
+        MARK_END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if MARK_START in text and MARK_END in text:
+        head, rest = text.split(MARK_START, 1)
+        tail = rest.split(MARK_END, 1)[1]
+        text = head + section.rstrip("\n") + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--scenarios", nargs="+", default=["crashed", "frozen", "blackholed"],
+                        choices=list(FAULTS))
+    parser.add_argument("--plan", default="ha-sync", choices=["ha-sync", "ha"])
+    parser.add_argument("--write", type=Path, help="put the figures into this markdown file")
+    parser.add_argument("--json", type=Path, help="also write every round as JSON")
+    parser.add_argument("--log", type=Path, help="the broker's log (INFO) goes to this file")
+    args = parser.parse_args()
+    if args.log:
+        logging.basicConfig(filename=args.log, level=logging.INFO,
+                            format="%(asctime)s.%(msecs)03d %(threadName)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    rounds: list[Round] = []
+    with failover_env() as env:
+        settings = env.runtime.settings
+        env.runtime.settings = dataclasses.replace(settings, monitor=dataclasses.replace(
+            settings.monitor, min_seconds_between_failovers=1.0))
+        instance_id = provision(env.runtime, env.engine, args.plan)
+        creds = app_credentials(env, instance_id)
+        writer = Writer(creds)
+        writer.start()
+        try:
+            with background(env):
+                for scenario in args.scenarios:
+                    for i in range(args.rounds):
+                        r = one_round(env, instance_id, creds, writer, scenario)
+                        rounds.append(r)
+                        logging.getLogger("bench").info("round done: %s", r)
+                        print(f"{scenario:>10} {i + 1:>2}: first write {r.first_write:5.2f} s, "
+                              f"decided {r.detected:5.2f} s, promoted {r.promoted:5.2f} s, "
+                              f"standby again {r.standby_again:5.2f} s, lost {r.lost}",
+                              flush=True)
+                eventually(lambda: settled(env, instance_id), "settled", 120)
+        finally:
+            writer.stop()
+        acked = len(writer.acked)
+        deprovision(env.runtime, env.engine, instance_id)
+    stats = summary(rounds)
+    section = markdown(stats, args.plan, acked, when)
+    print(section)
+    if args.write:
+        write_section(args.write, section)
+    if args.json:
+        args.json.write_text(json.dumps([dataclasses.asdict(r) for r in rounds], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

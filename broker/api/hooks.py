@@ -1,0 +1,177 @@
+"""Flask hooks that close openbrokerapi 4.7.3's gaps without forking it.
+
+Order on every request but GET /health (app-level hooks run before the
+blueprint's own filters):
+1. basic auth, compared in constant time → 401 before anything else;
+2. X-Broker-API-Version: missing → 400, malformed or not 2.x with x ≥ 13 → 412
+   (the library answers 500 for a non-numeric version);
+3. body, ids and catalog references checked → 400 naming the field.
+After the view: echo X-Broker-API-Request-Identity, add Retry-After and the
+fields the library's response classes lack, and log one line per request with
+the decoded originating identity (never the Authorization header): at INFO for
+changes, requests that carry an identity and failures; at DEBUG for routine
+polls without one (catalog, last_operation), which the access log also has.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+import re
+import time
+from typing import Any
+
+from flask import Blueprint, Flask, Response, g, request
+from werkzeug.exceptions import HTTPException
+
+from broker.api.errors import ApiError, api_error_response, error_response
+from broker.api.validation import check_request
+from broker.runtime import Runtime
+
+log = logging.getLogger("broker.api")
+
+VERSION_HEADER = "X-Broker-API-Version"
+IDENTITY_HEADER = "X-Broker-API-Originating-Identity"
+REQUEST_ID_HEADER = "X-Broker-API-Request-Identity"
+MIN_MINOR = 13
+_VERSION = re.compile(r"^2\.([0-9]{1,4})$")
+_UNAUTHENTICATED = frozenset({"health"})
+_MAX_LOGGED = 300
+
+
+class BasicAuth:
+    """The broker's one credential pair, checked in constant time."""
+
+    def __init__(self, username: str, password: str) -> None:
+        self._username = username.encode()
+        self._password = password.encode()
+
+    def accepts(self) -> bool:
+        auth = request.authorization
+        if auth is None or auth.type != "basic":
+            return False
+        user = (auth.username or "").encode("utf-8", "surrogateescape")
+        password = (auth.password or "").encode("utf-8", "surrogateescape")
+        # Both comparisons always run: the time taken says nothing about which failed.
+        user_ok = hmac.compare_digest(user, self._username)
+        password_ok = hmac.compare_digest(password, self._password)
+        return user_ok and password_ok
+
+
+def check_version() -> tuple[Response, int] | None:
+    raw = request.headers.get(VERSION_HEADER)
+    if raw is None or not raw.strip():
+        return error_response(400, f"the {VERSION_HEADER} header is required (e.g. 2.17)")
+    match = _VERSION.match(raw.strip())
+    if match is None or int(match.group(1)) < MIN_MINOR:
+        shown = raw.strip()[:40]
+        return error_response(412, f"{VERSION_HEADER} {shown!r} is not supported: this "
+                              f"broker speaks 2.{MIN_MINOR} and later 2.x versions")
+    return None
+
+
+def describe_identity(header: str | None) -> str:
+    """`platform {json}` from X-Broker-API-Originating-Identity, for the log line."""
+    if not header:
+        return "-"
+    platform, _, value = header.strip().partition(" ")
+    platform = "".join(c for c in platform if c.isprintable())[:40] or "?"
+    try:
+        decoded = json.loads(base64.b64decode(value.strip(), validate=True))
+        text = json.dumps(decoded, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    except (ValueError, binascii.Error):
+        text = "(undecodable)"
+    return f"{platform} {text[:_MAX_LOGGED]}"
+
+
+def _merge_body(response: Response, extra: dict[str, Any]) -> None:
+    if not response.is_json:
+        return
+    body = response.get_json(silent=True)
+    if isinstance(body, dict):
+        body.update(extra)
+        response.set_data(json.dumps(body))
+
+
+def install(app: Flask, blueprint: Blueprint, runtime: Runtime) -> None:
+    """Register the hooks on `app` (before it registers `blueprint`) and on `blueprint`."""
+    auth = BasicAuth(runtime.settings.username, runtime.settings.password)
+    catalog = runtime.catalog
+
+    @app.before_request
+    def authenticate_and_check_version() -> Any:
+        g.started = time.perf_counter()
+        if request.endpoint in _UNAUTHENTICATED:
+            return None
+        if not auth.accepts():
+            response, status = error_response(401, "missing or wrong broker credentials")
+            response.headers["WWW-Authenticate"] = 'Basic realm="pgha-broker"'
+            return response, status
+        return check_version()
+
+    @app.before_request
+    def check_osb_request() -> Any:
+        if request.endpoint in _UNAUTHENTICATED:
+            return None
+        try:
+            check_request(catalog)
+        except ApiError as exc:
+            return api_error_response(exc)
+        return None
+
+    @app.after_request
+    def finish(response: Response) -> Response:
+        request_id = request.headers.get(REQUEST_ID_HEADER)
+        if request_id:
+            response.headers[REQUEST_ID_HEADER] = request_id
+        retry_after = g.get("retry_after")
+        if retry_after is not None:
+            response.headers["Retry-After"] = str(retry_after)
+        extra = g.get("extra_body")
+        if extra and response.status_code < 300:
+            _merge_body(response, extra)
+        if request.endpoint in _UNAUTHENTICATED:
+            return response
+        identity = request.headers.get(IDENTITY_HEADER)
+        # Every change, every request that names who asked, every failure at INFO;
+        # routine polls (catalog, last_operation: no identity per the spec) at
+        # DEBUG, since the access log has them too and they are most requests.
+        level = logging.INFO if (identity or request.method != "GET"
+                                 or response.status_code >= 400) else logging.DEBUG
+        if log.isEnabledFor(level):
+            started = g.get("started")
+            elapsed = (time.perf_counter() - started) * 1000 if started else 0.0
+            log.log(level, "%s %s -> %d (%.1f ms) identity=%s request=%s", request.method,
+                    request.full_path.rstrip("?")[:_MAX_LOGGED], response.status_code, elapsed,
+                    describe_identity(identity), (request_id or "-")[:_MAX_LOGGED])
+        return response
+
+    # The blueprint's own catch-all (Exception → 500) is found before any app-level
+    # handler, so ours go on the blueprint itself; the app gets them for other routes.
+    def handle_api_error(exc: ApiError) -> tuple[Response, int]:
+        if exc.status >= 500:
+            log.error("%s %s: %s", request.method, request.path, exc.description)
+        return api_error_response(exc)
+
+    def handle_http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        response, _ = error_response(status, exc.description or "request failed")
+        response.status_code = status
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
+
+    def handle_unexpected(exc: Exception) -> tuple[Response, int]:
+        # The stack goes to the log, never into the answer.
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(500, "internal error in the broker; see its log")
+
+    for target in (blueprint, app):
+        target.register_error_handler(ApiError, handle_api_error)
+        target.register_error_handler(HTTPException, handle_http_error)
+        # Replaces the library's catch-all, whose body has no `error` field.
+        target.register_error_handler(Exception, handle_unexpected)

@@ -1,0 +1,439 @@
+"""Fencing on OpenStack: make sure an old primary can no longer serve, then free its port.
+
+The ladder (docs/openstack.md, "Failover on OpenStack", says the same to operators):
+
+1. Nova already counts the server's compute host down (status UNKNOWN, or the
+   service is down / forced down): go to 3.
+2. Otherwise ask Nova to stop the server and wait up to `stop_timeout` for SHUTOFF.
+   A crashed guest on a live hypervisor (kernel panic) ends here within seconds: the
+   server is fenced, and its port detaches normally.
+3. No SHUTOFF (the hypervisor does not answer), ERROR, or a host counted down: fence
+   by deleting the server. On a live host Nova deletes it at once. On a dead host
+   the delete is ignored until Nova counts the compute service down (its
+   `service_down_time`, 60 s by default); the broker repeats the delete until then,
+   and Nova's "local delete" then unbinds the ports and the volume attachments.
+   With BROKER_OPENSTACK_FORCE_DOWN (opt-in, admin credentials) the broker forces the
+   compute service down once its heartbeat has been frozen for `force_down_after`,
+   instead of waiting for `service_down_time`.
+4. Nothing of that within `host_down_timeout`: FenceError. The failover stops there;
+   the service port stays where it is; nothing is promoted.
+
+`detach_port` returns only once Neutron shows the port unbound; it never reports a
+port free while Neutron still binds it to the old server.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from openstack import exceptions as os_exc
+
+from broker.cloud.base import CloudError, FenceError, TransientCloudError
+from broker.cloud.openstack.calls import WaitTimeout, log, report
+
+if TYPE_CHECKING:
+    from broker.cloud.openstack.driver import OpenStackCloud
+    from broker.cloud.openstack.options import OpenStackOptions
+
+
+class TransientFenceError(FenceError, TransientCloudError):
+    """Fencing could not be confirmed because OpenStack itself did not answer."""
+
+
+class _CannotStop(Exception):
+    """Nova refuses a stop in this state (paused, rescued, ...): delete instead."""
+
+
+def host_counted_down(server: Any) -> bool:
+    """Nova no longer hears the server's compute host (or it was forced down)."""
+    return ((server.status or "").upper() == "UNKNOWN"
+            or (server.host_status or "").upper() in ("UNKNOWN", "DOWN"))
+
+
+def is_stopped(server: Any) -> bool:
+    return (server.status or "").upper() == "SHUTOFF" and not server.task_state
+
+
+def powered_off(server: Any) -> bool:
+    """Nova confirmed the power-off (vm_state survives a host counted down, status not)."""
+    return is_stopped(server) or (
+        (server.vm_state or "").lower() == "stopped" and not server.task_state)
+
+
+class Heartbeat:
+    """How long a compute service's `updated_at` has stayed the same, on OUR clock
+    (Nova's timestamps are compared with each other only: no clock skew)."""
+
+    def __init__(self) -> None:
+        self.value: object = None
+        self.since = time.monotonic()
+
+    def frozen_for(self, updated_at: object) -> float:
+        now = time.monotonic()
+        if updated_at != self.value:
+            self.value = updated_at
+            self.since = now
+        return now - self.since
+
+
+class Fencer:
+    def __init__(self, cloud: OpenStackCloud) -> None:
+        self.cloud = cloud
+        self._warned_no_admin = False
+
+    @property
+    def options(self) -> OpenStackOptions:
+        return self.cloud.options
+
+    # --- the compute service behind a server (admin) ------------------------------------
+    def compute_service(self, server_id: str) -> Any:
+        """The nova-compute service of the server's host; None if not visible to us."""
+        admin = self.cloud.admin()
+
+        def attempt() -> Any:
+            try:
+                server = admin.compute.get_server(server_id)
+                host = server.compute_host
+                if not host:
+                    return None
+                found = list(admin.compute.services(host=host, binary="nova-compute"))
+                return found[0] if found else None
+            except (os_exc.ForbiddenException, os_exc.NotFoundException):
+                if not self._warned_no_admin:
+                    self._warned_no_admin = True
+                    log.warning("BROKER_OPENSTACK_FORCE_DOWN is on but the credentials "
+                                "cannot read compute services (admin needed): the broker "
+                                "waits for Nova to count dead hosts down by itself")
+                return None
+        return self.cloud.call(f"reading the compute service of server {server_id}", attempt)
+
+    def host_silent(self, server_id: str, heartbeat: Heartbeat) -> Any:
+        """The compute service, if it has sent no heartbeat for `force_down_after`."""
+        service = self.compute_service(server_id)
+        if service is None or service.is_forced_down:
+            return None
+        if (service.state or "").lower() == "down":
+            return service
+        if heartbeat.frozen_for(service.updated_at) >= self.options.force_down_after:
+            return service
+        return None
+
+    def force_down(self, service: Any, name: str) -> None:
+        host = service.host
+        report(f"the compute host of server {name} ({host}) has sent no heartbeat for "
+               f"{self.options.force_down_after:.0f} s: forcing its nova-compute service "
+               "down (BROKER_OPENSTACK_FORCE_DOWN). After repairing the host an operator "
+               f"runs: openstack compute service set --up {host} nova-compute")
+        admin = self.cloud.admin()
+        self.cloud.call(f"forcing the compute service of host {host} down",
+                        lambda: admin.compute.update_service_forced_down(
+                            service, host=host, binary="nova-compute", forced=True))
+
+    # --- stop ---------------------------------------------------------------------------
+    def stop_server(self, server_id: str) -> None:
+        try:
+            self._stop(server_id)
+        except FenceError:
+            raise
+        except TransientCloudError as exc:
+            raise TransientFenceError(f"could not fence server {server_id}: {exc}") from None
+        except CloudError as exc:
+            raise FenceError(f"could not fence server {server_id}: {exc}") from None
+
+    def _stop(self, server_id: str) -> None:
+        server = self.cloud.raw_server(server_id)
+        if server is None:
+            report(f"server {server_id} is gone: nothing runs there any more")
+            return
+        name = server.name or server_id
+        heartbeat = Heartbeat() if self.options.force_down else None
+        if host_counted_down(server):
+            reason = "Nova counts its compute host down"
+        elif is_stopped(server):
+            report(f"server {name} is stopped (SHUTOFF): fenced")
+            return
+        elif (server.status or "").upper() == "ERROR":
+            reason = "it is in ERROR"
+        else:
+            outcome = self._stop_and_wait(server_id, name, heartbeat)
+            if outcome in ("stopped", "gone"):
+                report(f"server {name} is {outcome}: fenced")
+                return
+            reason = {
+                "host-down": "Nova counts its compute host down",
+                "error": "it went into ERROR",
+                "cannot-stop": "Nova cannot stop it in its current state",
+                "host-silent": "its compute host sends no heartbeat",
+            }.get(outcome, f"it did not power off within {self.options.stop_timeout:.0f} s")
+        if not self._delete_until_gone(server_id, name, self.options.host_down_timeout,
+                                       heartbeat, why=reason):
+            host_hint = ""
+            if not self.options.force_down:
+                host_hint = (" If that host is really off, an operator can run `openstack "
+                             "compute service set --down <host> nova-compute` (or enable "
+                             "BROKER_OPENSTACK_FORCE_DOWN).")
+            raise FenceError(
+                f"could not fence server {name}: {reason}, and Nova has not deleted it "
+                f"within {self.options.host_down_timeout:.0f} s (its compute host is not "
+                "counted down). The old primary may still run: no promotion, the service "
+                f"address stays where it is.{host_hint}")
+
+    def _stop_and_wait(self, server_id: str, name: str, heartbeat: Heartbeat | None) -> str:
+        compute = self.cloud.conn.compute
+
+        def attempt() -> None:
+            try:
+                compute.stop_server(server_id)
+            except os_exc.NotFoundException:
+                return
+            except os_exc.ConflictException:
+                current = self.cloud.raw_server(server_id)
+                if current is None or is_stopped(current) or host_counted_down(current) \
+                        or current.task_state == "powering-off":
+                    return
+                if current.task_state:
+                    raise  # another task runs: retried with backoff
+                raise _CannotStop() from None
+
+        try:
+            self.cloud.call(f"stopping server {name}", attempt)
+        except _CannotStop:
+            return "cannot-stop"
+        except TransientCloudError as exc:
+            log.warning("stopping server %s: %s", name, exc)
+            return "no-stop"
+
+        def probe() -> str | None:
+            current = self.cloud.raw_server(server_id)
+            if current is None:
+                return "gone"
+            if host_counted_down(current):
+                return "host-down"
+            if is_stopped(current):
+                return "stopped"
+            if (current.status or "").upper() == "ERROR":
+                return "error"
+            if heartbeat is not None and self.host_silent(server_id, heartbeat) is not None:
+                return "host-silent"
+            return None
+
+        try:
+            return self.cloud.wait(f"server {name} to power off (SHUTOFF)", probe,
+                                   self.options.stop_timeout)
+        except WaitTimeout:
+            return "timeout"
+
+    # --- delete ---------------------------------------------------------------------------
+    def delete_server(self, server_id: str, *, timeout: float, fencing: bool) -> None:
+        server = self.cloud.raw_server(server_id)
+        if server is None:
+            return
+        name = server.name or server_id
+        if not self._delete_until_gone(server_id, name, timeout, None, why=None):
+            raise TransientCloudError(
+                f"server {name} is still being deleted after {timeout:.0f} s: its compute "
+                "host does not answer; Nova finishes once it counts the host down")
+
+    def _delete_until_gone(self, server_id: str, name: str, timeout: float,
+                           heartbeat: Heartbeat | None, *, why: str | None) -> bool:
+        compute = self.cloud.conn.compute
+        if why is not None:
+            report(f"fencing server {name} by deleting it ({why}); on a dead host Nova does "
+                   "this only once it counts the compute service down; waiting up to "
+                   f"{timeout:.0f} s")
+        else:
+            report(f"deleting server {name}")
+        deadline = time.monotonic() + timeout
+        resend_every = max(2.0 * self.options.poll_max_interval, 1.0)
+        last_sent: float | None = None
+        delay = self.options.poll_interval
+        forced = False
+        said_down = False
+        while True:
+            server = self.cloud.raw_server(server_id)
+            if server is None:
+                report(f"server {name} is deleted")
+                return True
+            now = time.monotonic()
+            down = host_counted_down(server)
+            if down and not said_down:
+                said_down = True
+                last_sent = None  # a delete now is Nova's local delete
+                report(f"Nova counts the compute host of server {name} down: deleting it "
+                       "without the host (ports and volume are released)")
+            if heartbeat is not None and not forced and not down:
+                service = self.host_silent(server_id, heartbeat)
+                if service is not None:
+                    self.force_down(service, name)
+                    forced = True
+                    last_sent = None
+            if last_sent is None or now - last_sent >= resend_every:
+                # Repeated on purpose: Nova ignores a second delete while the first is
+                # cast to a host that is still counted up, and local-deletes once it's not.
+                self.cloud.call(f"deleting server {name}",
+                                lambda: compute.delete_server(server_id, ignore_missing=True))
+                last_sent = time.monotonic()
+                continue
+            if now >= deadline:
+                return False
+            time.sleep(min(delay, max(0.0, deadline - now)))
+            delay = min(self.options.poll_max_interval, delay * 1.5)
+
+    # --- the service port -------------------------------------------------------------------
+    def detach_port(self, port_id: str, server_id: str) -> None:
+        cloud = self.cloud
+        port = cloud.get_port(port_id)
+        if port is None or not port.device_id:
+            return
+        name = port.name or port_id
+        if port.device_id != server_id:
+            raise CloudError(f"port {name} is bound to server {port.device_id}, "
+                             f"not to {server_id}")
+
+        def unbound() -> bool | None:
+            current = cloud.get_port(port_id)
+            if current is None or current.device_id != server_id:
+                return True
+            return None
+
+        server = cloud.raw_server(server_id)
+        if server is not None and host_counted_down(server) and not powered_off(server):
+            raise FenceError(
+                f"port {name} is bound to server {server.name or server_id}, whose compute "
+                "host Nova counts down, and the server was never confirmed stopped: fence "
+                "it first (stop_server deletes it, which releases the port)")
+        if server is not None and not host_counted_down(server):
+            self._request_detach(port_id, name, server_id)
+            try:
+                cloud.wait(f"Neutron to show port {name} unbound from server {server_id}",
+                           unbound, self.options.detach_timeout)
+                report(f"port {name} is unbound")
+                return
+            except WaitTimeout:
+                server = cloud.raw_server(server_id)
+        if server is None:
+            try:  # Nova's delete unbinds it; give Neutron a moment to show it
+                cloud.wait(f"Neutron to show port {name} unbound", unbound,
+                           self.options.detach_timeout)
+                report(f"port {name} is unbound")
+                return
+            except WaitTimeout:
+                pass
+        # Powered off, yet its host never detaches (it died after the stop, or was forced
+        # down): deleting the stopped server is safe, and the only thing that frees the port.
+        elif powered_off(server) and self._delete_until_gone(
+                server_id, server.name or server_id, self.options.host_down_timeout, None,
+                why="it is stopped but its host does not detach"):
+            try:
+                cloud.wait(f"Neutron to show port {name} unbound", unbound,
+                           self.options.detach_timeout)
+                report(f"port {name} is unbound")
+                return
+            except WaitTimeout:
+                pass
+        raise FenceError(
+            f"port {name} is still bound to server {server_id}: its hypervisor does not "
+            "carry out the detach. The service address stays where it is; fencing the "
+            "server (stop_server, which deletes it once Nova counts its host down) "
+            "releases the port")
+
+    def _request_detach(self, port_id: str, name: str, server_id: str) -> None:
+        cloud = self.cloud
+
+        def attempt() -> None:
+            try:
+                cloud.conn.compute.delete_server_interface(port_id, server=server_id,
+                                                           ignore_missing=False)
+            except os_exc.NotFoundException:
+                return  # Nova no longer lists it; Neutron follows
+            except os_exc.ConflictException:
+                current = cloud.raw_server(server_id)
+                if current is None or host_counted_down(current):
+                    return  # the wait that follows decides
+                raise  # a task runs on the server: retried
+
+        cloud.call(f"detaching port {name} from server {server_id}", attempt)
+
+    # --- volumes ----------------------------------------------------------------------------
+    def detach_volume(self, volume_id: str, server_id: str, *, force: bool) -> None:
+        cloud = self.cloud
+        volume = cloud._raw_volume(volume_id)
+        if volume is None:
+            return
+        name = volume.name or volume_id
+
+        def attachments() -> list[dict[str, Any]]:
+            current = cloud._raw_volume(volume_id)
+            if current is None:
+                return []
+            return [a for a in current.attachments or [] if a.get("server_id") == server_id]
+
+        def released() -> bool | None:
+            return True if not attachments() else None
+
+        if not attachments():
+            return
+        server = cloud.raw_server(server_id)
+        live = server is not None and not host_counted_down(server)
+        if live:
+            assert server is not None
+            if force and (server.status or "").upper() not in ("SHUTOFF", "ERROR"):
+                raise CloudError(f"refusing to force volume {name} off server "
+                                 f"{server.name or server_id}, which may be running: "
+                                 "fence (stop) it first")
+            cloud.call(f"detaching volume {name} from server {server_id}",
+                       lambda: cloud.conn.compute.delete_volume_attachment(
+                           server_id, volume_id, ignore_missing=True))
+            try:
+                cloud.wait(f"volume {name} to be released by server {server_id}", released,
+                           self.options.detach_timeout)
+                return
+            except WaitTimeout:
+                if not force:
+                    raise TransientCloudError(
+                        f"volume {name} is still attached to server {server_id} after "
+                        f"{self.options.detach_timeout:.0f} s") from None
+        elif not force:
+            where = "deleted server" if server is None else "server on a dead host"
+            raise CloudError(f"volume {name} is still attached to {where} {server_id}: "
+                             "Nova cannot release it; detach it with force")
+
+        # Nova cannot (or did not) release it: Cinder's side, never a status reset alone.
+        report(f"volume {name} is stuck in-use on server {server_id}: deleting its Cinder "
+               "attachment")
+        storage = cloud.conn.block_storage
+        for attachment in attachments():
+            attachment_id = attachment.get("attachment_id")
+            if not attachment_id:
+                continue
+            try:
+                cloud.call(f"deleting the attachment of volume {name}",
+                           partial(storage.delete_attachment, attachment_id,
+                                   ignore_missing=True))
+            except CloudError as exc:
+                log.warning("%s", exc)
+        try:
+            cloud.wait(f"volume {name} to be released", released,
+                       self.options.detach_timeout, quiet=True)
+            return
+        except WaitTimeout:
+            pass
+        report(f"volume {name} is still attached: Cinder force-detach (admin)")
+        admin_storage = cloud.admin().block_storage
+        for attachment in attachments():
+            try:
+                cloud.call(f"force-detaching volume {name}",
+                           partial(admin_storage.detach_volume, volume_id,
+                                   attachment.get("attachment_id"), force=True))
+            except CloudError as exc:
+                log.warning("%s", exc)
+        try:
+            cloud.wait(f"volume {name} to be released", released,
+                       self.options.detach_timeout, quiet=True)
+        except WaitTimeout:
+            raise CloudError(
+                f"volume {name} is still attached to server {server_id} after deleting its "
+                "attachment and a force-detach: an operator must clean it up (openstack "
+                "volume attachment delete / cinder force-detach)") from None

@@ -1,0 +1,234 @@
+"""Health checks: one connection, one query, a hard deadline.
+
+A probe connects to a node's management address as the broker's superuser and runs
+one statement that returns `pg_is_in_recovery()`, the node's LSNs, its
+`synchronous_standby_names` and (on a primary) `pg_stat_replication`. libpq's
+`connect_timeout` counts whole seconds (and does not bound the query), so the probe
+uses an asynchronous psycopg2 connection and `select()` with its own deadline:
+sub-second timeouts work and a frozen server costs exactly the deadline.
+
+Outcomes, because they mean different things to the monitor:
+- `ok`: the node answered the query.
+- `down`: nothing answers (refused, timed out, no route, connection lost) or
+  PostgreSQL says it is starting up / shutting down / in crash recovery. Counts
+  towards failover.
+- `answering`: PostgreSQL is alive but refuses the broker (too many clients,
+  authentication, pg_hba): never a reason to fail over.
+
+The server's state from the cloud is fetched separately (`cloud_state`), with a
+bound on the wait, so that an unreachable cloud API is told apart from a dead server.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import select
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import psycopg2
+import psycopg2.extensions as ext
+
+from broker.cloud.base import Cloud, CloudError, ServerStatus
+
+Outcome = Literal["ok", "down", "answering"]
+
+APPLICATION_NAME = "pgha-monitor"
+
+_QUERY = """
+SELECT pg_is_in_recovery(),
+       ((CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+              ELSE pg_current_wal_lsn() END) - '0/0'::pg_lsn)::bigint,
+       (pg_last_wal_receive_lsn() - '0/0'::pg_lsn)::bigint,
+       current_setting('synchronous_standby_names'),
+       COALESCE((SELECT json_agg(json_build_object(
+                    'application_name', application_name,
+                    'state', state,
+                    'sync_state', sync_state,
+                    'flush_lsn', (flush_lsn - '0/0'::pg_lsn)::bigint,
+                    'replay_lsn', (replay_lsn - '0/0'::pg_lsn)::bigint))
+                 FROM pg_stat_replication), '[]'::json)
+"""
+
+# PostgreSQL answers, but is not serving: as good as down for the apps.
+_NOT_SERVING = (
+    "starting up",
+    "shutting down",
+    "in recovery mode",
+    "not yet accepting connections",
+    "not accepting connections",
+)
+# PostgreSQL answers and is alive; the broker just cannot get in.
+_ANSWERING = (
+    "too many clients",
+    "too many connections",
+    "password authentication failed",
+    "no pg_hba.conf entry",
+    "does not exist",
+    "remaining connection slots are reserved",
+)
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """One row of the primary's pg_stat_replication."""
+
+    application_name: str
+    state: str              # streaming | catchup | startup | backup | stopping
+    sync_state: str         # sync | async | potential | quorum
+    flush_lsn: int | None
+    replay_lsn: int | None
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What one check of one node saw."""
+
+    address: str
+    outcome: Outcome
+    elapsed: float
+    error: str | None = None          # in words, never with a secret
+    in_recovery: bool | None = None
+    lsn: int | None = None            # primary: current WAL LSN; standby: replay LSN
+    receive_lsn: int | None = None    # standby: last received (and flushed) LSN
+    synchronous_standby_names: str = ""
+    replicas: tuple[ReplicaInfo, ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+    def replica(self, application_name: str) -> ReplicaInfo | None:
+        return next((r for r in self.replicas if r.application_name == application_name), None)
+
+
+class _Deadline(Exception):
+    pass
+
+
+def _wait(conn: Any, deadline: float) -> None:
+    """Drive an asynchronous psycopg2 connection until it is ready, or the deadline."""
+    while True:
+        state = conn.poll()
+        if state == ext.POLL_OK:
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Deadline
+        fd = conn.fileno()
+        if state == ext.POLL_READ:
+            select.select([fd], [], [], remaining)
+        elif state == ext.POLL_WRITE:
+            select.select([], [fd], [], remaining)
+        else:  # pragma: no cover - psycopg2 documents only the three states
+            raise psycopg2.OperationalError(f"unexpected poll state {state}")
+
+
+def _classify(message: str) -> tuple[Outcome, str]:
+    text = " ".join(message.split())
+    lowered = text.lower()
+    if "refused" in lowered:
+        return "down", "connection refused"
+    if any(s in lowered for s in _NOT_SERVING):
+        return "down", f"PostgreSQL is not serving: {text}"
+    if any(s in lowered for s in _ANSWERING):
+        return "answering", f"PostgreSQL answers but refuses the broker: {text}"
+    if "no route" in lowered or "unreachable" in lowered:
+        return "down", "no route to the node"
+    if "closed the connection" in lowered or "terminat" in lowered:
+        return "down", "the server closed the connection"
+    return "down", text or "connection failed"
+
+
+def probe(address: str, password: str, *, timeout: float, port: int = 5432) -> Probe:
+    """Connect, run the health query and close, all within `timeout` seconds."""
+    start = time.monotonic()
+    deadline = start + timeout
+    conn: Any = None
+    try:
+        conn = psycopg2.connect(
+            host=address, port=port, user="postgres", password=password, dbname="postgres",
+            application_name=APPLICATION_NAME, async_=True,
+        )
+        _wait(conn, deadline)
+        cur = conn.cursor()
+        cur.execute(_QUERY)
+        _wait(conn, deadline)
+        row = cur.fetchone()
+    except _Deadline:
+        return Probe(address, "down", time.monotonic() - start,
+                     error=f"no answer within {timeout:g} s")
+    except psycopg2.Error as exc:
+        outcome, error = _classify(str(exc))
+        return Probe(address, outcome, time.monotonic() - start, error=error)
+    except OSError as exc:
+        return Probe(address, "down", time.monotonic() - start, error=exc.strerror or str(exc))
+    finally:
+        if conn is not None:
+            with contextlib.suppress(psycopg2.Error):
+                conn.close()
+    in_recovery, lsn, receive_lsn, sync_names, replicas = row
+    return Probe(
+        address, "ok", time.monotonic() - start,
+        in_recovery=bool(in_recovery),
+        lsn=int(lsn) if lsn is not None else None,
+        receive_lsn=int(receive_lsn) if receive_lsn is not None else None,
+        synchronous_standby_names=str(sync_names or ""),
+        replicas=tuple(
+            ReplicaInfo(
+                application_name=str(r.get("application_name") or ""),
+                state=str(r.get("state") or ""),
+                sync_state=str(r.get("sync_state") or ""),
+                flush_lsn=r.get("flush_lsn"),
+                replay_lsn=r.get("replay_lsn"),
+            )
+            for r in (replicas or [])
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class CloudState:
+    """The server as the cloud sees it; `error` when the cloud API did not answer."""
+
+    status: ServerStatus | None       # None: the server is gone (or unknown, see error)
+    error: str | None = None
+
+    @property
+    def reachable(self) -> bool:
+        return self.error is None
+
+    @property
+    def describe(self) -> str:
+        if self.error is not None:
+            return f"cloud API unreachable ({self.error})"
+        return "server gone" if self.status is None else f"server {self.status.value}"
+
+
+_CLOUD_CALLS = concurrent.futures.ThreadPoolExecutor(max_workers=8,
+                                                     thread_name_prefix="cloud-state")
+
+
+def cloud_state(cloud: Cloud, server_id: str | None, *, timeout: float = 5.0) -> CloudState:
+    """get_server with a bound: a cloud API that hangs counts as unreachable."""
+    if not server_id:
+        return CloudState(None)
+    future = _CLOUD_CALLS.submit(cloud.get_server, server_id)
+    try:
+        server = future.result(timeout=timeout)
+    except concurrent.futures.TimeoutError:
+        return CloudState(None, error=f"no answer within {timeout:g} s")
+    except CloudError as exc:
+        return CloudState(None, error=" ".join(str(exc).split()) or exc.__class__.__name__)
+    except Exception as exc:  # a driver bug or a network error below the SDK
+        return CloudState(None, error=exc.__class__.__name__)
+    return CloudState(server.status if server is not None else None)
+
+
+def lag_bytes(primary: Probe, replica: ReplicaInfo | None) -> int | None:
+    """Bytes the standby has not flushed yet: what a failover now could lose."""
+    if primary.lsn is None or replica is None or replica.flush_lsn is None:
+        return None
+    return max(0, primary.lsn - int(replica.flush_lsn))

@@ -1,0 +1,150 @@
+"""Named leases in the state store: who watches which instance.
+
+A lease is a row `models.Lease(name, owner, expires_at)`. Every change is a single
+compare-and-set statement, so it is correct on SQLite (one writer at a time) and on
+PostgreSQL at READ COMMITTED (a concurrent UPDATE re-checks its WHERE clause on the
+row the winner wrote, so exactly one of two racing workers gets rowcount 1):
+
+- acquire: UPDATE ... WHERE name = :n AND (owner = me OR expires_at < now), else
+  INSERT (a primary-key clash means someone else was first);
+- renew: UPDATE ... WHERE name = :n AND owner = me;
+- release: DELETE ... WHERE name = :n AND owner = me.
+
+A lease whose owner is a dead process on this host is taken over at once (the same
+rule as the operation engine); elsewhere it expires after `ttl` seconds. Times are
+the workers' clocks (UTC): workers must keep them in sync (NTP) to well under `ttl`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
+
+from broker.operations.engine import _owner_is_dead
+from broker.store.db import Store
+from broker.store.models import Lease, aware, utcnow
+
+log = logging.getLogger(__name__)
+
+MONITOR_PREFIX = "monitor:"
+WORKER_PREFIX = "monitor-worker:"
+
+
+def monitor_lease_name(instance_id: str) -> str:
+    return f"{MONITOR_PREFIX}{instance_id}"
+
+
+def new_owner_id(role: str = "monitor") -> str:
+    """`host:pid:role-xxxxxx`: the engine's format, so a dead owner is recognised."""
+    return f"{socket.gethostname()}:{os.getpid()}:{role}-{uuid.uuid4().hex[:6]}"
+
+
+class Leases:
+    """Compare-and-set leases for one owner."""
+
+    def __init__(self, store: Store, owner: str, ttl: float) -> None:
+        self.store = store
+        self.owner = owner
+        self.ttl = ttl
+
+    def _expiry(self, now: datetime) -> datetime:
+        return now + timedelta(seconds=self.ttl)
+
+    def acquire(self, name: str) -> bool:
+        """Take the lease if it is free, expired, ours or held by a dead process."""
+        now = utcnow()
+        with self.store.session() as s:
+            result = s.execute(
+                update(Lease)
+                .where(Lease.name == name)
+                .where((Lease.owner == self.owner) | (Lease.expires_at < now))
+                .values(owner=self.owner, expires_at=self._expiry(now))
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount == 1:  # type: ignore[attr-defined]
+                return True
+            row = s.execute(select(Lease.owner, Lease.expires_at).where(Lease.name == name)).first()
+        if row is None:
+            return self._insert(name, now)
+        owner, expires = row
+        if owner != self.owner and _owner_is_dead(owner):
+            # Same host, process gone: no need to wait for the expiry.
+            with self.store.session() as s:
+                result = s.execute(
+                    update(Lease)
+                    .where(Lease.name == name)
+                    .where(Lease.owner == owner)
+                    .where(Lease.expires_at == expires)
+                    .values(owner=self.owner, expires_at=self._expiry(now))
+                    .execution_options(synchronize_session=False)
+                )
+                return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+        return False
+
+    def _insert(self, name: str, now: datetime) -> bool:
+        try:
+            with self.store.session() as s:
+                s.add(Lease(name=name, owner=self.owner, expires_at=self._expiry(now)))
+        except IntegrityError:
+            return False  # another worker inserted it first
+        return True
+
+    def renew(self, name: str) -> bool:
+        """Extend a lease we hold; False if it is no longer ours (then stop acting)."""
+        now = utcnow()
+        with self.store.session() as s:
+            result = s.execute(
+                update(Lease)
+                .where(Lease.name == name)
+                .where(Lease.owner == self.owner)
+                .values(expires_at=self._expiry(now))
+                .execution_options(synchronize_session=False)
+            )
+            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    def release(self, name: str) -> None:
+        with self.store.session() as s:
+            s.execute(
+                delete(Lease)
+                .where(Lease.name == name)
+                .where(Lease.owner == self.owner)
+                .execution_options(synchronize_session=False)
+            )
+
+    def holder(self, name: str) -> str | None:
+        """The live holder of a lease (None when free or expired)."""
+        now = utcnow()
+        with self.store.session() as s:
+            row = s.execute(select(Lease.owner, Lease.expires_at).where(Lease.name == name)).first()
+        if row is None:
+            return None
+        expires = aware(row[1])
+        return str(row[0]) if expires is not None and expires >= now else None
+
+    def live(self, prefix: str) -> dict[str, str]:
+        """name → owner of every unexpired lease whose name starts with `prefix`."""
+        now = utcnow()
+        with self.store.session() as s:
+            rows = s.execute(
+                select(Lease.name, Lease.owner)
+                .where(Lease.name.startswith(prefix, autoescape=True))
+                .where(Lease.expires_at >= now)
+            ).all()
+        return {str(name): str(owner) for name, owner in rows}
+
+    def purge_expired(self, prefix: str, older_than: float = 60.0) -> None:
+        """Drop long-expired leases (a dead worker's heartbeat) so the table stays small."""
+        cutoff = utcnow() - timedelta(seconds=older_than)
+        with self.store.session() as s:
+            s.execute(
+                delete(Lease)
+                .where(Lease.name.startswith(prefix, autoescape=True))
+                .where(Lease.expires_at < cutoff)
+                .execution_options(synchronize_session=False)
+            )

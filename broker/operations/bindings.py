@@ -1,0 +1,234 @@
+"""Bindings: one PostgreSQL role per binding, made synchronously (it takes milliseconds).
+
+Called by the API layer. The Binding row (state `creating`, password encrypted) is
+written BEFORE the role exists, so a crash in between leaves a row that a repeated
+PUT finishes and a DELETE (orphan mitigation) cleans up. The role is created on
+the primary over its management address as the instance's superuser; apps reach
+it through the service address, which never changes for the instance's lifetime.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import psycopg2
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from broker.crypto import new_password
+from broker.pg import admin
+from broker.runtime import Runtime
+from broker.store.models import (
+    BINDING_CREATED,
+    BINDING_CREATING,
+    BINDING_DELETED,
+    DEGRADED,
+    DEPROVISIONED,
+    READY,
+    UNFINISHED,
+    Binding,
+    Instance,
+    Node,
+    Operation,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+PORT = 5432
+# Operations during which the primary stays where it is: binding is safe meanwhile.
+_BIND_SAFE_KINDS = ("rebuild",)
+
+
+class BindingConflict(Exception):
+    """The binding id exists with other attributes (→ 409)."""
+
+
+class InstanceNotReady(Exception):
+    """The instance has an operation in progress or is not ready (→ 422 ConcurrencyError)."""
+
+
+class InstanceUnknown(Exception):
+    """No such (live) instance."""
+
+
+@dataclass(frozen=True)
+class BindResult:
+    credentials: dict[str, Any]
+    created: bool           # False: identical binding already existed (→ 200 instead of 201)
+
+
+def credentials(host: str, username: str, password: str,
+                database: str = admin.APP_DATABASE, port: int = PORT) -> dict[str, Any]:
+    """What apps parse (java-cfenv, Spring, cfenv): uri, jdbcUrl, host(name), port, ..."""
+    user_q, pw_q = quote(username, safe=""), quote(password, safe="")
+    return {
+        "uri": f"postgresql://{user_q}:{pw_q}@{host}:{port}/{database}",
+        "jdbcUrl": f"jdbc:postgresql://{host}:{port}/{database}?user={user_q}&password={pw_q}",
+        "hostname": host,
+        "host": host,
+        "port": port,
+        "name": database,
+        "database": database,
+        "username": username,
+        "password": password,
+    }
+
+
+def _live_instance(runtime: Runtime, instance_id: str) -> Instance:
+    with runtime.store.session() as s:
+        inst = s.get(Instance, instance_id)
+        if inst is None or inst.deleted_at is not None or inst.state == DEPROVISIONED:
+            raise InstanceUnknown(f"instance {instance_id} does not exist")
+        _ = list(inst.nodes)
+        return inst
+
+
+def _check_ready(runtime: Runtime, inst: Instance) -> None:
+    if inst.state not in (READY, DEGRADED):
+        raise InstanceNotReady(f"the instance is {inst.state}; bind again once it is ready")
+    with runtime.store.session() as s:
+        busy = s.scalar(
+            select(Operation.kind)
+            .where(Operation.instance_id == inst.id)
+            .where(Operation.state.in_(UNFINISHED))
+            .where(Operation.kind.not_in(_BIND_SAFE_KINDS))
+            .limit(1)
+        )
+    if busy is not None:
+        raise InstanceNotReady(f"an operation ({busy}) is in progress on the instance; "
+                               "bind again once it has finished")
+
+
+def _primary(inst: Instance) -> Node:
+    primary = inst.primary()
+    if primary is None or not primary.management_address:
+        raise InstanceNotReady("the instance has no primary right now; bind again shortly")
+    return primary
+
+
+def _same(binding: Binding, app_guid: str | None, bind_resource: dict[str, Any],
+          parameters: dict[str, Any]) -> bool:
+    return (binding.app_guid == app_guid and (binding.bind_resource or {}) == bind_resource
+            and (binding.parameters or {}) == parameters)
+
+
+def _credentials_of(runtime: Runtime, inst: Instance, binding: Binding) -> dict[str, Any]:
+    if not inst.service_address:
+        raise InstanceNotReady("the instance has no service address yet")
+    return credentials(inst.service_address, binding.role_name,
+                       runtime.vault.decrypt(binding.password_enc))
+
+
+def create_binding(runtime: Runtime, instance_id: str, binding_id: str, *,
+                   app_guid: str | None, bind_resource: dict[str, Any],
+                   parameters: dict[str, Any]) -> BindResult:
+    bind_resource, parameters = dict(bind_resource or {}), dict(parameters or {})
+    inst = _live_instance(runtime, instance_id)
+    with runtime.store.session() as s:
+        existing = s.get(Binding, binding_id)
+        if existing is not None and existing.state != BINDING_DELETED:
+            if existing.instance_id != instance_id or not _same(
+                    existing, app_guid, bind_resource, parameters):
+                raise BindingConflict(f"binding {binding_id} already exists with other "
+                                      "attributes")
+            if existing.state == BINDING_CREATED:
+                return BindResult(_credentials_of(runtime, inst, existing), created=False)
+    _check_ready(runtime, inst)
+    primary = _primary(inst)
+    read_only = bool(parameters.get("read_only", False))
+
+    # The row first: a crash after the role exists but before the row would leak a role.
+    try:
+        with runtime.store.session() as s:
+            row = s.get(Binding, binding_id)
+            if row is None:
+                row = Binding(id=binding_id, instance_id=instance_id,
+                              role_name=admin.binding_role_name(binding_id),
+                              password_enc=runtime.vault.encrypt(new_password()))
+                s.add(row)
+            elif row.state == BINDING_DELETED:
+                # A reused id after unbind: a fresh role with a fresh password.
+                row.instance_id = instance_id
+                row.password_enc = runtime.vault.encrypt(new_password())
+                row.deleted_at = None
+            row.app_guid = app_guid
+            row.bind_resource = bind_resource
+            row.parameters = parameters
+            row.state = BINDING_CREATING
+            role, password_enc = row.role_name, row.password_enc
+    except IntegrityError:
+        # An identical PUT raced us and inserted first: answer as for a repeat.
+        return create_binding(runtime, instance_id, binding_id, app_guid=app_guid,
+                              bind_resource=bind_resource, parameters=parameters)
+
+    password = runtime.vault.decrypt(password_enc)
+    try:
+        conn = admin.connect(primary.management_address or "", runtime.vault.decrypt(
+            inst.admin_password_enc), dbname=admin.APP_DATABASE)
+    except psycopg2.OperationalError:
+        # The row stays `creating`: a repeated PUT finishes it, a DELETE removes it.
+        raise InstanceNotReady("the instance's primary does not answer right now; "
+                               "bind again shortly") from None
+    try:
+        admin.create_binding_role(conn, role, password, read_only=read_only)
+    finally:
+        conn.close()
+    with runtime.store.session() as s:
+        row = s.get(Binding, binding_id)
+        assert row is not None
+        row.state = BINDING_CREATED
+    log.info("binding %s created on instance %s (role %s)", binding_id, instance_id, role)
+    return BindResult(credentials(inst.service_address or "", role, password), created=True)
+
+
+def get_credentials(runtime: Runtime, instance_id: str, binding_id: str) -> dict[str, Any] | None:
+    """Credentials of an existing binding, None if unknown (→ 404)."""
+    with runtime.store.session() as s:
+        binding = s.get(Binding, binding_id)
+        if binding is None or binding.instance_id != instance_id \
+                or binding.state != BINDING_CREATED:
+            return None
+        inst = s.get(Instance, instance_id)
+        if inst is None or not inst.service_address:
+            return None
+        return _credentials_of(runtime, inst, binding)
+
+
+def delete_binding(runtime: Runtime, instance_id: str, binding_id: str) -> bool:
+    """Drop the role (terminating its sessions); False if the binding was never known (→ 410).
+    Safe to repeat and cleans up a half-made binding (orphan mitigation)."""
+    with runtime.store.session() as s:
+        binding = s.get(Binding, binding_id)
+        if binding is None or binding.instance_id != instance_id:
+            return False
+        if binding.state == BINDING_DELETED:
+            return True
+        role = binding.role_name
+        inst = s.get(Instance, instance_id)
+        primary = inst.primary() if inst is not None else None
+        admin_password_enc = inst.admin_password_enc if inst is not None else None
+        gone = inst is None or inst.deleted_at is not None or inst.state == DEPROVISIONED
+    if not gone and primary is not None and primary.management_address and admin_password_enc:
+        # The primary unreachable → 422 ConcurrencyError: the platform retries the
+        # DELETE, and the role must not outlive its binding.
+        try:
+            conn = admin.connect(primary.management_address, runtime.vault.decrypt(
+                admin_password_enc))
+        except psycopg2.OperationalError:
+            raise InstanceNotReady("the instance's primary does not answer right now; "
+                                   "unbind again shortly") from None
+        try:
+            admin.drop_binding_role(conn, role)
+        finally:
+            conn.close()
+    with runtime.store.session() as s:
+        row = s.get(Binding, binding_id)
+        if row is not None and row.state != BINDING_DELETED:
+            row.state = BINDING_DELETED
+            row.deleted_at = utcnow()
+    log.info("binding %s deleted from instance %s", binding_id, instance_id)
+    return True

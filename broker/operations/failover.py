@@ -1,0 +1,156 @@
+"""Failover: the primary is gone; fence it, promote the standby, move the address.
+
+Queued by the monitor (`queue_failover`) with what it saw: the cause, when it
+decided, the old primary, the standby and the primary's last LSN. Steps:
+
+    record → check → clear_sync → fence → attach_port → promote → rebuild_queued
+
+- check (reads only): ha-sync promotes only the standby recorded synchronous; ha
+  refuses beyond `maximum_lag_on_failover` (against the primary's last LSN the
+  monitor saw). Done before the fence so that a refusal leaves the old primary
+  untouched (it may come back); the verdict cannot change after the fence, where
+  the standby's position can only have grown.
+- clear_sync: reset synchronous_standby_names on the standby (copied from the old
+  primary) before it takes writes, so that the new primary never waits for itself.
+- fence: stop the old primary's server through the cloud, confirmed, and unplug the
+  service port from it. Nothing before this step changes anything; nothing after it
+  runs unless the stop was confirmed. Unconfirmed → refused: the instance is
+  `degraded` with the reason and nothing is promoted (apps never see two primaries).
+- attach_port BEFORE promote: from the fence on the address answers nothing, and a
+  client whose SYN is lost then waits for its timeout or TCP's 1 s retransmission;
+  plugging the port in right after the fence keeps that dark window to the port
+  move itself (~25 ms each way on the local cloud). The promotion (~0.1 s) then
+  happens with the address in place: clients that connect meanwhile get a fast
+  "read-only transaction" error and retry at once (NOTES §3 measured this order
+  better: 0.14-0.22 s to the first write, ~1.05 s only when a reconnect hit the move).
+  The old primary is fenced by then, so no second writer can appear.
+- promote: pg_promote (idempotent); the store's roles move; the event is stamped.
+- rebuild_queued: a `rebuild` operation makes a new standby in the old primary's
+  zone (rebuild.py); the instance stays `degraded` until it streams.
+
+This module also registers switchover, rebuild and resurrect (imported below).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from broker.operations import promotion
+from broker.operations.engine import Context, Step, Workflow, new_operation, register
+from broker.operations.rebuild import KIND as REBUILD_KIND
+from broker.operations.resurrect import KIND as RESURRECT_KIND
+from broker.operations.switchover import KIND as SWITCHOVER_KIND
+from broker.operations.switchover import start_switchover, switchover_instance
+from broker.store.db import Store
+from broker.store.models import DEGRADED, Failover, utcnow
+
+KIND = "failover"
+
+__all__ = [
+    "KIND", "REBUILD_KIND", "RESURRECT_KIND", "SWITCHOVER_KIND", "queue_failover",
+    "start_switchover", "switchover_instance",
+]
+
+
+def queue_failover(store: Store, instance_id: str, *, kind: str, cause: str,
+                   old_primary_id: str, standby_id: str | None, detected_at: datetime,
+                   last_primary_lsn: int | None, detail: str | None = None,
+                   owner: str | None = None) -> str:
+    """Queue a failover (or, with kind "resurrect", a resurrect); returns its id.
+
+    The caller (the monitor) has checked that no operation is unfinished. With
+    `owner`, the row is born claimed by that engine (see promotion.preclaim)."""
+    with store.session() as s:
+        op = new_operation(instance_id, kind, params={
+            "cause": cause, "old_primary_id": old_primary_id, "standby_id": standby_id,
+            "detected_at": detected_at.isoformat(), "last_primary_lsn": last_primary_lsn,
+            "detail": detail,
+        }, description=f"queued: {kind} ({cause})")
+        promotion.preclaim(op, owner)
+        s.add(op)
+        return op.id
+
+
+def _detected_at(ctx: Context) -> datetime:
+    raw = ctx.params.get("detected_at")
+    return datetime.fromisoformat(raw) if raw else utcnow()
+
+
+def record(ctx: Context) -> None:
+    old = str(ctx.params["old_primary_id"])
+    standby = ctx.params.get("standby_id")
+    cause = str(ctx.params.get("cause") or "primary lost")
+    promotion.record_event(ctx, kind=KIND, cause=cause, old_node_id=old,
+                           new_node_id=standby, detected_at=_detected_at(ctx),
+                           detail=ctx.params.get("detail"))
+    promotion.set_state(ctx, DEGRADED, f"failing over: {cause}")
+
+
+def fence(ctx: Context) -> None:
+    old, _ = promotion.event_nodes(ctx)
+    promotion.fence_or_refuse(ctx, old, "failover refused")
+
+
+def check(ctx: Context) -> None:
+    _, standby = promotion.event_nodes(ctx)
+    if standby is None:
+        raise promotion.refuse(ctx, "failover refused: the instance has no standby")
+    promotion.check_eligible(ctx, standby)
+
+
+def clear_sync(ctx: Context) -> None:
+    _, standby = promotion.event_nodes(ctx)
+    assert standby is not None
+    promotion.clear_sync_on(ctx, promotion.node_row(ctx, standby))
+
+
+def attach_port(ctx: Context) -> None:
+    _, standby = promotion.event_nodes(ctx)
+    assert standby is not None
+    promotion.plug_service_port(ctx, standby)
+
+
+def promote(ctx: Context) -> None:
+    old, standby = promotion.event_nodes(ctx)
+    assert standby is not None
+    promotion.promote(ctx, standby)
+    zone = promotion.node_row(ctx, old).availability_zone
+    promotion.set_state(ctx, DEGRADED, f"failed over to {standby}; rebuilding a standby in {zone}")
+
+
+def rebuild_queued(ctx: Context) -> None:
+    old, _ = promotion.event_nodes(ctx)
+    promotion.queue_rebuild(ctx, old, "replacing the failed primary")
+    promotion.set_outcome(ctx, "succeeded")
+
+
+def steps(ctx: Context) -> list[Step]:
+    return [
+        Step("record", "failover: recording the event", record),
+        Step("check", "failover: checking that the standby may be promoted", check),
+        Step("clear_sync", "failover: clearing synchronous replication on the standby",
+             clear_sync),
+        Step("fence", "failover: fencing the old primary (stop, unplug the address)", fence),
+        Step("attach_port", "failover: moving the service address to the standby",
+             attach_port),
+        Step("promote", "failover: promoting the standby", promote),
+        Step("rebuild_queued", "failover: queueing the rebuild of a standby", rebuild_queued),
+    ]
+
+
+def cleanup(ctx: Context, reason: str) -> None:
+    """A failover is never undone: the old primary is fenced or was never touched.
+    Say what happened; the instance stays degraded with the reason."""
+    row: Failover | None = promotion.get_event(ctx)
+    if row is not None and row.outcome is None:
+        promotion.set_outcome(ctx, "failed", reason)
+    inst = ctx.instance()
+    if inst.state != DEGRADED or not inst.state_reason:
+        promotion.set_state(ctx, DEGRADED, f"failover failed: {reason}")
+    elif reason not in inst.state_reason:
+        promotion.set_state(ctx, DEGRADED, f"{inst.state_reason}; failover failed: {reason}")
+
+
+WORKFLOW = register(Workflow(kind=KIND, steps=steps, cleanup=cleanup,
+                             done="failed over; a standby is being rebuilt"))
+

@@ -1,0 +1,365 @@
+"""The pieces failover, switchover, resurrect and rebuild share.
+
+Rules they all keep:
+- Fence before promote: the old primary is stopped through the cloud and the
+  service port is unplugged from it before any other node may take writes. If the
+  stop cannot be confirmed, nothing is promoted: apps must never see two primaries.
+- Every helper is idempotent: it looks at the cloud and at PostgreSQL and does only
+  what is missing, so a step cut short by a SIGKILL is simply run again.
+- Node ids a workflow acts on are kept in its `Failover` event row (id = operation
+  id), written by the first step; later steps read them from there, so a resumed
+  operation acts on the same nodes even though the roles in the store have moved on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg2
+
+from broker.cloud.base import FenceError, ServerStatus
+from broker.monitor import health
+from broker.operations import nodes
+from broker.operations.engine import Context, RetryLater, StepFailed, new_operation
+from broker.pg import admin
+from broker.store.models import (
+    DEGRADED,
+    NODE_FENCED,
+    NODE_RUNNING,
+    OLD_PRIMARY,
+    PRIMARY,
+    STANDBY,
+    UNFINISHED,
+    Failover,
+    Instance,
+    Node,
+    Operation,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+# A standby replaced by a rebuild, waiting to be deleted (like OLD_PRIMARY).
+OLD_STANDBY = "old-standby"
+
+REBUILD = "rebuild"
+# How long the sync step waits before giving the step back to the engine.
+SYNC_WAIT_SLICE = 30.0
+
+
+# --- the event row ------------------------------------------------------------
+def event_id(ctx: Context) -> str:
+    """The Failover row of this operation (a rebuild points at its failover's)."""
+    return str(ctx.params.get("failover_id") or ctx.operation_id)
+
+
+def get_event(ctx: Context) -> Failover | None:
+    with ctx.store.session() as s:
+        return s.get(Failover, event_id(ctx))
+
+
+def record_event(ctx: Context, *, kind: str, cause: str, old_node_id: str | None,
+                 new_node_id: str | None, detected_at: datetime | None = None,
+                 detail: str | None = None) -> Failover:
+    """The event row, once (a rerun finds the one it made)."""
+    with ctx.store.session() as s:
+        row = s.get(Failover, ctx.operation_id)
+        if row is None:
+            row = Failover(id=ctx.operation_id, instance_id=ctx.instance_id,
+                           operation_id=ctx.operation_id, kind=kind, cause=cause,
+                           old_primary_node_id=old_node_id, new_primary_node_id=new_node_id,
+                           detected_at=detected_at or utcnow(), detail=detail)
+            s.add(row)
+        return row
+
+
+def event_nodes(ctx: Context) -> tuple[str, str | None]:
+    """(old primary, node taking over) as recorded by the first step."""
+    row = get_event(ctx)
+    if row is None or not row.old_primary_node_id:
+        raise StepFailed("the failover event of this operation is missing")
+    return row.old_primary_node_id, row.new_primary_node_id
+
+
+def stamp(ctx: Context, **values: Any) -> None:
+    """Set event fields that are still empty (a rerun keeps the first timestamps)."""
+    with ctx.store.session() as s:
+        row = s.get(Failover, event_id(ctx))
+        if row is None:
+            return
+        for key, value in values.items():
+            if getattr(row, key) is None:
+                setattr(row, key, value)
+
+
+def set_outcome(ctx: Context, outcome: str, detail: str | None = None) -> None:
+    with ctx.store.session() as s:
+        row = s.get(Failover, event_id(ctx))
+        if row is None:
+            return
+        row.outcome = outcome
+        if detail:
+            row.detail = f"{row.detail}; {detail}" if row.detail else detail
+
+
+def set_state(ctx: Context, state: str, reason: str | None) -> None:
+    nodes.update_instance(ctx, state=state, state_reason=reason)
+
+
+def refuse(ctx: Context, reason: str) -> StepFailed:
+    """Record a refusal (nothing more is done) and return the error to raise."""
+    set_outcome(ctx, "refused", reason)
+    set_state(ctx, DEGRADED, reason)
+    log.warning("instance %s: %s", ctx.instance_id, reason)
+    return StepFailed(reason)
+
+
+# --- nodes ----------------------------------------------------------------------
+def node_row(ctx: Context, node_id: str) -> Node:
+    with ctx.store.session() as s:
+        node = s.get(Node, node_id)
+        if node is None or node.instance_id != ctx.instance_id:
+            raise StepFailed(f"node {node_id} is not in the state store")
+        return node
+
+
+def password(ctx: Context) -> str:
+    return ctx.vault.decrypt(ctx.instance().admin_password_enc)
+
+
+def probe_node(ctx: Context, node: Node, *, timeout: float = 3.0, tries: int = 3) -> health.Probe:
+    """The node's replication state; a few tries, because one lost SYN is not death."""
+    if not node.management_address:
+        raise StepFailed(f"node {node.id} has no management address")
+    result = health.probe(node.management_address, password(ctx), timeout=timeout)
+    for _ in range(tries - 1):
+        if result.ok:
+            break
+        time.sleep(0.3)
+        result = health.probe(node.management_address, password(ctx), timeout=timeout)
+    return result
+
+
+# --- the service port -----------------------------------------------------------
+def unplug_service_port(ctx: Context, server_id: str | None) -> None:
+    """Detach the service port from `server_id` if it is plugged there."""
+    inst = ctx.instance()
+    if not server_id or not inst.service_port_id:
+        return
+    port = ctx.cloud.get_port(inst.service_port_id)
+    if port is not None and port.device_id == server_id:
+        ctx.cloud.detach_port(port.id, server_id)
+
+
+def plug_service_port(ctx: Context, node_id: str) -> None:
+    nodes.attach_service_port(ctx, node_id)
+    stamp(ctx, port_attached_at=utcnow())
+
+
+# --- fence ----------------------------------------------------------------------
+def fence(ctx: Context, node_id: str, *, retired_role: str = OLD_PRIMARY) -> None:
+    """Stop the node's server through the cloud, then unplug the service port from it.
+
+    Raises FenceError (from the driver) when the stop cannot be confirmed; the
+    caller must then not promote anything."""
+    node = node_row(ctx, node_id)
+    if node.server_id:
+        server = ctx.cloud.get_server(node.server_id)
+        if server is not None and server.status != ServerStatus.SHUTOFF:
+            ctx.cloud.stop_server(node.server_id)
+    unplug_service_port(ctx, node.server_id)
+    values: dict[str, Any] = {}
+    if node.state != NODE_FENCED:
+        values["state"] = NODE_FENCED
+    if node.role != retired_role:
+        values["role"] = retired_role
+    if values:
+        nodes.update_node(ctx, node_id, **values)
+    stamp(ctx, fenced_at=utcnow())
+
+
+def fence_or_refuse(ctx: Context, node_id: str, what: str) -> None:
+    """Fence; when the cloud cannot confirm the stop, degrade and stop here."""
+    try:
+        fence(ctx, node_id)
+    except FenceError as exc:
+        raise refuse(ctx, f"{what}: the old primary could not be confirmed stopped "
+                          f"({' '.join(str(exc).split())}); the standby was not promoted so "
+                          "that apps never see two primaries") from None
+
+
+# --- promote --------------------------------------------------------------------
+def clear_sync_on(ctx: Context, node: Node) -> None:
+    """Reset synchronous_standby_names on the node about to be promoted.
+
+    The standby copied postgresql.auto.conf from its primary: left as is, the new
+    primary would wait for a standby that does not exist and every commit would hang.
+    Done before the promotion where PostgreSQL allows it, and again after."""
+    try:
+        with nodes.admin_connection(ctx, node, timeout=3.0) as conn:
+            admin.set_synchronous_standby(conn, None)
+    except psycopg2.Error as exc:
+        log.info("instance %s: synchronous_standby_names not reset before promotion (%s); "
+                 "it is reset right after", ctx.instance_id, exc.__class__.__name__)
+
+
+def promote(ctx: Context, node_id: str) -> None:
+    """pg_promote (idempotent), then make the node the instance's primary in the store."""
+    node = node_row(ctx, node_id)
+    with nodes.admin_connection(ctx, node, timeout=5.0) as conn:
+        admin.promote(conn, timeout=30.0)
+        admin.set_synchronous_standby(conn, None)
+    now = utcnow()
+    with ctx.store.session() as s:
+        row = s.get(Node, node_id)
+        inst = s.get(Instance, ctx.instance_id)
+        assert row is not None and inst is not None
+        row.role = PRIMARY
+        row.state = NODE_RUNNING
+        # Nothing is synchronous until a new standby has caught up (non-strict mode).
+        inst.sync_standby_node_id = None
+        inst.last_failover_at = now
+    stamp(ctx, promoted_at=now)
+
+
+def check_eligible(ctx: Context, standby_id: str) -> None:
+    """May this standby become primary without losing what the plan promises?
+
+    - ha-sync: only the standby the monitor recorded as synchronous (it has flushed
+      every acknowledged commit).
+    - ha: only if it is at most `maximum_lag_on_failover` bytes behind the last
+      position the monitor saw on the primary.
+    A standby already promoted by an earlier run of this operation passed before."""
+    standby = node_row(ctx, standby_id)
+    seen = probe_node(ctx, standby)
+    if not seen.ok:
+        raise refuse(ctx, f"the standby {standby_id} does not answer ({seen.error}): "
+                          "there is nothing to promote")
+    if not seen.in_recovery:
+        return
+    inst = ctx.instance()
+    received = max(seen.receive_lsn or 0, seen.lsn or 0)
+    last_primary = ctx.params.get("last_primary_lsn")
+    lag: int | None = (max(0, int(last_primary) - received) if last_primary is not None
+                       else inst.last_lag_bytes)
+    limit = ctx.settings.monitor.maximum_lag_on_failover
+    if inst.replication == "sync":
+        if inst.sync_standby_node_id != standby_id:
+            raise refuse(ctx, f"failover refused: the standby {standby_id} was not known to be "
+                              "synchronous, so promoting it could lose acknowledged commits")
+    elif lag is None:
+        raise refuse(ctx, f"failover refused: the standby {standby_id}'s lag is unknown "
+                          "(it was never seen streaming)")
+    elif lag > limit:
+        raise refuse(ctx, f"failover refused: the standby {standby_id} is {lag} bytes behind, "
+                          f"more than maximum_lag_on_failover ({limit} bytes)")
+    stamp(ctx, lag_bytes_at_promotion=lag if lag is not None else 0)
+
+
+# --- synchronous replication ------------------------------------------------------
+def unsync(ctx: Context) -> None:
+    """Non-strict synchronous mode: forget the synchronous standby in the store FIRST,
+    then clear synchronous_standby_names on the primary so that it stays writable.
+    (In the other order a failover in between could promote a standby that no
+    longer receives every acknowledged commit.)"""
+    inst = ctx.instance()
+    if inst.sync_standby_node_id is not None:
+        nodes.update_instance(ctx, sync_standby_node_id=None)
+    primary = inst.primary()
+    if inst.replication != "sync" or primary is None:
+        return
+    with nodes.admin_connection(ctx, primary, timeout=3.0) as conn:
+        admin.set_synchronous_standby(conn, None)
+
+
+def enable_sync(ctx: Context, standby_id: str, *, timeout: float = SYNC_WAIT_SLICE) -> None:
+    """Name the standby in synchronous_standby_names and record it as synchronous
+    once it is: seen `sync` twice, with its flush position at the second look past
+    the primary's position at the first (so it also holds every commit acknowledged
+    before synchronous replication was on)."""
+    primary = nodes.primary_node(ctx)
+    standby = node_row(ctx, standby_id)
+    name = standby.application_name
+    with nodes.admin_connection(ctx, primary, timeout=5.0) as conn:
+        admin.set_synchronous_standby(conn, name)
+    deadline = time.monotonic() + timeout
+    mark: int | None = None
+    pw = password(ctx)
+    assert primary.management_address is not None
+    while time.monotonic() < deadline:
+        seen = health.probe(primary.management_address, pw, timeout=3.0)
+        replica = seen.replica(name) if seen.ok else None
+        if replica is not None and replica.state == "streaming" and replica.sync_state == "sync":
+            if mark is None:
+                mark = seen.lsn
+            elif mark is not None and replica.flush_lsn is not None and replica.flush_lsn >= mark:
+                nodes.update_instance(ctx, sync_standby_node_id=standby_id)
+                return
+        else:
+            mark = None
+        time.sleep(0.1)
+    raise RetryLater(f"standby {standby_id} is not synchronous yet", delay=1.0)
+
+
+# --- operations -------------------------------------------------------------------
+def derived_id(operation_id: str, purpose: str) -> str:
+    """A stable id for what an operation makes (a rerun finds the same one)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"pgha:{purpose}:{operation_id}"))
+
+
+def derived_node_id(operation_id: str) -> str:
+    return hashlib.sha256(f"node:{operation_id}".encode()).hexdigest()[:8]
+
+
+def has_unfinished(ctx: Context, kind: str) -> bool:
+    with ctx.store.session() as s:
+        return s.query(Operation).filter(
+            Operation.instance_id == ctx.instance_id, Operation.kind == kind,
+            Operation.state.in_(UNFINISHED), Operation.id != ctx.operation_id,
+        ).first() is not None
+
+
+PRECLAIM_SECONDS = 15.0
+# The owner ids of the monitor's own engines contain this (see Monitor.runner).
+RUNNER_ROLE = "monitor-runner"
+
+
+def preclaim(op: Operation, owner: str | None) -> None:
+    """Give a new operation row to `owner` (an engine's owner id) from birth.
+
+    The monitor runs what it queues at once with its own engine; a row born
+    unclaimed could be claimed by that engine and by the worker's engine loop at
+    the same time (on SQLite the loop's claim is not a compare-and-set). Another
+    engine takes it over only if the owner dies or lets the lease expire."""
+    if owner:
+        op.owner = owner
+        op.lease_expires_at = utcnow() + timedelta(seconds=PRECLAIM_SECONDS)
+
+
+def queue_rebuild(ctx: Context, replace_node_id: str, cause: str) -> str:
+    """Queue the rebuild of a standby in `replace_node_id`'s zone (once per operation);
+    it runs when this operation has finished. When the monitor runs this operation, it
+    runs the rebuild next, so the row is born claimed by the monitor's engine."""
+    op_id = derived_id(ctx.operation_id, REBUILD)
+    zone = node_row(ctx, replace_node_id).availability_zone
+    with ctx.store.session() as s:
+        if s.get(Operation, op_id) is None:
+            current = s.get(Operation, ctx.operation_id)
+            op = new_operation(ctx.instance_id, REBUILD, params={
+                "replace_node_id": replace_node_id, "cause": cause,
+                "failover_id": event_id(ctx),
+            }, description=f"queued: rebuilding a standby in {zone}")
+            op.id = op_id
+            owner = current.owner if current is not None else None
+            preclaim(op, owner if owner and f":{RUNNER_ROLE}-" in owner else None)
+            s.add(op)
+    return op_id
+
+
+def standby_of(inst: Instance, exclude: str | None = None) -> Node | None:
+    return next((n for n in inst.live_nodes() if n.role == STANDBY and n.id != exclude), None)

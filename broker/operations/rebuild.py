@@ -1,0 +1,164 @@
+"""Rebuild: a new standby in the zone of the node it replaces, then the old one goes.
+
+Queued after a failover/switchover (the old primary is replaced) and by the
+monitor when a standby died (or is missing). Params:
+``{"replace_node_id": id or None, "cause": str, "failover_id": event id or None}``.
+
+    retire → node → port → access → volume → server → streaming → synchronous
+    → remove_old → finish
+
+- retire: a dead standby stops counting as the standby (role `old-standby`). In
+  ha-sync the store forgets the synchronous standby first and then
+  synchronous_standby_names is cleared on the primary, so the primary stays
+  writable meanwhile (non-strict, like Patroni's default `synchronous_mode`); a
+  failover in this window is refused (no synchronous standby is recorded), which
+  is what keeps a standby that has not caught up from ever being promoted.
+- node…streaming: the shared node helpers (nodes.py): management port, pg_hba and a
+  fresh slot on the primary, volume, server with a base backup, streaming.
+- synchronous (ha-sync): name the new standby and record it synchronous once it
+  holds every acknowledged commit (promotion.enable_sync).
+- remove_old: the replaced node's slot, server, volume and management port.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from broker.operations import nodes, promotion
+from broker.operations.engine import Context, Step, StepFailed, Workflow, register
+from broker.pg import admin
+from broker.store.models import (
+    DEGRADED,
+    NODE_CREATING,
+    NODE_DELETED,
+    OLD_PRIMARY,
+    READY,
+    STANDBY,
+    Node,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+KIND = promotion.REBUILD
+RETIRED_ROLES = (OLD_PRIMARY, promotion.OLD_STANDBY)
+
+
+def _new_node_id(ctx: Context) -> str:
+    return promotion.derived_node_id(ctx.operation_id)
+
+
+def _replaced(ctx: Context) -> Node | None:
+    node_id = ctx.params.get("replace_node_id")
+    return promotion.node_row(ctx, str(node_id)) if node_id else None
+
+
+def _zone(ctx: Context) -> str:
+    replaced = _replaced(ctx)
+    if replaced is not None:
+        return replaced.availability_zone
+    primary = nodes.primary_node(ctx)
+    return nodes.other_zone(ctx.plan(), primary.availability_zone)
+
+
+def retire(ctx: Context) -> None:
+    inst = ctx.instance()
+    if inst.primary() is None:
+        raise StepFailed("the instance has no primary to copy a standby from")
+    replaced = _replaced(ctx)
+    if replaced is not None and replaced.role == STANDBY:
+        promotion.unsync(ctx)
+        nodes.update_node(ctx, replaced.id, role=promotion.OLD_STANDBY)
+    elif inst.sync_standby_node_id is not None and inst.sync_standby_node_id != _new_node_id(ctx):
+        promotion.unsync(ctx)
+    if replaced is not None and replaced.slot_name:
+        # It will never stream again: stop the primary keeping WAL for it now.
+        try:
+            with nodes.admin_connection(ctx, nodes.primary_node(ctx), timeout=3.0) as conn:
+                admin.drop_slot(conn, replaced.slot_name)
+        except Exception as exc:  # best effort: remove_old drops it again
+            log.info("instance %s: slot %s not dropped yet (%s)", ctx.instance_id,
+                     replaced.slot_name, exc.__class__.__name__)
+    reason = str(ctx.params.get("cause") or "rebuilding the standby")
+    promotion.set_state(ctx, DEGRADED, f"{reason}: rebuilding a standby in {_zone(ctx)}")
+
+
+def node(ctx: Context) -> None:
+    node_id = _new_node_id(ctx)
+    with ctx.store.session() as s:
+        if s.get(Node, node_id) is None:
+            s.add(Node(id=node_id, instance_id=ctx.instance_id, role=STANDBY,
+                       state=NODE_CREATING, availability_zone=_zone(ctx),
+                       slot_name=nodes.slot_name(node_id)))
+
+
+def port(ctx: Context) -> None:
+    nodes.ensure_management_port(ctx, _new_node_id(ctx))
+
+
+def access(ctx: Context) -> None:
+    nodes.prepare_primary_for(ctx, _new_node_id(ctx))
+
+
+def volume(ctx: Context) -> None:
+    nodes.ensure_volume(ctx, _new_node_id(ctx))
+
+
+def server(ctx: Context) -> None:
+    nodes.ensure_server(ctx, _new_node_id(ctx))
+
+
+def streaming(ctx: Context) -> None:
+    nodes.wait_standby_streaming(ctx, _new_node_id(ctx))
+    promotion.stamp(ctx, standby_streaming_at=utcnow())
+
+
+def synchronous(ctx: Context) -> None:
+    if ctx.instance().replication == "sync":
+        promotion.enable_sync(ctx, _new_node_id(ctx))
+
+
+def remove_old(ctx: Context) -> None:
+    inst = ctx.instance()
+    primary = nodes.primary_node(ctx)
+    retired = [n for n in inst.nodes if n.role in RETIRED_ROLES and n.state != NODE_DELETED]
+    for old in retired:
+        nodes.teardown_node(ctx, old.id)
+    if retired:
+        nodes.refresh_hba(ctx, primary.id)  # the old peers may no longer replicate
+
+
+def finish(ctx: Context) -> None:
+    promotion.set_state(ctx, READY, None)
+    log.info("instance %s: standby %s streams again", ctx.instance_id, _new_node_id(ctx))
+
+
+def steps(ctx: Context) -> list[Step]:
+    zone = _zone(ctx)
+    what = f"rebuilding a standby in {zone}"
+    return [
+        Step("retire", f"{what}: retiring the old node", retire),
+        Step("node", what, node),
+        Step("port", f"{what}: management port", port),
+        Step("access", f"{what}: replication slot", access),
+        Step("volume", f"{what}: volume", volume),
+        Step("server", f"{what}: base backup", server),
+        Step("streaming", f"{what}: waiting for streaming", streaming),
+        Step("synchronous", f"{what}: switching on synchronous replication", synchronous),
+        Step("remove_old", "deleting the old node", remove_old),
+        Step("finish", "finishing", finish),
+    ]
+
+
+def cleanup(ctx: Context, reason: str) -> None:
+    """The new node goes; the instance stays degraded (the monitor tries again later)."""
+    node_id = _new_node_id(ctx)
+    with ctx.store.session() as s:
+        made = s.get(Node, node_id) is not None
+    if made:
+        nodes.teardown_node(ctx, node_id)
+    promotion.set_state(ctx, DEGRADED, f"no standby: rebuilding one failed ({reason})")
+
+
+WORKFLOW = register(Workflow(kind=KIND, steps=steps, cleanup=cleanup,
+                             done="standby rebuilt and streaming"))

@@ -1,0 +1,244 @@
+"""Planned switchover: promote the standby with no acknowledged commit lost, even in ha.
+
+Queued by the API on ``{"switchover": true}`` and by
+``python -m broker instances switchover ID`` (`switchover_instance`). Steps:
+
+    record → check → stop_writes → wait_replay → fence → clear_sync → attach_port
+    → promote → rebuild_queued
+
+- stop_writes: unplug the service port from the primary, shut apps out of its
+  pg_hba, make it read-only by default (ALTER SYSTEM: not replicated) and end
+  every client session. From here no app can commit on the old primary.
+- wait_replay: read the old primary's final WAL position; wait until the standby
+  has replayed it. Every commit ever acknowledged is now on the standby, also with
+  asynchronous replication.
+- fence, then promote and move the port exactly as a failover does.
+A failure before the promotion rolls back (apps let in again, read-write, port
+plugged back): the old primary simply stays the primary.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from psycopg2.extensions import connection as Connection
+
+from broker.operations import nodes, promotion
+from broker.operations.engine import Context, Step, StepFailed, Workflow, new_operation, register
+from broker.pg import admin
+from broker.runtime import Runtime
+from broker.store.db import Store
+from broker.store.models import (
+    DEGRADED,
+    NODE_FENCED,
+    NODE_RUNNING,
+    PRIMARY,
+    READY,
+    UNFINISHED,
+    Instance,
+    Operation,
+)
+
+log = logging.getLogger(__name__)
+
+KIND = "switchover"
+REPLAY_TIMEOUT = 60.0
+
+
+class SwitchoverRefused(Exception):
+    """The instance cannot switch over now; the message says why."""
+
+
+def start_switchover(store: Store, instance_id: str) -> str:
+    """Queue a switchover; returns the operation id (SwitchoverRefused if not possible)."""
+    with store.session() as s:
+        inst = s.get(Instance, instance_id)
+        if inst is None or inst.deleted_at is not None:
+            raise SwitchoverRefused(f"no instance {instance_id}")
+        if promotion.standby_of(inst) is None or inst.primary() is None:
+            raise SwitchoverRefused(f"instance {instance_id} has no standby to switch over to")
+        if inst.state not in (READY, DEGRADED):
+            raise SwitchoverRefused(f"instance {instance_id} is {inst.state}")
+        busy = s.query(Operation).filter(Operation.instance_id == instance_id,
+                                         Operation.state.in_(UNFINISHED)).first()
+        if busy is not None:
+            raise SwitchoverRefused(f"instance {instance_id} has an operation in progress "
+                                    f"({busy.kind}: {busy.description})")
+        op = new_operation(instance_id, KIND, description="queued: switchover")
+        s.add(op)
+        return op.id
+
+
+def switchover_instance(runtime: Runtime, instance_id: str) -> str:
+    """For the CLI: queue a switchover (a worker runs it); returns the operation id."""
+    return start_switchover(runtime.store, instance_id)
+
+
+# --- SQL on the old primary ---------------------------------------------------------
+def _end_client_sessions(conn: Connection, timeout: float = 10.0) -> None:
+    query = ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+             "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")
+    deadline = time.monotonic() + timeout
+    with conn.cursor() as cur:
+        while True:
+            cur.execute(query)
+            if not cur.fetchall():
+                return
+            if time.monotonic() > deadline:
+                raise StepFailed("client sessions on the primary did not end")
+            time.sleep(0.05)
+
+
+def _read_only(conn: Connection, on: bool) -> None:
+    with conn.cursor() as cur:
+        if on:
+            cur.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+        else:
+            cur.execute("ALTER SYSTEM RESET default_transaction_read_only")
+        cur.execute("SELECT pg_reload_conf()")
+
+
+def _current_lsn(conn: Connection) -> int:
+    with conn.cursor() as cur:
+        cur.execute("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint")
+        row = cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _hba(ctx: Context, node_id: str, *, apps: bool) -> list[str]:
+    admin_cidrs, app_cidrs = nodes.access_cidrs(ctx, ctx.plan())
+    return admin.render_hba(admin_cidrs=list(admin_cidrs),
+                            peer_addresses=list(nodes.peer_addresses(ctx.instance(), node_id)),
+                            app_cidrs=list(app_cidrs) if apps else [])
+
+
+# --- steps ---------------------------------------------------------------------------
+def record(ctx: Context) -> None:
+    inst = ctx.instance()
+    primary, standby = inst.primary(), promotion.standby_of(inst)
+    if primary is None or standby is None:
+        raise StepFailed("switchover refused: the instance needs a primary and a standby")
+    promotion.record_event(ctx, kind=KIND, cause="planned switchover", old_node_id=primary.id,
+                           new_node_id=standby.id)
+
+
+def check(ctx: Context) -> None:
+    old, new = promotion.event_nodes(ctx)
+    assert new is not None
+    primary = promotion.probe_node(ctx, promotion.node_row(ctx, old))
+    standby_node = promotion.node_row(ctx, new)
+    standby = promotion.probe_node(ctx, standby_node)
+    if not primary.ok or primary.in_recovery:
+        raise StepFailed(f"switchover refused: the primary is not healthy "
+                         f"({primary.error or 'in recovery'}); nothing was changed")
+    if not standby.ok or not standby.in_recovery:
+        raise StepFailed(f"switchover refused: the standby is not healthy "
+                         f"({standby.error or 'not in recovery'}); nothing was changed")
+    replica = primary.replica(standby_node.application_name)
+    if replica is None or replica.state != "streaming":
+        raise StepFailed("switchover refused: the standby does not stream; nothing was changed")
+
+
+def stop_writes(ctx: Context) -> None:
+    old, _ = promotion.event_nodes(ctx)
+    node = promotion.node_row(ctx, old)
+    promotion.unplug_service_port(ctx, node.server_id)
+    with nodes.admin_connection(ctx, node) as conn:
+        admin.set_hba(conn, _hba(ctx, old, apps=False))
+        _read_only(conn, True)
+        _end_client_sessions(conn)
+    log.info("instance %s: switchover: writes stopped on %s", ctx.instance_id, old)
+
+
+def wait_replay(ctx: Context) -> None:
+    old, new = promotion.event_nodes(ctx)
+    assert new is not None
+    with nodes.admin_connection(ctx, promotion.node_row(ctx, old)) as conn:
+        final = _current_lsn(conn)
+    standby = promotion.node_row(ctx, new)
+    deadline = time.monotonic() + REPLAY_TIMEOUT
+    while True:
+        seen = promotion.probe_node(ctx, standby)
+        if seen.ok and seen.lsn is not None and seen.lsn >= final:
+            promotion.stamp(ctx, lag_bytes_at_promotion=0)
+            return
+        if time.monotonic() > deadline:
+            raise StepFailed(f"the standby did not replay the primary's final position within "
+                             f"{REPLAY_TIMEOUT:.0f} s")
+        time.sleep(0.02)
+
+
+def fence(ctx: Context) -> None:
+    old, _ = promotion.event_nodes(ctx)
+    promotion.fence_or_refuse(ctx, old, "switchover stopped")
+
+
+def clear_sync(ctx: Context) -> None:
+    _, new = promotion.event_nodes(ctx)
+    assert new is not None
+    promotion.clear_sync_on(ctx, promotion.node_row(ctx, new))
+
+
+def attach_port(ctx: Context) -> None:
+    _, new = promotion.event_nodes(ctx)
+    assert new is not None
+    promotion.plug_service_port(ctx, new)
+
+
+def promote(ctx: Context) -> None:
+    old, new = promotion.event_nodes(ctx)
+    assert new is not None
+    promotion.promote(ctx, new)
+    zone = promotion.node_row(ctx, old).availability_zone
+    promotion.set_state(ctx, DEGRADED, f"switched over to {new}; rebuilding a standby in {zone}")
+
+
+def rebuild_queued(ctx: Context) -> None:
+    old, _ = promotion.event_nodes(ctx)
+    promotion.queue_rebuild(ctx, old, "replacing the old primary after a switchover")
+    promotion.set_outcome(ctx, "succeeded")
+
+
+def steps(ctx: Context) -> list[Step]:
+    return [
+        Step("record", "switchover: recording the event", record),
+        Step("check", "switchover: checking primary and standby", check),
+        Step("stop_writes", "switchover: stopping writes on the primary", stop_writes),
+        Step("wait_replay", "switchover: waiting for the standby to replay everything",
+             wait_replay),
+        Step("fence", "switchover: stopping the old primary", fence),
+        Step("clear_sync", "switchover: clearing synchronous replication on the standby",
+             clear_sync),
+        Step("attach_port", "switchover: moving the service address to the standby",
+             attach_port),
+        Step("promote", "switchover: promoting the standby", promote),
+        Step("rebuild_queued", "switchover: queueing the rebuild of a standby",
+             rebuild_queued),
+    ]
+
+
+def cleanup(ctx: Context, reason: str) -> None:
+    """Before the promotion: undo stop_writes, the old primary stays the primary."""
+    event = promotion.get_event(ctx)
+    if event is None or not event.old_primary_node_id:
+        return  # failed in `record`: nothing was touched
+    old = promotion.node_row(ctx, event.old_primary_node_id)
+    promoted = event.promoted_at is not None
+    if promoted or old.state == NODE_FENCED:
+        promotion.set_outcome(ctx, "failed", reason)
+        promotion.set_state(ctx, DEGRADED, f"switchover failed after fencing: {reason}")
+        return
+    with nodes.admin_connection(ctx, old) as conn:
+        admin.set_hba(conn, _hba(ctx, old.id, apps=True))
+        _read_only(conn, False)
+    nodes.attach_service_port(ctx, old.id)
+    if old.role != PRIMARY or old.state != NODE_RUNNING:
+        nodes.update_node(ctx, old.id, role=PRIMARY, state=NODE_RUNNING)
+    promotion.set_outcome(ctx, "failed", f"{reason}; rolled back, {old.id} stays the primary")
+    promotion.set_state(ctx, READY, None)
+
+
+WORKFLOW = register(Workflow(kind=KIND, steps=steps, cleanup=cleanup,
+                             done="switched over; a standby is being rebuilt"))

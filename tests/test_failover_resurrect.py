@@ -1,0 +1,57 @@
+"""A standalone instance's server dies (hardware outage): the broker boots a new server
+in the same zone on the same volume and moves the service address; the data survives."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.operations import workflows  # noqa: F401 - registers every workflow
+from broker.operations.failover import start_switchover
+from broker.operations.switchover import SwitchoverRefused
+from broker.store.models import NODE_DELETED, READY
+from tests.failover_support import (
+    Writer,
+    app_credentials,
+    background,
+    fail_primary_standalone,
+    failover_env,
+    failovers,
+    kill_server,
+)
+from tests.workflow_support import deprovision, instance, provision, resource_counts
+
+pytestmark = pytest.mark.e2e
+
+
+def test_standalone_resurrect_keeps_the_data() -> None:
+    with failover_env() as env:
+        instance_id = provision(env.runtime, env.engine, "standalone")
+        with pytest.raises(SwitchoverRefused, match="no standby"):
+            start_switchover(env.runtime.store, instance_id)
+        before = instance(env.runtime, instance_id)
+        old = before.primary()
+        assert old is not None and old.server_id
+        creds = app_credentials(env, instance_id)
+        writer = Writer(creds)
+        writer.start()
+        try:
+            with background(env):
+                lost = fail_primary_standalone(
+                    env, instance_id, creds, writer,
+                    lambda cloud, server_id: kill_server(cloud, server_id, links_down=True))
+        finally:
+            writer.stop()
+
+        assert not lost, f"acknowledged writes lost: {sorted(lost)[:10]}"
+        after = instance(env.runtime, instance_id)
+        new = after.primary()
+        assert new is not None and new.id != old.id
+        assert new.availability_zone == old.availability_zone
+        assert new.volume_id == old.volume_id  # the same disk
+        assert after.service_address == before.service_address == creds["host"]
+        assert after.state == READY
+        [event] = failovers(env, instance_id)
+        assert (event.kind, event.outcome) == ("resurrect", "succeeded")
+        assert next(n for n in after.nodes if n.id == old.id).state == NODE_DELETED
+        assert resource_counts(env.cloud, instance_id) == {"server": 1, "volume": 1, "port": 2}
+        deprovision(env.runtime, env.engine, instance_id)

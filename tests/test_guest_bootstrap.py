@@ -1,0 +1,126 @@
+"""The guest bootstrap's pure parts (its real runs are in test_local_cloud.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from broker.guest import bootstrap
+from broker.guest.bootstrap import GuestConfig
+from broker.pg import admin
+from tests.fixtures.pg import PG_USER, free_port, pg_bin_dir, world_traversable_tmpdir
+
+SECRET = "s3cret'pw:x"
+
+
+def config(**changes: object) -> GuestConfig:
+    base = GuestConfig(instance_id="i", node_id="n1", role="standby", admin_password=SECRET,
+                       replication_password=SECRET, application_name="node_n1",
+                       primary_address="10.0.0.2", slot_name="slot_n1",
+                       admin_cidrs=("10.0.0.1",), peer_addresses=("10.0.0.2", "10.0.0.3"),
+                       settings={"work_mem": "8MB", "log_line_prefix": "%m it's"})
+    return GuestConfig.from_json(GuestConfig(**{**base.__dict__, **changes}).to_json())
+
+
+def test_config_round_trips_through_json() -> None:
+    c = config()
+    assert GuestConfig.from_json(c.to_json()) == c
+    assert c.peer_addresses == ("10.0.0.2", "10.0.0.3")
+
+
+def test_rendered_conf_quotes_values_and_never_holds_a_password() -> None:
+    text = bootstrap.render_conf(config(), passfile="/v/replication.pgpass")
+    assert "log_line_prefix = '%m it''s'" in text
+    assert "primary_conninfo = 'host=10.0.0.2 port=5432 user=pgha_replicator " \
+           "passfile=/v/replication.pgpass application_name=node_n1" in text
+    assert "primary_slot_name = 'slot_n1'" in text
+    assert SECRET not in text
+    with pytest.raises(bootstrap.BootstrapError, match="setting name"):
+        bootstrap.render_conf(config(settings={"x = 1\nfsync": "off"}), passfile="/p")
+
+
+def test_a_zombie_or_a_foreign_process_is_not_a_live_postmaster(tmp_path: Path) -> None:
+    assert not bootstrap.process_is_live_postgres(os.getpid(), str(tmp_path))
+    child = subprocess.Popen(["true"], cwd=tmp_path)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline  # exited but not reaped: a zombie keeps its pid
+        time.sleep(0.001)
+    assert not bootstrap.process_is_live_postgres(child.pid, str(tmp_path))
+    child.wait()
+    sleeper = subprocess.Popen(["sleep", "30"], cwd=tmp_path)
+    try:
+        assert bootstrap.process_is_live_postgres(sleeper.pid, str(tmp_path))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def run_main(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-I", bootstrap.__file__, str(path)],
+                          capture_output=True, text=True, check=False, timeout=60)
+
+
+def test_failures_exit_non_zero_with_a_plain_message(tmp_path: Path) -> None:
+    bad = tmp_path / "guest.json"
+    bad.write_text("{not json")
+    result = run_main(bad)
+    assert result.returncode == 2 and "cannot read config" in result.stderr
+
+    no_pg = tmp_path / "no-pg.json"
+    no_pg.write_text(config(pg_bin=str(tmp_path / "nowhere"), run_as="root").to_json())
+    result = run_main(no_pg)
+    assert result.returncode == 1
+    assert "PostgreSQL binaries not found" in result.stderr
+    assert SECRET not in result.stderr + result.stdout
+
+
+@pytest.mark.e2e
+def test_openstack_path_formats_mounts_initialises_and_reruns() -> None:
+    """The path a VM takes: a blank data volume (a loop device here) is formatted and
+    mounted, PostgreSQL initialised and started; a second run changes nothing.
+    (Run in the root namespaces, since `ip netns exec` would hide the mount; PostgreSQL
+    listens on loopback only.)"""
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("needs root and losetup")
+    root = world_traversable_tmpdir("pgha-guest-")
+    image = root / "volume.img"
+    with image.open("wb") as f:
+        f.truncate(64 * 1024 * 1024)
+    device = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    mount = root / "mnt"
+    conf = root / "guest.json"
+    guest = config(role="primary", volume_device=device, mount_point=str(mount),
+                   data_dir=str(mount / "data"), socket_dir=str(root / "run"),
+                   pg_bin=pg_bin_dir(), run_as=PG_USER, log_file=str(root / "pg.log"),
+                   port=free_port(), settings={"listen_addresses": "127.0.0.1"},
+                   admin_cidrs=("127.0.0.1",))
+    try:
+        conf.write_text(guest.to_json())
+        conf.chmod(0o600)
+        for _ in range(2):
+            result = subprocess.run([sys.executable, "-I", bootstrap.__file__, str(conf)],
+                                    capture_output=True, text=True, check=False, timeout=120)
+            assert result.returncode == 0, result.stderr
+            assert SECRET not in result.stdout + result.stderr
+        assert "already running" in result.stdout  # the second run only reloads
+        assert f"{device} {mount} ext4" in Path("/proc/self/mounts").read_text()
+        assert (mount / "data" / "PG_VERSION").exists()
+        conn = admin.connect("127.0.0.1", SECRET, port=guest.port)
+        conn.close()
+    finally:
+        subprocess.run([f"{pg_bin_dir()}/pg_ctl", "-D", str(mount / "data"), "-m", "immediate",
+                        "stop"], user=PG_USER, capture_output=True, check=False)
+        subprocess.run(["umount", str(mount)], check=False)
+        subprocess.run(["losetup", "-d", device], check=False)
+        shutil.rmtree(root)
+    assert str(mount) not in Path("/proc/self/mounts").read_text()
+    assert str(image) not in subprocess.run(["losetup", "-a"], capture_output=True,
+                                            text=True, check=False).stdout

@@ -1,0 +1,220 @@
+"""The local cloud for real: namespaces on a bridge, PostgreSQL booted by the guest
+bootstrap, streaming replication through a slot, the service port moved between
+servers, fencing and deletion."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import pwd
+import subprocess
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from broker.cloud.base import CloudError, ServerSpec, ServerStatus
+from broker.cloud.local import LocalCloud, LocalCloudUnavailable
+from broker.guest.bootstrap import GuestConfig
+from broker.pg import admin
+from tests.fixtures.local import list_interfaces, list_namespaces
+from tests.fixtures.pg import PG_USER, pg_bin_dir, world_traversable_tmpdir
+
+ADMIN_PW = "adm'in:pw\\1"  # quotes, colons, backslashes: every file format is exercised
+REPL_PW = "re:pl\\pw'2"
+INSTANCE = "inst1"
+
+
+def guest(cloud: LocalCloud, node: str, role: str, peers: tuple[str, ...], *,
+          primary: str | None = None, slot: str | None = None) -> GuestConfig:
+    return GuestConfig(
+        instance_id=INSTANCE, node_id=node, role=role, admin_password=ADMIN_PW,
+        replication_password=REPL_PW, replication="sync", application_name=f"node_{node}",
+        primary_address=primary, slot_name=slot, admin_cidrs=(cloud.broker_address,),
+        peer_addresses=peers, app_cidrs=(cloud.broker_address,))
+
+
+def spec(name: str, zone: str, port_id: str, volume_id: str, config: GuestConfig) -> ServerSpec:
+    return ServerSpec(name=name, availability_zone=zone, flavor="local", image="local",
+                      management_port_id=port_id, volume_id=volume_id, guest=config,
+                      tags={"pgha-instance": INSTANCE, "pgha-node": config.node_id,
+                            "pgha-role": config.role})
+
+
+def connect_refused(host: str) -> bool:
+    try:
+        admin.connect(host, ADMIN_PW, timeout=1).close()
+    except psycopg2.OperationalError:
+        return True
+    return False
+
+
+def test_refuses_clearly_without_postgresql_binaries(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    net = ipaddress.IPv4Network("10.214.0.0/24")
+    with pytest.raises(LocalCloudUnavailable, match=r"make setup.*BROKER_PG_BIN"):
+        LocalCloud(tmp_path, net, "pgtx", pg_bin="/nonexistent/bin")
+
+
+def test_refuses_clearly_when_postgres_cannot_reach_the_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    closed = world_traversable_tmpdir("pgha-closed-")
+    try:
+        closed.chmod(0o700)
+        with pytest.raises(LocalCloudUnavailable, match=r"cannot reach .*chmod o\+x"):
+            LocalCloud(closed / "cloud", ipaddress.IPv4Network("10.214.0.0/24"), "pgtx",
+                       pg_bin=pg_bin_dir(), pg_user=PG_USER)
+    finally:
+        subprocess.run(["rm", "-rf", str(closed)], check=True)
+
+
+def test_refuses_clearly_when_not_root(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to become someone else")
+    user = pwd.getpwnam(PG_USER)
+    os.seteuid(user.pw_uid)  # this process only, and back right after
+    try:
+        with pytest.raises(LocalCloudUnavailable,
+                           match="the local cloud needs root: it creates network namespaces"):
+            LocalCloud(tmp_path, ipaddress.IPv4Network("10.214.0.0/24"), "pgtx")
+    finally:
+        os.seteuid(0)
+
+
+@pytest.mark.e2e
+def test_primary_standby_service_port_fence_delete(local_cloud: LocalCloud) -> None:
+    cloud = local_cloud
+    tags = {"pgha-instance": INSTANCE}
+    p1 = cloud.create_port("pgha-inst1-a", "management", tags)
+    p2 = cloud.create_port("pgha-inst1-b", "management", tags)
+    service = cloud.create_port("pgha-inst1-service", "service", tags)
+    v1 = cloud.create_volume("pgha-inst1-a", 1, "az1", None, tags)
+    v2 = cloud.create_volume("pgha-inst1-b", 1, "az2", None, tags)
+    assert cloud.create_port("pgha-inst1-a", "management", tags) == p1  # adopted
+    assert cloud.create_volume("pgha-inst1-a", 1, "az1", None, tags) == v1
+    assert len({p1.address, p2.address, service.address, cloud.broker_address}) == 4
+    peers = (p1.address, p2.address)
+
+    # Primary: booted by the guest bootstrap inside its namespace.
+    primary_spec = spec("pgha-inst1-a", "az1", p1.id, v1.id, guest(cloud, "a", "primary", peers))
+    primary = cloud.create_server(primary_spec)
+    assert primary.status == ServerStatus.ACTIVE
+    assert primary.management_address == p1.address
+    assert primary.details["netns"] in list_namespaces()
+    assert cloud.create_server(primary_spec).id == primary.id  # adopted, not booted twice
+    admin.wait_ready(p1.address, ADMIN_PW, timeout=30)
+    conn1 = admin.connect(p1.address, ADMIN_PW)
+    admin.ensure_cluster_objects(conn1, replication_password=REPL_PW)
+    admin.ensure_slot(conn1, "slot_b")
+    # ha-sync: set before the standby exists, so its base backup copies the setting
+    # (postgresql.auto.conf) and the bootstrap must clear it there (NOTES §3).
+    admin.set_synchronous_standby(conn1, "node_b")
+
+    # A failing bootstrap says why, without a secret.
+    bad = spec("pgha-inst1-x", "az2", p2.id, v2.id,
+               guest(cloud, "x", "standby", peers, primary=p1.address, slot="slot_missing"))
+    with pytest.raises(CloudError, match="slot_missing") as failure:
+        cloud.create_server(bad)
+    assert ADMIN_PW not in str(failure.value) and REPL_PW not in str(failure.value)
+    bad_server = next(r for r in cloud.find_resources(INSTANCE) if r.name == "pgha-inst1-x")
+    assert cloud.get_server(bad_server.id).status == ServerStatus.ERROR  # type: ignore[union-attr]
+    cloud.delete_server(bad_server.id)
+
+    # Standby: base backup through its slot, then streaming.
+    standby = cloud.create_server(spec("pgha-inst1-b", "az2", p2.id, v2.id, guest(
+        cloud, "b", "standby", peers, primary=p1.address, slot="slot_b")))
+    admin.wait_streaming(conn1, "node_b", timeout=30)
+    conn2 = admin.connect(p2.address, ADMIN_PW)
+    assert admin.replication_status(conn2).in_recovery
+    assert admin.replication_status(conn2).synchronous_standby_names == ""
+
+    # Synchronous replication: commits return, and the row is on the standby.
+    assert admin.replication_status(conn1).standbys[0].sync_state == "sync"
+    with conn1.cursor() as cur:
+        cur.execute("CREATE TABLE t (v text)")
+        # remote_apply: the commit returns once the standby has applied it.
+        cur.execute("SET synchronous_commit = remote_apply")
+        cur.execute("INSERT INTO t VALUES ('written on the primary')")
+    with conn2.cursor() as cur:
+        cur.execute("SELECT v FROM t")
+        assert cur.fetchall() == [("written on the primary",)]
+
+    # The service address follows the port.
+    cloud.attach_port(service.id, primary.id)
+    cloud.attach_port(service.id, primary.id)  # idempotent
+    assert in_recovery_via(service.address) is False
+    with pytest.raises(CloudError, match="detach it first"):
+        cloud.attach_port(service.id, standby.id)  # never stolen
+    cloud.detach_port(service.id, primary.id)
+    assert cloud.get_port(service.id).device_id is None  # type: ignore[union-attr]
+    cloud.attach_port(service.id, standby.id)
+    assert in_recovery_via(service.address) is True
+    cloud.detach_port(service.id, standby.id)
+    cloud.attach_port(service.id, primary.id)
+
+    # Fence the primary: nothing runs in it any more, it answers nothing.
+    cloud.stop_server(primary.id)
+    assert cloud.get_server(primary.id).status == ServerStatus.SHUTOFF  # type: ignore[union-attr]
+    assert cloud.server_pids(primary.id) == []
+    assert connect_refused(p1.address)
+    cloud.stop_server(primary.id)  # idempotent
+
+    # Promote the standby (twice: idempotent) and move the service port to it.
+    with conn2.cursor() as cur:  # as if inherited: promotion must clear it
+        cur.execute("""ALTER SYSTEM SET synchronous_standby_names = '"node_a"'""")
+    admin.promote(conn2)
+    admin.promote(conn2)
+    status = admin.replication_status(conn2)
+    assert not status.in_recovery and status.synchronous_standby_names == ""
+    cloud.detach_port(service.id, primary.id)
+    cloud.attach_port(service.id, standby.id)
+    via_service = admin.connect(service.address, ADMIN_PW)
+    with via_service.cursor() as cur:
+        cur.execute("INSERT INTO t VALUES ('after failover') RETURNING 1")
+        assert cur.fetchone() == (1,)
+    via_service.close()
+    conn2.close()
+    conn1.close()
+
+    # A fenced server can be powered on again on its own data, even when the pid in its
+    # stale postmaster.pid now belongs to another live process (pids are recycled).
+    pid_file = Path(primary.details["data_dir"]) / "postmaster.pid"
+    lines = pid_file.read_text().splitlines()
+    pid_file.write_text("\n".join([str(os.getpid()), *lines[1:]]) + "\n")
+    cloud.start_server(primary.id)
+    admin.wait_ready(p1.address, ADMIN_PW, timeout=30)
+
+    # Deleting a server keeps its volume (data directory) and frees its ports.
+    cloud.delete_server(primary.id)
+    cloud.delete_server(primary.id)  # idempotent
+    assert cloud.get_server(primary.id) is None
+    assert primary.details["netns"] not in list_namespaces()
+    kept = cloud.get_volume(v1.id)
+    assert kept is not None and kept.status == "available"
+    assert (Path(primary.details["data_dir"]) / "PG_VERSION").exists()
+    assert cloud.get_port(p1.id).device_id is None  # type: ignore[union-attr]
+
+    # Deleting the server holding the service port keeps the port (moved out, alive).
+    cloud.delete_server(standby.id)
+    port = cloud.get_port(service.id)
+    assert port is not None and port.device_id is None
+    assert f"pgv{service.id}" in list_interfaces()
+    assert {r.kind for r in cloud.find_resources(INSTANCE)} == {"port", "volume"}
+    for p in (p1, p2, service):
+        cloud.delete_port(p.id)
+    for v in (v1, v2):
+        cloud.delete_volume(v.id)
+    assert cloud.find_resources() == []
+    assert f"pgv{service.id}" not in list_interfaces()
+
+
+def in_recovery_via(address: str) -> bool:
+    conn = admin.connect(address, ADMIN_PW)
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_is_in_recovery()")
+        row = cur.fetchone()
+    conn.close()
+    assert row is not None
+    return bool(row[0])

@@ -1,0 +1,191 @@
+"""broker.pg.admin against one real PostgreSQL node booted in the local cloud."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psycopg2
+import pytest
+from psycopg2.extensions import connection as Connection
+
+from broker.cloud.base import ServerSpec
+from broker.cloud.local import LocalCloud
+from broker.guest.bootstrap import GuestConfig
+from broker.pg import admin
+from tests.fixtures.local import make_local_cloud
+
+pytestmark = pytest.mark.e2e
+
+ADMIN_PW = "admin-pw-7f3a"
+REPL_PW = "repl-pw-91c2"
+
+
+@dataclass
+class Node:
+    cloud: LocalCloud
+    address: str
+    conn: Connection      # postgres db
+    appdb: Connection
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[Node]:
+    with make_local_cloud() as cloud:
+        port = cloud.create_port("pgha-t-a", "management", {})
+        volume = cloud.create_volume("pgha-t-a", 1, "az1", None, {})
+        config = GuestConfig(
+            instance_id="t", node_id="a", role="primary", admin_password=ADMIN_PW,
+            replication_password=REPL_PW, admin_cidrs=(cloud.broker_address,),
+            peer_addresses=(port.address,), app_cidrs=(cloud.broker_address,))
+        cloud.create_server(ServerSpec(name="pgha-t-a", availability_zone="az1",
+                                       flavor="local", image="local",
+                                       management_port_id=port.id, volume_id=volume.id,
+                                       guest=config))
+        admin.wait_ready(port.address, ADMIN_PW, timeout=30)
+        conn = admin.connect(port.address, ADMIN_PW)
+        admin.ensure_cluster_objects(conn, replication_password=REPL_PW)
+        admin.ensure_cluster_objects(conn, replication_password=REPL_PW)  # idempotent
+        appdb = admin.connect(port.address, ADMIN_PW, dbname=admin.APP_DATABASE)
+        try:
+            yield Node(cloud, port.address, conn, appdb)
+        finally:
+            appdb.close()
+            conn.close()
+
+
+def login(node: Node, user: str, password: str, dbname: str = "appdb") -> Connection:
+    conn = psycopg2.connect(host=node.address, user=user, password=password, dbname=dbname,
+                            connect_timeout=5)
+    conn.autocommit = True
+    return conn
+
+
+def scalar(conn: Connection, query: str) -> object:
+    with conn.cursor() as cur:
+        cur.execute(query)
+        row = cur.fetchone()
+    assert row is not None
+    return row[0]
+
+
+def test_binding_role_name_is_stable_and_short() -> None:
+    name = admin.binding_role_name("binding-guid-1")
+    assert name == admin.binding_role_name("binding-guid-1")
+    assert name.startswith("b_") and len(name) == 18
+    assert name != admin.binding_role_name("binding-guid-2")
+
+
+def test_render_hba_allows_only_what_is_needed() -> None:
+    lines = admin.render_hba(admin_cidrs=["10.1.0.1"], peer_addresses=["10.1.0.2", "10.1.0.3"],
+                             app_cidrs=["10.1.0.0/24"])
+    rules = [line.split() for line in lines if not line.startswith("#")]
+    assert ["local", "all", "postgres", "peer"] in rules
+    assert ["host", "all", "postgres", "10.1.0.1/32", "scram-sha-256"] in rules
+    assert ["host", "replication", "pgha_replicator", "10.1.0.3/32", "scram-sha-256"] in rules
+    assert ["host", "appdb", "+app_owner", "10.1.0.0/24", "scram-sha-256"] in rules
+    # Nothing for "all" users, nothing trusting.
+    assert not [r for r in rules if r[2] == "all" or r[-1] == "trust"]
+    with pytest.raises(ValueError, match="not an IP"):
+        admin.render_hba(admin_cidrs=["x; host all all 0.0.0.0/0 trust"], peer_addresses=[],
+                         app_cidrs=[])
+
+
+def test_wrong_password_error_carries_no_secret(node: Node) -> None:
+    with pytest.raises(admin.PgNotReady) as failure:
+        admin.wait_ready(node.address, "wrong-secret-5501", timeout=0.3)
+    assert "wrong-secret-5501" not in str(failure.value)
+    assert "password authentication failed" in str(failure.value)
+
+
+def test_read_write_binding_lifecycle(node: Node) -> None:
+    role = admin.binding_role_name("rw-binding")
+    admin.create_binding_role(node.appdb, role, "first-pw-1")
+    admin.create_binding_role(node.appdb, role, "bind-pw-1")  # idempotent, new password
+    app = login(node, role, "bind-pw-1")
+    with app.cursor() as cur:
+        cur.execute("CREATE TABLE orders (id int)")
+        cur.execute("INSERT INTO orders VALUES (1)")
+    assert scalar(node.appdb, "SELECT tableowner FROM pg_tables WHERE tablename = 'orders'"
+                  ) == "app_owner"
+    # Only the application database, never the others.
+    with pytest.raises(psycopg2.OperationalError):
+        login(node, role, "bind-pw-1", dbname="postgres")
+    with pytest.raises(psycopg2.OperationalError):
+        login(node, role, "first-pw-1")
+
+    # Unbind: the open session ends, the table stays, the password no longer works.
+    admin.drop_binding_role(node.conn, role)
+    admin.drop_binding_role(node.conn, role)  # idempotent
+    with pytest.raises(psycopg2.Error):
+        scalar(app, "SELECT 1")
+    app.close()
+    assert scalar(node.appdb, "SELECT count(*) FROM orders") == 1
+    with pytest.raises(psycopg2.OperationalError):
+        login(node, role, "bind-pw-1")
+
+    # A later binding sees and writes the same tables.
+    other = admin.binding_role_name("rw-binding-2")
+    admin.create_binding_role(node.appdb, other, "bind-pw-2")
+    app2 = login(node, other, "bind-pw-2")
+    with app2.cursor() as cur:
+        cur.execute("INSERT INTO orders VALUES (2)")
+    app2.close()
+    admin.drop_binding_role(node.appdb, other)
+
+
+def test_read_only_binding_reads_but_never_writes(node: Node) -> None:
+    with node.appdb.cursor() as cur:
+        cur.execute("CREATE TABLE IF NOT EXISTS catalog (id int)")
+        cur.execute("ALTER TABLE catalog OWNER TO app_owner")
+        cur.execute("INSERT INTO catalog VALUES (7)")
+    role = admin.binding_role_name("ro-binding")
+    admin.create_binding_role(node.appdb, role, "ro-pw-1", read_only=True)
+    app = login(node, role, "ro-pw-1")
+    assert scalar(app, "SELECT max(id) FROM catalog") == 7
+    for attempt in ("INSERT INTO catalog VALUES (8)", "SET ROLE app_owner"):
+        with pytest.raises(psycopg2.Error):
+            scalar(app, attempt + "; SELECT 1")
+    app.close()
+    admin.drop_binding_role(node.conn, role)
+
+
+def test_set_hba_replaces_and_keeps_a_working_file(node: Node) -> None:
+    cloud = node.cloud
+    lines = admin.render_hba(admin_cidrs=[cloud.broker_address],
+                             peer_addresses=[node.address, "10.99.0.9"],
+                             app_cidrs=[cloud.broker_address])
+    admin.set_hba(node.conn, lines)
+    admin.set_hba(node.conn, lines)  # idempotent
+    with node.conn.cursor() as cur:
+        cur.execute("SELECT address FROM pg_hba_file_rules WHERE 'replication' = ANY(database)")
+        assert {r[0] for r in cur.fetchall()} == {node.address, "10.99.0.9"}
+    with pytest.raises(ValueError, match="errors"):
+        admin.set_hba(node.conn, ["host all postgres 10.0.0.1/99 scram-sha-256"])
+    admin.wait_ready(node.address, ADMIN_PW, timeout=5)  # the old file still lets us in
+
+
+def test_settings_extensions_slots_and_promote_on_a_primary(node: Node) -> None:
+    admin.set_database_setting(node.conn, "appdb", "statement_timeout", "1500")
+    with node.conn.cursor() as cur:
+        cur.execute("SELECT setconfig FROM pg_db_role_setting s JOIN pg_database d "
+                    "ON d.oid = s.setdatabase WHERE d.datname = 'appdb' AND s.setrole = 0")
+        assert cur.fetchone() == (["statement_timeout=1500"],)
+    admin.set_database_setting(node.conn, "appdb", "statement_timeout", None)
+    admin.ensure_extensions(node.appdb, ["pgcrypto"])
+    admin.ensure_extensions(node.appdb, ["pgcrypto"])
+    assert scalar(node.appdb, "SELECT count(*) FROM pg_extension WHERE extname = 'pgcrypto'"
+                  ) == 1
+    admin.ensure_slot(node.conn, "slot_x")
+    admin.ensure_slot(node.conn, "slot_x")
+    assert scalar(node.conn, "SELECT restart_lsn IS NOT NULL FROM pg_replication_slots "
+                  "WHERE slot_name = 'slot_x'") is True
+    admin.drop_slot(node.conn, "slot_x")
+    admin.drop_slot(node.conn, "slot_x")
+    admin.set_synchronous_standby(node.conn, "node_zz")
+    assert admin.replication_status(node.conn).synchronous_standby_names == '"node_zz"'
+    admin.promote(node.conn)  # a primary: nothing to do, and its setting is untouched
+    assert admin.replication_status(node.conn).synchronous_standby_names == '"node_zz"'
+    admin.set_synchronous_standby(node.conn, None)
+    status = admin.replication_status(node.conn)
+    assert not status.in_recovery and status.standbys == () and status.lsn > 0
