@@ -53,8 +53,12 @@ typecheck: python-env
 test: setup lint typecheck
 	$(VENV)/bin/pytest -n 2 -p no:cacheprovider $(PYTEST_ARGS)
 
+# Figures go into benchmarks/BENCHMARKS.md by hand, with the machine and the date.
 benchmark: setup
-	$(PY) benchmarks/run_all.py
+	@command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk
+	$(PY) benchmarks/provision.py --runs 5
+	$(PY) benchmarks/api_throughput.py
+	$(PY) benchmarks/failover.py --rounds 10
 
 # Remove every namespace, interface and data directory of the dev broker's local cloud.
 clean-local: python-env

@@ -15,7 +15,7 @@ The load generator is `wrk` when installed (apt-get install wrk), else a small
 keep-alive HTTP client in several processes (slower: it competes for the CPU).
 
     .venv/bin/python benchmarks/api_throughput.py [--rounds 9] [--duration 3]
-        [--connections 8] [--json FILE]
+        [--connections 8] [--database-url URL] [--json FILE]
 """
 
 from __future__ import annotations
@@ -116,17 +116,19 @@ def _headers() -> dict[str, str]:
     return {"Authorization": f"Basic {token}", "X-Broker-API-Version": VERSION}
 
 
-def _wrk(url: str, duration: float, connections: int) -> float:
+def _wrk(url: str, duration: float, connections: int) -> tuple[float, int]:
+    """(requests/s, requests) for `duration` seconds of load."""
     cmd = ["wrk", "-t", "2", "-c", str(connections), "-d", f"{duration:.0f}s"]
     for name, value in _headers().items():
         cmd += ["-H", f"{name}: {value}"]
     out = subprocess.run([*cmd, url], check=True, capture_output=True, text=True).stdout
     if "Non-2xx" in out or "Socket errors" in out:
         raise RuntimeError(f"wrk saw errors:\n{out}")
-    match = re.search(r"Requests/sec:\s+([0-9.]+)", out)
-    if match is None:
+    rate = re.search(r"Requests/sec:\s+([0-9.]+)", out)
+    count = re.search(r"([0-9]+) requests in", out)
+    if rate is None or count is None:
         raise RuntimeError(f"cannot read wrk's output:\n{out}")
-    return float(match.group(1))
+    return float(rate.group(1)), int(count.group(1))
 
 
 def _client_loop(args: tuple[str, int, str, float]) -> int:
@@ -148,15 +150,16 @@ def _client_loop(args: tuple[str, int, str, float]) -> int:
     return done
 
 
-def _python_client(url: str, duration: float, connections: int) -> float:
+def _python_client(url: str, duration: float, connections: int) -> tuple[float, int]:
     match = re.match(r"http://([^:/]+):(\d+)(/.*)", url)
     assert match is not None
     host, port, path = match.group(1), int(match.group(2)), match.group(3)
-    start = time.monotonic()
-    until = start + duration
     with multiprocessing.get_context("fork").Pool(connections) as pool:
+        start = time.monotonic()
+        until = start + duration
         counts = pool.map(_client_loop, [(host, port, path, until)] * connections)
-    return sum(counts) / (time.monotonic() - start)
+        elapsed = time.monotonic() - start
+    return sum(counts) / elapsed, sum(counts)
 
 
 # --- servers -----------------------------------------------------------------------------
@@ -177,6 +180,17 @@ class Server:
              "--pythonpath", str(Path(__file__).resolve().parent), f"api_throughput:{factory}"],
             env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, stdout=self._log,
             stderr=subprocess.STDOUT, start_new_session=True, cwd=str(ROOT))
+
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the gunicorn master and its workers."""
+        total = 0
+        for pid in [self.proc.pid, *_children(self.proc.pid)]:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / os.sysconf("SC_CLK_TCK")
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
@@ -213,6 +227,16 @@ class Server:
         self._log.close()
 
 
+def _children(pid: int) -> list[int]:
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            children += [int(c) for c in task.read_text().split()]
+        except OSError:
+            continue
+    return children
+
+
 def _last_operation_path(server: Server, service_id: str, plan_id: str) -> str:
     instance_id = str(uuid.uuid4())
     status, body = server.request(
@@ -229,8 +253,8 @@ def _last_operation_path(server: Server, service_id: str, plan_id: str) -> str:
     return path
 
 
-def run(rounds: int, duration: float, connections: int,
-        log_level: str = "INFO") -> dict[str, Any]:
+def run(rounds: int, duration: float, connections: int, log_level: str = "INFO",
+        database_url: str | None = None) -> dict[str, Any]:
     from cryptography.fernet import Fernet
 
     from broker.config import load_settings
@@ -240,7 +264,7 @@ def run(rounds: int, duration: float, connections: int,
     workdir = Path(tempfile.mkdtemp(prefix="pgha-bench-api-"))
     env = {"BROKER_USERNAME": USER, "BROKER_PASSWORD": PASSWORD,
            "BROKER_STATE_DIR": str(workdir / "state"),
-           "DATABASE_URL": f"sqlite:///{workdir / 'state' / 'broker.sqlite3'}",
+           "DATABASE_URL": database_url or f"sqlite:///{workdir / 'state' / 'broker.sqlite3'}",
            "BROKER_ENCRYPTION_KEY": Fernet.generate_key().decode(), "BROKER_LOG_LEVEL": log_level}
     runtime = build_runtime(load_settings(env))  # upgrade the schema before the workers start
     service = runtime.catalog.services[0]
@@ -248,8 +272,13 @@ def run(rounds: int, duration: float, connections: int,
     runtime.store.dispose()
     servers = {"ours": Server("ours", "ours()", env, workdir / "ours.log"),
                "bare": Server("bare", "bare()", {}, workdir / "bare.log")}
+    endpoints = ("catalog", "last_operation")
     results: dict[str, dict[str, list[float]]] = {
-        endpoint: {name: [] for name in servers} for endpoint in ("catalog", "last_operation")}
+        endpoint: {name: [] for name in servers} for endpoint in endpoints}
+    # Server CPU per request: much less disturbed by other load on the machine
+    # than requests/s, which depends on the CPU share the servers get.
+    cpu: dict[str, dict[str, list[float]]] = {
+        endpoint: {name: [] for name in servers} for endpoint in endpoints}
     try:
         for server in servers.values():
             server.wait_ready()
@@ -260,9 +289,13 @@ def run(rounds: int, duration: float, connections: int,
             order = list(servers) if round_ % 2 == 0 else list(reversed(servers))
             for endpoint in results:
                 for name in order:
-                    url = servers[name].base + paths[name][endpoint]
+                    server = servers[name]
+                    url = server.base + paths[name][endpoint]
                     load(url, 1.0, connections)  # warm up (imports, pools, caches)
-                    results[endpoint][name].append(load(url, duration, connections))
+                    before = server.cpu_seconds()
+                    rate, count = load(url, duration, connections)
+                    results[endpoint][name].append(rate)
+                    cpu[endpoint][name].append((server.cpu_seconds() - before) / count * 1e6)
     finally:
         for server in servers.values():
             server.stop()
@@ -275,6 +308,7 @@ def run(rounds: int, duration: float, connections: int,
                   f"{connections} connections, {duration:.0f} s per run, {rounds} rounds",
         "gunicorn": " ".join(GUNICORN[:6]),
         "log_level": log_level,
+        "state_store": "postgresql" if database_url else "sqlite",
         "endpoints": {},
     }
     for endpoint, by_app in results.items():
@@ -284,22 +318,32 @@ def run(rounds: int, duration: float, connections: int,
         # most of the drift a busy machine adds.
         paired = statistics.median(o / b for o, b in zip(by_app["ours"], by_app["bare"],
                                                            strict=True))
-        summary["endpoints"][endpoint] = {"ours": ours_rps, "bare": bare_rps,
-                                          "ratio": ours_rps / bare_rps, "paired_ratio": paired,
-                                          "runs": by_app}
+        ours_cpu = statistics.median(cpu[endpoint]["ours"])
+        bare_cpu = statistics.median(cpu[endpoint]["bare"])
+        summary["endpoints"][endpoint] = {
+            "ours": ours_rps, "bare": bare_rps, "ratio": ours_rps / bare_rps,
+            "paired_ratio": paired, "runs": by_app,
+            "ours_cpu_us": ours_cpu, "bare_cpu_us": bare_cpu,
+            "cpu_ratio": bare_cpu / ours_cpu, "cpu_runs": cpu[endpoint]}
     return summary
 
 
 def markdown(summary: dict[str, Any]) -> str:
     lines = [f"API throughput ({summary['date']}; {summary['machine']}; gunicorn "
-             f"{summary['gunicorn']}; {summary['client']}; our log level "
-             f"{summary['log_level']})", "",
-             "| endpoint | ours (req/s, median) | bare openbrokerapi (req/s, median) | ratio "
-             "of medians | median of per-round ratios |",
-             "|---|---:|---:|---:|---:|"]
+             f"{summary['gunicorn']}; {summary['client']}; our state store "
+             f"{summary['state_store']}, log level {summary['log_level']})", "",
+             "| endpoint | ours req/s | bare req/s | ratio | per-round ratio "
+             "| ours CPU/req | bare CPU/req | CPU ratio (bare/ours) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for endpoint, row in summary["endpoints"].items():
         lines.append(f"| {endpoint} | {row['ours']:.0f} | {row['bare']:.0f} | "
-                     f"{row['ratio']:.2f}x | {row['paired_ratio']:.2f}x |")
+                     f"{row['ratio']:.2f}x | {row['paired_ratio']:.2f}x | "
+                     f"{row['ours_cpu_us']:.0f} us | {row['bare_cpu_us']:.0f} us | "
+                     f"{row['cpu_ratio']:.2f}x |")
+    lines += ["", "req/s and CPU/req are medians over the rounds; per-round ratio is the "
+              "median of ours/bare within each round; CPU/req is the servers' (master and "
+              "workers) user+system CPU per request, the figure least disturbed by other "
+              "load on the machine."]
     return "\n".join(lines)
 
 
@@ -310,9 +354,12 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--log-level", default="INFO",
                         help="our app's BROKER_LOG_LEVEL (INFO logs one line per request)")
+    parser.add_argument("--database-url", help="our state store (default: SQLite in a temp "
+                        "dir); an empty PostgreSQL database works too")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    summary = run(args.rounds, args.duration, args.connections, args.log_level)
+    summary = run(args.rounds, args.duration, args.connections, args.log_level,
+                  args.database_url)
     print(markdown(summary))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))

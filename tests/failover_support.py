@@ -119,6 +119,7 @@ def failover_env(state_url: str | None = None) -> Iterator[FailoverEnv]:
     cloud = LocalCloud(base / "local-cloud", free_test_network(), f"pgf{os.urandom(4).hex()}",
                        pg_bin=pg_bin_dir(), pg_user=PG_USER)
     key = Fernet.generate_key().decode()
+    pin_bridge_mac(cloud)
     url = state_url or f"sqlite:///{base / 'broker.sqlite3'}"
     runtime = make_runtime(url, key, cloud)
     env = FailoverEnv(base=base, cloud=cloud, state_url=url, key=key, runtime=runtime,
@@ -127,6 +128,7 @@ def failover_env(state_url: str | None = None) -> Iterator[FailoverEnv]:
         yield env
     finally:
         env.stop_workers()
+        heal_partitions()
         thaw_everything(cloud)
         namespaces = set(cloud.namespaces())
         interfaces = set(cloud.interface_names())
@@ -138,6 +140,19 @@ def failover_env(state_url: str | None = None) -> Iterator[FailoverEnv]:
         assert not interfaces & list_interfaces(), "interfaces left behind"
         assert not leftovers, "PostgreSQL processes left behind"
         assert not base.exists(), f"{base} left behind"
+
+
+def pin_bridge_mac(cloud: LocalCloud) -> None:
+    """Give the cloud's bridge a fixed MAC address.
+
+    A Linux bridge otherwise takes the lowest MAC of its ports, so the host's MAC
+    changes whenever a new server's veth joins (a rebuild right after a failover):
+    the nodes' ARP entries for the host then point at the old MAC and their replies
+    to clients (and to the broker) are lost for 1-3 s. broker/cloud/local.py should do
+    this when it makes the bridge; until it does, the failover tests and benchmark do."""
+    cloud._ensure_bridge()
+    mac = Path(f"/sys/class/net/{cloud.bridge}/address").read_text().strip()
+    subprocess.run(["ip", "link", "set", "dev", cloud.bridge, "address", mac], check=True)
 
 
 @contextlib.contextmanager
@@ -187,6 +202,26 @@ def freeze_server(cloud: LocalCloud, server_id: str) -> list[int]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGSTOP)
     return pids
+
+
+_BLACKHOLES: set[str] = set()
+
+
+def partition_from_broker(cloud: LocalCloud, server_id: str) -> None:
+    """The broker (this host) can no longer reach the server's management address; apps
+    still reach the service address and the standby still streams: a partition."""
+    server = cloud.get_server(server_id)
+    assert server is not None and server.management_address
+    subprocess.run(["ip", "route", "add", "blackhole", f"{server.management_address}/32"],
+                   check=True)
+    _BLACKHOLES.add(server.management_address)
+
+
+def heal_partitions() -> None:
+    for address in list(_BLACKHOLES):
+        subprocess.run(["ip", "route", "del", "blackhole", f"{address}/32"], check=False,
+                       capture_output=True)
+        _BLACKHOLES.discard(address)
 
 
 def thaw_everything(cloud: LocalCloud) -> None:
@@ -242,6 +277,9 @@ class Writer(threading.Thread):
                                 password=c["password"], dbname=c["name"], async_=True)
         try:
             _wait(conn, time.monotonic() + self.connect_timeout)
+        except _Deadline:
+            conn.close()
+            raise _Deadline("connect timed out") from None
         except BaseException:
             conn.close()
             raise
@@ -252,7 +290,10 @@ class Writer(threading.Thread):
             self._conn = self._connect()
         cur = self._conn.cursor()
         cur.execute("INSERT INTO acked (id) VALUES (%s)", (value,))
-        _wait(self._conn, time.monotonic() + self.statement_timeout)
+        try:
+            _wait(self._conn, time.monotonic() + self.statement_timeout)
+        except _Deadline:
+            raise _Deadline("statement timed out") from None
 
     def run(self) -> None:
         while not self._halt.is_set():

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import requests
 from flask.testing import FlaskClient
+from sqlalchemy import select
 from werkzeug.datastructures import Headers
 from werkzeug.test import TestResponse
 
@@ -30,14 +31,18 @@ from broker.api import create_app
 from broker.runtime import Runtime
 from broker.store import Store
 from broker.store.models import (
+    DEGRADED,
     DEPROVISIONED,
     FAILED,
     IN_PROGRESS,
+    NODE_DELETED,
     OP_FAILED,
     PROVISIONING,
     READY,
+    STANDBY,
     SUCCEEDED,
     Instance,
+    Node,
 )
 from tests.api_support import (
     API_VERSION,
@@ -612,6 +617,15 @@ def test_switchover(cc: CloudController) -> None:
     standalone = cc.ready_instance("standalone")
     assert_error(cc.update(standalone, parameters={"switchover": True}), 422,
                  mentions="standby")
+    # An HA instance that lost its standby (degraded) cannot switch over either.
+    degraded = cc.ready_instance("ha")
+    with cc.runtime.store.session() as s:
+        for node in s.scalars(select(Node).where(Node.instance_id == degraded)):
+            if node.role == STANDBY:
+                node.state = NODE_DELETED
+    set_instance(cc.runtime, degraded, DEGRADED, reason="standby lost in az2")
+    assert_error(cc.update(degraded, parameters={"switchover": True}), 422,
+                 mentions="standby lost in az2")
 
 
 def test_update_of_instance_not_ready(cc1: CloudController) -> None:

@@ -411,3 +411,20 @@ def test_catalog_with_several_networks_needs_the_plan_tag(
         assert leftovers(fake_openstack) == []
     finally:
         cloud.close()
+
+
+def test_driver_settings_are_validated_with_the_variable_named() -> None:
+    from broker.cloud.openstack import OpenStackOptions
+
+    options = OpenStackOptions.from_env({"BROKER_OPENSTACK_FORCE_DOWN": "true",
+                                         "BROKER_OPENSTACK_ADMIN_CLOUD": "ops-admin",
+                                         "BROKER_OPENSTACK_STOP_TIMEOUT": "12.5"})
+    assert (options.force_down, options.admin_cloud, options.stop_timeout) == (
+        True, "ops-admin", 12.5)
+    with pytest.raises(ConfigError, match="BROKER_OPENSTACK_FORCE_DOWN must be true or false"):
+        OpenStackOptions.from_env({"BROKER_OPENSTACK_FORCE_DOWN": "maybe"})
+    with pytest.raises(ConfigError, match="BROKER_OPENSTACK_DETACH_TIMEOUT must be a number"):
+        OpenStackOptions.from_env({"BROKER_OPENSTACK_DETACH_TIMEOUT": "soon"})
+    with pytest.raises(ConfigError, match="FORCE_DOWN_AFTER must be at least 20 s"):
+        OpenStackOptions.from_env({"BROKER_OPENSTACK_FORCE_DOWN": "1",
+                                   "BROKER_OPENSTACK_FORCE_DOWN_AFTER": "5"})

@@ -64,8 +64,12 @@ def _render_catalog_once(app: Flask, service_broker: PgHaServiceBroker) -> None:
 
 
 def make_wsgi_app() -> Flask:
-    """For `gunicorn 'broker.api.app:make_wsgi_app()'`: settings from the environment."""
+    """For `gunicorn 'broker.api.app:make_wsgi_app()'`: settings and logging as `broker
+    web` sets them up (the schema must already be upgraded: `python -m broker db upgrade`)."""
     from broker.config import load_settings
+    from broker.logs import setup_logging
     from broker.runtime import build_runtime
 
-    return create_app(build_runtime(load_settings(), upgrade=False))
+    settings = load_settings()
+    setup_logging(settings.log_level)
+    return create_app(build_runtime(settings, upgrade=False))

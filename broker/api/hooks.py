@@ -102,7 +102,7 @@ def install(app: Flask, blueprint: Blueprint, runtime: Runtime) -> None:
     catalog = runtime.catalog
 
     @app.before_request
-    def authenticate_and_check_version() -> Any:
+    def authenticate_then_check() -> Any:
         g.started = time.perf_counter()
         if request.endpoint in _UNAUTHENTICATED:
             return None
@@ -110,12 +110,9 @@ def install(app: Flask, blueprint: Blueprint, runtime: Runtime) -> None:
             response, status = error_response(401, "missing or wrong broker credentials")
             response.headers["WWW-Authenticate"] = 'Basic realm="pgha-broker"'
             return response, status
-        return check_version()
-
-    @app.before_request
-    def check_osb_request() -> Any:
-        if request.endpoint in _UNAUTHENTICATED:
-            return None
+        refused = check_version()
+        if refused is not None:
+            return refused
         try:
             check_request(catalog)
         except ApiError as exc:

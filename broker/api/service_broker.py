@@ -10,6 +10,8 @@ Status codes the spec leaves open, chosen here:
 - last_operation with an `operation` of another instance, or unknown: 400.
 - A provision PUT for an id that was deprovisioned, or whose provisioning failed:
   409 with the reason (ids are never reused).
+- Binding last_operation (bindings are synchronous): 200 succeeded for a binding
+  that exists, else 404.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from broker.api.errors import (
     bad_request,
     concurrency_error,
 )
+from broker.api.fastquery import CompiledSelect
 from broker.api.plans import plan_change_refusal
 from broker.api.validation import current_body, plausible_id, requested_maintenance_version
 from broker.catalog import Plan, validate_parameters
@@ -88,7 +91,6 @@ RETRY_AFTER_SECONDS = 2
 MAX_OPERATION_ID = 64
 
 _STATES = {SUCCEEDED: OperationState.SUCCEEDED, OP_FAILED: OperationState.FAILED}
-
 
 _OPERATION_BY_ID = (select(Operation.instance_id, Operation.kind, Operation.state,
                            Operation.description)
@@ -143,6 +145,7 @@ class PgHaServiceBroker(ServiceBroker):  # type: ignore[misc]
         self.store = runtime.store
         self.plans = runtime.catalog
         self._on_enqueue = on_enqueue
+        self._operation_by_id = CompiledSelect(runtime.store.engine, _OPERATION_BY_ID)
         document = runtime.catalog.osb()
         self._services = [
             Service(**{**svc, "plans": [ServicePlan(**plan) for plan in svc["plans"]]})
@@ -296,6 +299,10 @@ class PgHaServiceBroker(ServiceBroker):  # type: ignore[misc]
             if not current.cloud.is_ha:
                 raise ApiError(422, f"a switchover needs a standby: plan {current.name} has "
                                "none")
+            if inst.standby() is None:
+                raise ApiError(422, "a switchover needs a standby and this instance has none "
+                               "right now" + (f" ({inst.state_reason})" if inst.state_reason
+                                              else "") + "; try again once it is rebuilt")
             if not async_allowed:
                 raise async_required("a switchover")
             return new_operation(inst.id, "switchover", description="queued: switchover")
@@ -344,35 +351,43 @@ class PgHaServiceBroker(ServiceBroker):  # type: ignore[misc]
     def last_operation(self, instance_id: str, operation_data: str | None,
                        service_id: str | None, plan_id: str | None,
                        **kwargs: Any) -> LastOperation:
-        # The hot path (platforms poll it): plain Core selects of three columns.
-        with self.store.engine.connect() as conn:
-            row = None
-            if operation_data and plausible_id(operation_data, MAX_OPERATION_ID):
-                row = conn.execute(_OPERATION_BY_ID, {"op_id": operation_data}).first()
-            if row is None or row.instance_id != instance_id:
-                known = plausible_id(instance_id) and conn.execute(
-                    _INSTANCE_EXISTS, {"instance_id": instance_id}).first() is not None
-                if not known:
-                    raise ApiError(404, f"instance {instance_id} does not exist")
-                if operation_data:
-                    raise bad_request(f"operation {operation_data[:80]!r} is not an operation "
-                                      f"of instance {instance_id}")
-                row = conn.execute(_LATEST_PLATFORM_OPERATION,
-                                   {"instance_id": instance_id}).first()
-                if row is None:
-                    raise ApiError(404, f"instance {instance_id} has no operation")
-            state = _STATES.get(row.state, OperationState.IN_PROGRESS)
-            if state == OperationState.IN_PROGRESS:
-                g.retry_after = RETRY_AFTER_SECONDS
-            elif state == OperationState.FAILED and row.kind in ("update", "deprovision"):
+        row = None
+        if operation_data and plausible_id(operation_data, MAX_OPERATION_ID):
+            # The hot path: what platforms poll, with the operation they were given.
+            row = self._operation_by_id.first(op_id=operation_data)
+        if row is None or row[0] != instance_id:
+            row = self._other_operation(instance_id, operation_data)
+        _, kind, op_state, description = row
+        state = _STATES.get(op_state, OperationState.IN_PROGRESS)
+        if state == OperationState.IN_PROGRESS:
+            g.retry_after = RETRY_AFTER_SECONDS
+        elif state == OperationState.FAILED and kind in ("update", "deprovision"):
+            with self.store.engine.connect() as conn:
                 instance_state = conn.execute(_INSTANCE_STATE,
                                               {"instance_id": instance_id}).scalar()
-                extra: dict[str, Any] = {
-                    "instance_usable": instance_state in (READY, DEGRADED, UPDATING)}
-                if row.kind == "update":
-                    extra["update_repeatable"] = True
-                g.extra_body = extra
-            return LastOperation(state, row.description)
+            extra: dict[str, Any] = {
+                "instance_usable": instance_state in (READY, DEGRADED, UPDATING)}
+            if kind == "update":
+                extra["update_repeatable"] = True
+            g.extra_body = extra
+        return LastOperation(state, description)
+
+    def _other_operation(self, instance_id: str,
+                         operation_data: str | None) -> tuple[Any, ...]:
+        """No (matching) `operation`: 404 for an unknown instance, else its latest."""
+        with self.store.engine.connect() as conn:
+            known = plausible_id(instance_id) and conn.execute(
+                _INSTANCE_EXISTS, {"instance_id": instance_id}).first() is not None
+            if not known:
+                raise ApiError(404, f"instance {instance_id} does not exist")
+            if operation_data:
+                raise bad_request(f"operation {operation_data[:80]!r} is not an operation "
+                                  f"of instance {instance_id}")
+            row = conn.execute(_LATEST_PLATFORM_OPERATION,
+                               {"instance_id": instance_id}).first()
+        if row is None:
+            raise ApiError(404, f"instance {instance_id} has no operation")
+        return tuple(row)
 
     def last_binding_operation(self, instance_id: str, binding_id: str,
                                operation_data: str | None, service_id: str | None,

@@ -181,5 +181,5 @@ class Cloud(abc.ABC):
         """Problems with the configuration (unreachable cloud, unknown flavor, ...)."""
         return []
 
-    def close(self) -> None:
-        """Release connections (optional)."""  # noqa: B027 - optional hook
+    def close(self) -> None:  # noqa: B027 - an optional hook, empty on purpose
+        """Release connections (optional)."""

@@ -22,11 +22,23 @@ loop; each rung returns a status string that says what the monitor saw or did:
     → primary healthy: standby lost → unsync (ha-sync) and rebuild queued
     → primary healthy, standby streaming, lag N B
 
-Detection timing (defaults: interval 1 s, connect_timeout 1 s, 3 failures): after a
-first failed probe the remaining probes follow `recheck` (0.2 s) apart, each with
-the full connect_timeout, overlapping when they hang. A crashed primary (connection
-refused) is acted on ~0.4 s after the first failed probe; a frozen or black-holed
-one ~2.2 s after the first probe that hung.
+Settings (MonitorSettings, from the environment) and their defaults:
+
+    BROKER_MONITOR_INTERVAL          1 s     check_interval: one check per instance
+    BROKER_MONITOR_CONNECT_TIMEOUT   1 s     connect_timeout: deadline of one probe
+                                             (connect + query; sub-second values work)
+    BROKER_MONITOR_FAILURES          3       failures_before_acting
+    BROKER_MONITOR_MIN_FAILOVER_GAP  60 s    min_seconds_between_failovers (no flapping)
+    BROKER_MAXIMUM_LAG_ON_FAILOVER   1 MiB   maximum_lag_on_failover (ha only)
+    BROKER_MONITOR_LEASE_SECONDS     5 s     lease_seconds: a dead worker's instances
+                                             move after at most this long
+
+Detection timing with the defaults: after a first failed probe the remaining probes
+follow `recheck` (interval / 5, at most 0.2 s) apart, each with the full
+connect_timeout, overlapping when they hang. A crashed primary (connection refused)
+is acted on ~0.4 s after the first failed probe, i.e. ~0.9 s after the crash on
+average; a frozen or black-holed one ~2.2 s after the start of the first probe that
+hung (~2.7 s after the fault on average).
 
 The monitor runs the operations it queues itself (claiming them at once with its
 own Engine object), so a failover never waits behind another instance's long
@@ -106,6 +118,7 @@ class _Watch:
     urgent: bool = False                      # re-check after `recheck`, not `check_interval`
     last_status: str = ""
     pending_ops: tuple[str, ...] = ()         # queued by the last check: run them now
+    decided: bool = False                     # the last check logged a decision itself
 
     def reset_primary(self) -> None:
         self.primary_failures = 0
@@ -134,6 +147,7 @@ class Monitor:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=32,
                                                            thread_name_prefix="probe")
         self._runner: Engine | None = None
+        self._local = threading.local()  # the _Watch of the check running in this thread
 
     # --- the worker loop ------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -146,8 +160,11 @@ class Monitor:
             except Exception:
                 log.exception("monitor: unexpected error; continuing")
             stop.wait(self.settings.check_interval)
+        # Watchers notice `stop` within one check; one running a failover may take
+        # longer: its operation is durable and another worker resumes it.
+        deadline = time.monotonic() + self.settings.connect_timeout * 2 + 1
         for thread in list(self._threads.values()):
-            thread.join(timeout=self.settings.connect_timeout * 3 + 1)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         for instance_id in list(self._held):
             self._drop(instance_id, release=True)
         try:
@@ -160,6 +177,7 @@ class Monitor:
     def tick(self, stop: threading.Event) -> None:
         """Heartbeat, renew what we hold, take a fair share of the rest, start watchers."""
         self.leases.acquire(WORKER_PREFIX + self.owner)
+        self.leases.purge_expired(WORKER_PREFIX)
         with self.runtime.store.session() as s:
             ids = set(s.scalars(select(Instance.id).where(Instance.deleted_at.is_(None))
                                 .where(Instance.state.in_(WATCHED_STATES))))
@@ -207,6 +225,13 @@ class Monitor:
             except Exception:
                 log.warning("instance %s: could not release the monitor lease", instance_id)
 
+    def _decision(self, level: int, instance_id: str, message: str) -> None:
+        """One log line per decision; the watcher then does not repeat the status."""
+        log.log(level, "instance %s: %s", instance_id, message)
+        watch = getattr(self._local, "watch", None)
+        if watch is not None:
+            watch.decided = True
+
     def holds(self, instance_id: str) -> bool:
         good_until = self._held.get(instance_id)
         return good_until is not None and good_until > time.monotonic()
@@ -229,7 +254,9 @@ class Monitor:
             watch = self._watch.get(instance_id)
             if watch is None:
                 break
-            if _status_class(status) != _status_class(watch.last_status):
+            if watch.decided:
+                pass  # already said, in words, by the decision itself
+            elif _status_class(status) != _status_class(watch.last_status):
                 log.info("instance %s: %s", instance_id, status)
             else:
                 log.debug("instance %s: %s", instance_id, status)
@@ -246,6 +273,8 @@ class Monitor:
     def check_instance(self, instance_id: str) -> str:
         """One run of the ladder for one instance; returns what it saw or did."""
         watch = self._watch.setdefault(instance_id, _Watch())
+        watch.decided = False
+        self._local.watch = watch
         if not self.holds(instance_id):
             return "no lease"
         store = self.runtime.store
@@ -344,6 +373,8 @@ class Monitor:
             cloud = health.cloud_state(self.runtime.cloud, primary.server_id)
         head = f"primary unreachable {limit}/{limit} ({seen.error})"
         if not cloud.reachable:
+            self._degrade(inst, f"primary {primary.id} unreachable and the cloud API too: not "
+                                "failing over (a partition cannot be told from a crash)")
             return (f"{head} and {cloud.describe}: not failing over (a partition cannot be "
                     "told from a crash)")
         cause = f"primary {primary.id} unreachable ({seen.error}); {cloud.describe}"
@@ -395,16 +426,19 @@ class Monitor:
         return None
 
     def _recent_failover(self, inst: Instance) -> float | None:
-        """Seconds since the last failover event of the instance, if too recent."""
+        """Seconds since the instance's last automatic failover (or resurrect), attempted
+        or done, if that is less than `min_seconds_between_failovers` ago. A planned
+        switchover does not count: it says nothing about flapping."""
         gap = self.settings.min_seconds_between_failovers
         with self.runtime.store.session() as s:
             last = s.scalar(select(Failover.detected_at)
                             .where(Failover.instance_id == inst.id)
+                            .where(Failover.kind != failover_ops.SWITCHOVER_KIND)
                             .order_by(Failover.detected_at.desc()).limit(1))
-        times = [t for t in (aware(last), aware(inst.last_failover_at)) if t is not None]
-        if not times:
+        last = aware(last)
+        if last is None:
             return None
-        age = (utcnow() - max(times)).total_seconds()
+        age = (utcnow() - last).total_seconds()
         return age if age < gap else None
 
     def _degrade(self, inst: Instance, reason: str) -> str:
@@ -414,7 +448,7 @@ class Monitor:
                 if row is not None and row.state in (READY, DEGRADED):
                     row.state = DEGRADED
                     row.state_reason = reason
-            log.warning("instance %s: degraded: %s", inst.id, reason)
+            self._decision(logging.WARNING, inst.id, f"degraded: {reason}")
         return reason
 
     def _queue(self, inst: Instance, watch: _Watch, kind: str, cause: str, primary: Node,
@@ -432,7 +466,7 @@ class Monitor:
             self.runtime.store, inst.id, kind=kind, cause=cause, old_primary_id=primary.id,
             standby_id=standby.id if standby is not None else None, detected_at=utcnow(),
             last_primary_lsn=watch.last_primary_lsn, detail=detail, owner=self.runner().owner)
-        log.warning("instance %s: %s (operation %s)", inst.id, status, op_id)
+        self._decision(logging.WARNING, inst.id, f"{status} (operation {op_id})")
         watch.reset_primary()
         watch.pending_ops = (op_id,)
         return status
@@ -488,7 +522,7 @@ class Monitor:
                       self.settings.connect_timeout + 2)
             status = (f"primary healthy; standby {standby.id} caught up (lag {lag} B): "
                       "synchronous replication switched on again")
-            log.info("instance %s: %s", inst.id, status)
+            self._decision(logging.INFO, inst.id, status)
             return status
         status = f"primary healthy, standby streaming ({replica.sync_state}), lag {lag} B"
         if inst.replication == "sync" and sync_id is None:
@@ -516,7 +550,9 @@ class Monitor:
             watch.sync_mark = (standby.id, seen.lsn or 0)
             return None
         if (replica.flush_lsn or 0) >= mark[1]:
-            log.info("instance %s: standby %s recorded as synchronous", inst.id, standby.id)
+            self._decision(logging.INFO, inst.id,
+                           f"standby {standby.id} recorded as synchronous (it holds every "
+                           "acknowledged commit)")
             return standby.id
         return None
 
@@ -538,7 +574,7 @@ class Monitor:
                 if row is not None and row.state == DEGRADED:
                     row.state = READY
                     row.state_reason = None
-            log.info("instance %s: healthy again, state ready (%s)", inst.id, status)
+            self._decision(logging.INFO, inst.id, f"healthy again, state ready ({status})")
         return status
 
     def _unsync(self, inst: Instance, primary: Node, password: str, why: str) -> None:
@@ -548,8 +584,8 @@ class Monitor:
             return
         self._record(inst, lag=inst.last_lag_bytes, sync_id=None)
         _set_sync(primary, password, None, self.settings.connect_timeout + 2)
-        log.warning("instance %s: %s: synchronous replication switched off so that the "
-                    "primary stays writable (non-strict mode)", inst.id, why)
+        self._decision(logging.WARNING, inst.id, f"{why}: synchronous replication switched off "
+                       "so that the primary stays writable (non-strict mode)")
 
     def _standby_lost(self, inst: Instance, watch: _Watch, primary: Node, standby: Node,
                       password: str, cause: str) -> str:
@@ -582,7 +618,7 @@ class Monitor:
             s.add(op)
             op_id = op.id
         status = f"{cause}: rebuild queued"
-        log.warning("instance %s: %s (operation %s)", inst.id, status, op_id)
+        self._decision(logging.WARNING, inst.id, f"{status} (operation {op_id})")
         watch.pending_ops = (op_id,)
         return status
 
@@ -644,6 +680,11 @@ class Monitor:
                 return state
             if self._claim(op_id, runner.owner):
                 state = runner.run(op_id)
+                if state in UNFINISHED and self.engine is not None:
+                    # Released to be retried later: from here the worker's engine runs it,
+                    # so that only one claimer ever competes for the row.
+                    self.engine.wake()
+                    return state
                 continue
             time.sleep(0.05)
             state = self._op_state(op_id)

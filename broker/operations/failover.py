@@ -28,7 +28,7 @@ decided, the old primary, the standby and the primary's last LSN. Steps:
 - rebuild_queued: a `rebuild` operation makes a new standby in the old primary's
   zone (rebuild.py); the instance stays `degraded` until it streams.
 
-This module also registers switchover, rebuild and resurrect (imported below).
+Importing this module also registers switchover, rebuild and resurrect.
 """
 
 from __future__ import annotations
@@ -40,15 +40,25 @@ from broker.operations.engine import Context, Step, Workflow, new_operation, reg
 from broker.operations.rebuild import KIND as REBUILD_KIND
 from broker.operations.resurrect import KIND as RESURRECT_KIND
 from broker.operations.switchover import KIND as SWITCHOVER_KIND
-from broker.operations.switchover import start_switchover, switchover_instance
+from broker.operations.switchover import (
+    SwitchoverRefused,
+    start_switchover,
+    switchover_instance,
+)
 from broker.store.db import Store
 from broker.store.models import DEGRADED, Failover, utcnow
 
 KIND = "failover"
 
 __all__ = [
-    "KIND", "REBUILD_KIND", "RESURRECT_KIND", "SWITCHOVER_KIND", "queue_failover",
-    "start_switchover", "switchover_instance",
+    "KIND",
+    "REBUILD_KIND",
+    "RESURRECT_KIND",
+    "SWITCHOVER_KIND",
+    "SwitchoverRefused",
+    "queue_failover",
+    "start_switchover",
+    "switchover_instance",
 ]
 
 

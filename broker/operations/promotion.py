@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 OLD_STANDBY = "old-standby"
 
 REBUILD = "rebuild"
+# A standby's pause between two attempts to reach its (gone) primary; see clear_sync_on.
+RETRY_INTERVAL = "100ms"
 # How long the sync step waits before giving the step back to the engine.
 SYNC_WAIT_SLICE = 30.0
 
@@ -195,17 +197,25 @@ def fence_or_refuse(ctx: Context, node_id: str, what: str) -> None:
 
 # --- promote --------------------------------------------------------------------
 def clear_sync_on(ctx: Context, node: Node) -> None:
-    """Reset synchronous_standby_names on the node about to be promoted.
+    """Get the standby about to be promoted ready for it.
 
-    The standby copied postgresql.auto.conf from its primary: left as is, the new
-    primary would wait for a standby that does not exist and every commit would hang.
-    Done before the promotion where PostgreSQL allows it, and again after."""
+    - Reset synchronous_standby_names: the standby copied postgresql.auto.conf from
+      its primary; left as is, the new primary would wait for a standby that does not
+      exist and every commit would hang (done again right after the promotion).
+    - wal_retrieve_retry_interval 100 ms (default 5 s): once its primary is gone, a
+      PostgreSQL 15 standby may handle a promote request and then still sleep out one
+      whole retry interval before it finishes recovery (measured here: 5.1 s instead
+      of 0.1 s, one promotion in three). The reload wakes it with the shorter interval.
+    ALTER SYSTEM writes a file, not WAL, so it works during recovery."""
     try:
-        with nodes.admin_connection(ctx, node, timeout=3.0) as conn:
-            admin.set_synchronous_standby(conn, None)
+        with nodes.admin_connection(ctx, node, timeout=3.0) as conn, conn.cursor() as cur:
+            cur.execute("ALTER SYSTEM RESET synchronous_standby_names")
+            cur.execute(f"ALTER SYSTEM SET wal_retrieve_retry_interval = '{RETRY_INTERVAL}'")
+            cur.execute("SELECT pg_reload_conf()")
     except psycopg2.Error as exc:
-        log.info("instance %s: synchronous_standby_names not reset before promotion (%s); "
-                 "it is reset right after", ctx.instance_id, exc.__class__.__name__)
+        log.info("instance %s: standby not prepared before promotion (%s); "
+                 "synchronous_standby_names is reset right after", ctx.instance_id,
+                 exc.__class__.__name__)
 
 
 def promote(ctx: Context, node_id: str) -> None:
