@@ -198,10 +198,9 @@ def markdown(stats: dict[str, dict[str, Any]], plan: str, acked: int, when: str)
         "`blackholed`: kill -9 and the server's links down (connects time out). Times are "
         "from the fault; \"decision\" is when the monitor queued the failover. The client's "
         "first write trails the promotion by ~0.3 s: its connect attempt that began while "
-        "the address was between servers runs into its 0.5 s deadline. The local cloud's "
-        "bridge gets a fixed MAC here (tests/failover_support.pin_bridge_mac): with a "
-        "bridge that changes its MAC when a rebuilt server joins, replies to clients were "
-        "lost for 1-3 s and crashed p95 was 5.6 s.",
+        "the address was between servers runs into its 0.5 s deadline. The local cloud "
+        "pins its bridge's MAC: with a bridge that changed its MAC when a rebuilt server "
+        "joined, replies to clients were lost for 1-3 s and crashed p95 was 5.6 s.",
         MARK_END,
     ]
     return "\n".join(lines) + "\n"

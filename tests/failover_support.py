@@ -119,7 +119,6 @@ def failover_env(state_url: str | None = None) -> Iterator[FailoverEnv]:
     cloud = LocalCloud(base / "local-cloud", free_test_network(), f"pgf{os.urandom(4).hex()}",
                        pg_bin=pg_bin_dir(), pg_user=PG_USER)
     key = Fernet.generate_key().decode()
-    pin_bridge_mac(cloud)
     url = state_url or f"sqlite:///{base / 'broker.sqlite3'}"
     runtime = make_runtime(url, key, cloud)
     env = FailoverEnv(base=base, cloud=cloud, state_url=url, key=key, runtime=runtime,
@@ -140,19 +139,6 @@ def failover_env(state_url: str | None = None) -> Iterator[FailoverEnv]:
         assert not interfaces & list_interfaces(), "interfaces left behind"
         assert not leftovers, "PostgreSQL processes left behind"
         assert not base.exists(), f"{base} left behind"
-
-
-def pin_bridge_mac(cloud: LocalCloud) -> None:
-    """Give the cloud's bridge a fixed MAC address.
-
-    A Linux bridge otherwise takes the lowest MAC of its ports, so the host's MAC
-    changes whenever a new server's veth joins (a rebuild right after a failover):
-    the nodes' ARP entries for the host then point at the old MAC and their replies
-    to clients (and to the broker) are lost for 1-3 s. broker/cloud/local.py should do
-    this when it makes the bridge; until it does, the failover tests and benchmark do."""
-    cloud._ensure_bridge()
-    mac = Path(f"/sys/class/net/{cloud.bridge}/address").read_text().strip()
-    subprocess.run(["ip", "link", "set", "dev", cloud.bridge, "address", mac], check=True)
 
 
 @contextlib.contextmanager

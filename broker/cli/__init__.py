@@ -96,9 +96,13 @@ def _dispatch(args: argparse.Namespace, settings: object) -> int:
             return instances.list_instances(runtime)
         if args.action == "show":
             return instances.show_instance(runtime, args.instance_id, args.json)
-        from broker.operations.failover import switchover_instance
+        from broker.operations.failover import SwitchoverRefused, switchover_instance
 
-        op_id = switchover_instance(runtime, args.instance_id)
+        try:
+            op_id = switchover_instance(runtime, args.instance_id)
+        except SwitchoverRefused as exc:
+            print(f"broker: switchover refused: {exc}", file=sys.stderr)
+            return 1
         print(f"switchover queued as operation {op_id}; follow it with "
               f"`python -m broker instances show {args.instance_id}`")
         return 0

@@ -29,7 +29,7 @@ CONNECT_TIMEOUT = 2.0
 
 def _time(value: datetime | None) -> str | None:
     value = aware(value)
-    return value.isoformat(timespec="seconds") if value is not None else None
+    return value.isoformat(timespec="milliseconds") if value is not None else None
 
 
 def _plan_name(runtime: Runtime, plan_id: str) -> str:
@@ -152,11 +152,25 @@ def describe_instance(runtime: Runtime, instance_id: str) -> dict[str, Any] | No
                 {"kind": f.kind, "cause": f.cause, "outcome": f.outcome,
                  "old_primary": f.old_primary_node_id, "new_primary": f.new_primary_node_id,
                  "lag_bytes_at_promotion": f.lag_bytes_at_promotion,
-                 "detected_at": _time(f.detected_at), "promoted_at": _time(f.promoted_at),
-                 "port_attached_at": _time(f.port_attached_at), "detail": f.detail}
+                 "detected_at": _time(f.detected_at), "fenced_at": _time(f.fenced_at),
+                 "promoted_at": _time(f.promoted_at),
+                 "port_attached_at": _time(f.port_attached_at),
+                 "standby_streaming_at": _time(f.standby_streaming_at),
+                 "timings": _timings(f), "detail": f.detail}
                 for f in failovers
             ],
         }
+
+
+def _timings(f: Failover) -> dict[str, float | None]:
+    """Seconds from detection to each stage: what operators compare between events."""
+    start = aware(f.detected_at)
+    out: dict[str, float | None] = {}
+    for name in ("fenced_at", "promoted_at", "port_attached_at", "standby_streaming_at"):
+        at = aware(getattr(f, name))
+        out[name] = None if at is None or start is None else round(
+            (at - start).total_seconds(), 3)
+    return out
 
 
 def _lag(value: Any) -> str:
@@ -204,4 +218,9 @@ def show_instance(runtime: Runtime, instance_id: str, as_json: bool) -> int:
         for f in info["failovers"]:
             print(f"  {f['detected_at']}  {f['kind']:<10} {f['outcome'] or 'in progress':<10} "
                   f"{f['old_primary']} -> {f['new_primary']}: {f['cause']}")
+            stages = ", ".join(f"{name.removesuffix('_at').replace('_', ' ')} +{t:.2f}s"
+                               for name, t in f["timings"].items() if t is not None)
+            lag = f["lag_bytes_at_promotion"]
+            print(f"      {stages or 'no stage reached'}"
+                  + (f"; lag at promotion {lag} B" if lag is not None else ""))
     return 0

@@ -277,6 +277,11 @@ class LocalCloud(Cloud):
             self._check_network_free()
             _ip("link", "add", "name", self.bridge, "type", "bridge", "stp_state", "0",
                 "forward_delay", "0")
+            # A bridge takes the lowest MAC of its ports unless given one, so the
+            # host's MAC would change whenever a new server joins (a rebuild right
+            # after a failover) and nodes' replies would go to the old MAC for 1-3 s.
+            mac = Path(f"/sys/class/net/{self.bridge}/address").read_text().strip()
+            _ip("link", "set", "dev", self.bridge, "address", mac)
         _ip("addr", "replace", f"{self.broker_address}/{prefix}", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
         self._bridge_ready = True

@@ -164,6 +164,9 @@ def render_conf(config: GuestConfig, *, passfile: str) -> str:
         "wal_log_hints": True,  # lets pg_rewind bring an old primary back later
         "max_slot_wal_keep_size": "2GB",  # a dead standby's slot never fills the disk
         "wal_receiver_status_interval": "1s",  # the primary sees a standby's lag promptly
+        # PostgreSQL 15 sleeps out this interval (5 s) between WAL retries, and a
+        # promotion that lands in that sleep waits for it: keep it short.
+        "wal_retrieve_retry_interval": "100ms",
     }
     if config.role == "standby" and config.primary_address:
         conninfo = " ".join([

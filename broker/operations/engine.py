@@ -27,7 +27,8 @@ from datetime import timedelta
 from typing import Any
 
 import psycopg2
-from sqlalchemy import or_, select
+import sqlalchemy.exc
+from sqlalchemy import or_, select, update
 
 from broker.catalog import Catalog, Plan
 from broker.cloud.base import Cloud, TransientCloudError
@@ -185,6 +186,15 @@ class Engine:
 
     # --- claiming --------------------------------------------------------------
     def claim_next(self) -> str | None:
+        try:
+            return self._claim_next()
+        except sqlalchemy.exc.OperationalError as exc:
+            # SQLite: another connection wrote first ("database is locked"). Nothing
+            # was claimed; the next poll tries again.
+            log.debug("claim lost a race: %s", exc.orig)
+            return None
+
+    def _claim_next(self) -> str | None:
         now = utcnow()
         with self.store.session() as s:
             query = (
@@ -209,11 +219,21 @@ class Engine:
                 )
                 if older is not None:
                     continue
-                op.owner = self.owner
-                op.lease_expires_at = now + timedelta(seconds=LEASE_SECONDS)
-                if op.state == QUEUED:
-                    op.state = IN_PROGRESS
-                return op.id
+                # Compare-and-set on the lease we read: on PostgreSQL the row lock
+                # already makes us the only claimer; SQLite has no row locks, and
+                # there this condition is what stops two workers taking one row.
+                claimed = s.execute(
+                    update(Operation)
+                    .where(Operation.id == op.id)
+                    .where(Operation.owner.is_not_distinct_from(op.owner))
+                    .where(Operation.lease_expires_at.is_not_distinct_from(op.lease_expires_at))
+                    .values(owner=self.owner,
+                            lease_expires_at=now + timedelta(seconds=LEASE_SECONDS),
+                            state=IN_PROGRESS)
+                    .execution_options(synchronize_session=False)
+                )
+                if getattr(claimed, "rowcount", 0) == 1:
+                    return op.id
         return None
 
     def _renew(self, op_id: str, stop: threading.Event) -> None:

@@ -410,11 +410,13 @@ def attach_service_port(ctx: Context, node_id: str) -> None:
     ctx.cloud.attach_port(inst.service_port_id, node.server_id)
 
 
-def set_replication_mode(ctx: Context, replication: str) -> None:
+def set_replication_mode(ctx: Context, replication: str, *, record_sync: bool = True) -> None:
     """Name the standby in synchronous_standby_names for `sync`, clear it otherwise.
 
     Only a streaming standby is named: naming one that does not stream would make
-    every commit on the primary wait."""
+    every commit on the primary wait. With `record_sync=False` the store is not told
+    that the standby is synchronous: the caller proves it first (an instance that
+    already took writes, see promotion.enable_sync)."""
     inst = ctx.instance()
     primary = primary_node(ctx)
     standby = inst.standby()
@@ -431,6 +433,8 @@ def set_replication_mode(ctx: Context, replication: str) -> None:
                                  "was not switched on so that writes do not hang") from None
         admin.set_synchronous_standby(conn, name)
     sync_id = standby.id if name is not None and standby is not None else None
+    if sync_id is not None and not record_sync:
+        return
     if inst.sync_standby_node_id != sync_id:
         update_instance(ctx, sync_standby_node_id=sync_id)
 

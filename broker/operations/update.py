@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from broker.operations import nodes
+from broker.operations import nodes, promotion
 from broker.operations.engine import Context, Step, StepFailed, Workflow, new_operation, register
 from broker.store.db import Store
 from broker.store.models import (
@@ -103,7 +103,12 @@ def replication_mode(ctx: Context) -> None:
         # Parameters only: leave replication as it is (and never wait for a standby
         # that is down: the monitor and its rebuild look after that).
         return
-    nodes.set_replication_mode(ctx, plan.cloud.replication if plan.cloud.is_ha else "none")
+    mode = plan.cloud.replication if plan.cloud.is_ha else "none"
+    nodes.set_replication_mode(ctx, mode, record_sync=False)
+    if mode == "sync" and standby is not None:
+        # The instance took writes while asynchronous: the standby counts as
+        # synchronous (promotable) only once it holds all of them.
+        promotion.enable_sync(ctx, standby.id)
 
 
 def remove_standby(ctx: Context) -> None:
