@@ -58,7 +58,7 @@ benchmark: setup
 	@command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk
 	$(PY) benchmarks/provision.py --runs 5
 	$(PY) benchmarks/api_throughput.py
-	$(PY) benchmarks/failover.py --rounds 10
+	$(PY) benchmarks/failover.py --rounds 10 --write BENCHMARKS.md
 
 # Remove every namespace, interface and data directory of the dev broker's local cloud.
 clean-local: python-env

@@ -108,43 +108,19 @@ def check(ctx: Context) -> None:
     promotion.check_eligible(ctx, standby)
 
 
-def clear_sync(ctx: Context) -> None:
-    _, standby = promotion.event_nodes(ctx)
-    assert standby is not None
-    promotion.clear_sync_on(ctx, promotion.node_row(ctx, standby))
-
-
-def attach_port(ctx: Context) -> None:
-    _, standby = promotion.event_nodes(ctx)
-    assert standby is not None
-    promotion.plug_service_port(ctx, standby)
-
-
-def promote(ctx: Context) -> None:
-    old, standby = promotion.event_nodes(ctx)
-    assert standby is not None
-    promotion.promote(ctx, standby)
-    zone = promotion.node_row(ctx, old).availability_zone
-    promotion.set_state(ctx, DEGRADED, f"failed over to {standby}; rebuilding a standby in {zone}")
-
-
-def rebuild_queued(ctx: Context) -> None:
-    old, _ = promotion.event_nodes(ctx)
-    promotion.queue_rebuild(ctx, old, "replacing the failed primary")
-    promotion.set_outcome(ctx, "succeeded")
-
-
 def steps(ctx: Context) -> list[Step]:
     return [
         Step("record", "failover: recording the event", record),
         Step("check", "failover: checking that the standby may be promoted", check),
         Step("clear_sync", "failover: clearing synchronous replication on the standby",
-             clear_sync),
+             promotion.step_clear_sync),
         Step("fence", "failover: fencing the old primary (stop, unplug the address)", fence),
         Step("attach_port", "failover: moving the service address to the standby",
-             attach_port),
-        Step("promote", "failover: promoting the standby", promote),
-        Step("rebuild_queued", "failover: queueing the rebuild of a standby", rebuild_queued),
+             promotion.step_attach_port),
+        Step("promote", "failover: promoting the standby",
+             promotion.step_promote("failed over")),
+        Step("rebuild_queued", "failover: queueing the rebuild of a standby",
+             promotion.step_queue_rebuild("replacing the failed primary")),
     ]
 
 

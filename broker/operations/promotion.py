@@ -17,6 +17,7 @@ import hashlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -373,3 +374,36 @@ def queue_rebuild(ctx: Context, replace_node_id: str, cause: str) -> str:
 
 def standby_of(inst: Instance, exclude: str | None = None) -> Node | None:
     return next((n for n in inst.live_nodes() if n.role == STANDBY and n.id != exclude), None)
+
+
+# --- steps shared by failover and switchover (they differ in how they start) ---------
+def step_clear_sync(ctx: Context) -> None:
+    """Reset synchronous_standby_names on the node about to be promoted."""
+    _, new = event_nodes(ctx)
+    assert new is not None
+    clear_sync_on(ctx, node_row(ctx, new))
+
+
+def step_attach_port(ctx: Context) -> None:
+    _, new = event_nodes(ctx)
+    assert new is not None
+    plug_service_port(ctx, new)
+
+
+def step_promote(done: str) -> Callable[[Context], None]:
+    """Promote the event's new primary; `done` names the event in the state reason."""
+    def run(ctx: Context) -> None:
+        old, new = event_nodes(ctx)
+        assert new is not None
+        promote(ctx, new)
+        zone = node_row(ctx, old).availability_zone
+        set_state(ctx, DEGRADED, f"{done} to {new}; rebuilding a standby in {zone}")
+    return run
+
+
+def step_queue_rebuild(cause: str) -> Callable[[Context], None]:
+    def run(ctx: Context) -> None:
+        old, _ = event_nodes(ctx)
+        queue_rebuild(ctx, old, cause)
+        set_outcome(ctx, "succeeded")
+    return run

@@ -175,32 +175,6 @@ def fence(ctx: Context) -> None:
     promotion.fence_or_refuse(ctx, old, "switchover stopped")
 
 
-def clear_sync(ctx: Context) -> None:
-    _, new = promotion.event_nodes(ctx)
-    assert new is not None
-    promotion.clear_sync_on(ctx, promotion.node_row(ctx, new))
-
-
-def attach_port(ctx: Context) -> None:
-    _, new = promotion.event_nodes(ctx)
-    assert new is not None
-    promotion.plug_service_port(ctx, new)
-
-
-def promote(ctx: Context) -> None:
-    old, new = promotion.event_nodes(ctx)
-    assert new is not None
-    promotion.promote(ctx, new)
-    zone = promotion.node_row(ctx, old).availability_zone
-    promotion.set_state(ctx, DEGRADED, f"switched over to {new}; rebuilding a standby in {zone}")
-
-
-def rebuild_queued(ctx: Context) -> None:
-    old, _ = promotion.event_nodes(ctx)
-    promotion.queue_rebuild(ctx, old, "replacing the old primary after a switchover")
-    promotion.set_outcome(ctx, "succeeded")
-
-
 def steps(ctx: Context) -> list[Step]:
     return [
         Step("record", "switchover: recording the event", record),
@@ -210,12 +184,13 @@ def steps(ctx: Context) -> list[Step]:
              wait_replay),
         Step("fence", "switchover: stopping the old primary", fence),
         Step("clear_sync", "switchover: clearing synchronous replication on the standby",
-             clear_sync),
+             promotion.step_clear_sync),
         Step("attach_port", "switchover: moving the service address to the standby",
-             attach_port),
-        Step("promote", "switchover: promoting the standby", promote),
+             promotion.step_attach_port),
+        Step("promote", "switchover: promoting the standby",
+             promotion.step_promote("switched over")),
         Step("rebuild_queued", "switchover: queueing the rebuild of a standby",
-             rebuild_queued),
+             promotion.step_queue_rebuild("replacing the old primary after a switchover")),
     ]
 
 
