@@ -428,3 +428,18 @@ def test_driver_settings_are_validated_with_the_variable_named() -> None:
     with pytest.raises(ConfigError, match="FORCE_DOWN_AFTER must be at least 20 s"):
         OpenStackOptions.from_env({"BROKER_OPENSTACK_FORCE_DOWN": "1",
                                    "BROKER_OPENSTACK_FORCE_DOWN_AFTER": "5"})
+
+
+def test_what_the_driver_waits_for_reaches_the_operation(
+        openstack_cloud: OpenStackCloud, fake_openstack: FakeOpenStack) -> None:
+    """The engine runs every step inside `cloud.reporting(ctx.progress)`: the waits on
+    Nova and Cinder are what last_operation's description then says."""
+    cloud = openstack_cloud
+    said: list[str] = []
+    with cloud.reporting(said.append):
+        cloud.ensure_server_group(f"pgha-{INSTANCE}", instance_tags())
+        build_node(cloud, INSTANCE, "44444444", "az1")
+    assert said, "no progress reported while building a node"
+    assert any(line.startswith("waiting") and "to become ACTIVE" in line for line in said), said
+    cleanup(cloud)
+    assert leftovers(fake_openstack) == []

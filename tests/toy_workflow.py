@@ -6,11 +6,11 @@ Run as a script it drives one engine pass (used to SIGKILL a worker mid-operatio
 from __future__ import annotations
 
 import sys
+from ipaddress import IPv4Network
 from pathlib import Path
-from typing import cast
 
 from broker.catalog import load_catalog
-from broker.cloud.base import Cloud
+from broker.cloud.local import LocalCloud
 from broker.config import DEFAULT_CATALOG, load_settings
 from broker.crypto import Vault
 from broker.operations.engine import Context, Engine, Step, StepFailed, Workflow, register
@@ -45,7 +45,9 @@ register(Workflow(
 def make_engine(url: str, key: str) -> Engine:
     settings = load_settings({"BROKER_USERNAME": "u", "BROKER_PASSWORD": "p",
                               "BROKER_STATE_DIR": "/nonexistent", "DATABASE_URL": url})
-    return Engine(Store(url), cast(Cloud, None), Vault(key), load_catalog(DEFAULT_CATALOG),
+    # The toy steps never touch the cloud: a local cloud that is never used.
+    cloud = LocalCloud(Path("/nonexistent/pgha-toy"), IPv4Network("10.214.255.0/28"), "pghatoy")
+    return Engine(Store(url), cloud, Vault(key), load_catalog(DEFAULT_CATALOG),
                   settings, poll_interval=0.05)
 
 

@@ -13,7 +13,9 @@ Rules every driver keeps, because durable operations rely on them:
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -23,6 +25,7 @@ TAG_INSTANCE = "pgha-instance"
 TAG_NODE = "pgha-node"
 TAG_ROLE = "pgha-role"
 TAG_MANAGED = "pgha-managed"  # value "true": the orphan sweeper's filter
+TAG_PLAN = "pgha-plan"        # on ports: the catalog plan whose networks they belong to
 
 
 class CloudError(Exception):
@@ -176,6 +179,11 @@ class Cloud(abc.ABC):
     @abc.abstractmethod
     def find_resources(self, instance_id: str | None = None) -> list[CloudResource]:
         """Everything tagged as the broker's (for one instance, or all)."""
+
+    def reporting(self, progress: Callable[[str], None]) -> contextlib.AbstractContextManager[None]:
+        """While in this context, tell `progress` what the driver waits for (the
+        operation's description shows it). Drivers whose calls return at once need not."""
+        return contextlib.nullcontext()
 
     def check(self) -> list[str]:
         """Problems with the configuration (unreachable cloud, unknown flavor, ...)."""

@@ -286,7 +286,8 @@ class Engine:
             log.info("operation %s (%s) step %d/%d %s: %s", ctx.operation_id, ctx.kind,
                      index + 1, len(steps), step.name, step.describe)
             try:
-                step.run(ctx)
+                with self.cloud.reporting(ctx.progress):
+                    step.run(ctx)
             except RetryLater as exc:
                 return self._retry(ctx, str(exc), exc.delay, count_attempt=False)
             except (TransientCloudError, psycopg2.OperationalError) as exc:

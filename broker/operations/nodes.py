@@ -38,6 +38,7 @@ from broker.cloud.base import (
     TAG_INSTANCE,
     TAG_MANAGED,
     TAG_NODE,
+    TAG_PLAN,
     TAG_ROLE,
     CloudError,
     CloudResource,
@@ -243,7 +244,8 @@ def ensure_server_group(ctx: Context) -> None:
 
 def ensure_service_port(ctx: Context) -> None:
     inst = ctx.instance()
-    port = ctx.cloud.create_port(service_port_name(inst.id), "service", instance_tags(inst.id))
+    port = ctx.cloud.create_port(service_port_name(inst.id), "service",
+                                 {**instance_tags(inst.id), TAG_PLAN: target_plan(ctx).id})
     if (port.id, port.address) != (inst.service_port_id, inst.service_address):
         update_instance(ctx, service_port_id=port.id, service_address=port.address)
 
@@ -251,8 +253,10 @@ def ensure_service_port(ctx: Context) -> None:
 def ensure_management_port(ctx: Context, node_id: str) -> str:
     """The node's management port (made before boot so peers' pg_hba know it)."""
     node = get_node(ctx, node_id)
+    # The plan tag tells the cloud which of the plan's networks the port belongs to.
     port = ctx.cloud.create_port(node_resource_name(ctx.instance_id, node_id), "management",
-                                 node_tags(ctx.instance_id, node_id, node.role))
+                                 {**node_tags(ctx.instance_id, node_id, node.role),
+                                  TAG_PLAN: target_plan(ctx).id})
     if (port.id, port.address) != (node.management_port_id, node.management_address):
         update_node(ctx, node_id, management_port_id=port.id, management_address=port.address)
     return port.address

@@ -23,6 +23,7 @@ from broker.catalog import Catalog, NetworkSettings
 from broker.cloud.base import (
     TAG_INSTANCE,
     TAG_MANAGED,
+    TAG_PLAN,
     Cloud,
     CloudError,
     CloudResource,
@@ -38,7 +39,6 @@ from broker.cloud.openstack.options import OpenStackOptions
 from broker.cloud.openstack.resources import (
     META_MANAGEMENT_ADDRESS,
     NAME_PREFIX,
-    TAG_PLAN,
     belongs,
     from_neutron_tags,
     group_name_instance,
@@ -729,6 +729,10 @@ class OpenStackCloud(Cloud):
                 out.append(resource("server_group", g.id, g.name,
                                     {TAG_INSTANCE: owner, TAG_MANAGED: "true"}))
         return out
+
+    def reporting(self, progress: Callable[[str], None]) -> contextlib.AbstractContextManager[None]:
+        # Waits on Nova, Neutron and Cinder say what they wait for in last_operation.
+        return calls.reporting(progress)
 
     def check(self) -> list[str]:
         from broker.cloud.openstack.checks import check_cloud

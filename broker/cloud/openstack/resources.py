@@ -20,7 +20,6 @@ from broker.cloud.base import (
     Volume,
 )
 
-TAG_PLAN = "pgha-plan"           # which catalog plan's networks a port belongs to
 META_MANAGEMENT_ADDRESS = "pgha-management-address"
 NAME_PREFIX = "pgha-"
 
