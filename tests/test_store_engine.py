@@ -145,3 +145,17 @@ def test_two_workers_never_claim_the_same_operation(state_url: str, tmp_path: Pa
     assert len(set(claimed)) == 8
     for engine in engines:
         engine.store.dispose()
+
+
+def test_web_and_worker_starting_together_upgrade_sqlite_once(tmp_path: Path) -> None:
+    """`broker web` and `broker worker` upgrade the schema at start, at the same moment."""
+    env = {"PATH": os.environ["PATH"], "BROKER_STATE_DIR": str(tmp_path),
+           "PYTHONPATH": str(ROOT)}
+    runs = [subprocess.Popen([sys.executable, "-m", "broker", "db", "upgrade"], env=env,
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(8)]
+    results = [(p.wait(timeout=60), p.stderr.read() if p.stderr else "") for p in runs]
+    assert all(code == 0 for code, _ in results), results
+    store = Store(f"sqlite:///{tmp_path / 'broker.sqlite3'}")
+    assert "operations" in inspect(store.engine).get_table_names()
+    store.dispose()

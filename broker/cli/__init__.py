@@ -14,8 +14,10 @@ import argparse
 import logging
 import sys
 
+import sqlalchemy.exc
+
 from broker.config import ConfigError, load_settings
-from broker.logs import setup_logging
+from broker.logs import redact, setup_logging
 
 log = logging.getLogger("broker")
 
@@ -60,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"broker: {exc}", file=sys.stderr)
         return 2
+    except sqlalchemy.exc.OperationalError as exc:
+        # An unreachable or broken state store: say so in one line, no traceback.
+        print(f"broker: the state store failed: {redact(str(exc.orig)).strip()}",
+              file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         return 130
 

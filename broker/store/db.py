@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -93,7 +94,15 @@ def upgrade_schema(engine: Engine) -> None:
     """Bring the schema to the newest migration (safe to run at every start)."""
     cfg = alembic_config(engine)
     if engine.dialect.name != "postgresql":
-        command.upgrade(cfg, "head")
+        # SQLite: `web` and `worker` started together must not both create tables.
+        database = engine.url.database
+        lock_path = f"{database}.migrate-lock" if database and database != ":memory:" else None
+        if lock_path is None:
+            command.upgrade(cfg, "head")
+            return
+        with open(lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            command.upgrade(cfg, "head")
         return
     with engine.connect() as conn:
         conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _UPGRADE_LOCK})
