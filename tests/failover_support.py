@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -27,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
-import psycopg2.extensions as ext
 from cryptography.fernet import Fernet
 
 from broker.cloud.local import LocalCloud, namespace_pids
+from broker.monitor.health import DeadlinePassed, wait_async
 from broker.monitor.loop import Monitor
 from broker.operations import bindings
 from broker.operations.engine import Engine
@@ -219,24 +218,6 @@ def thaw_everything(cloud: LocalCloud) -> None:
 
 
 # --- the app -------------------------------------------------------------------------------
-class _Deadline(Exception):
-    pass
-
-
-def _wait(conn: Any, deadline: float) -> None:
-    while True:
-        state = conn.poll()
-        if state == ext.POLL_OK:
-            return
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise _Deadline
-        if state == ext.POLL_READ:
-            select.select([conn.fileno()], [], [], remaining)
-        else:
-            select.select([], [conn.fileno()], [], remaining)
-
-
 class Writer(threading.Thread):
     """Inserts increasing ids through the service address; an id counts as acknowledged
     only when its COMMIT returned. Client deadlines: connect 0.5 s, statement 1 s (a
@@ -262,10 +243,10 @@ class Writer(threading.Thread):
         conn = psycopg2.connect(host=c["host"], port=c["port"], user=c["username"],
                                 password=c["password"], dbname=c["name"], async_=True)
         try:
-            _wait(conn, time.monotonic() + self.connect_timeout)
-        except _Deadline:
+            wait_async(conn, time.monotonic() + self.connect_timeout)
+        except DeadlinePassed:
             conn.close()
-            raise _Deadline("connect timed out") from None
+            raise DeadlinePassed("connect timed out") from None
         except BaseException:
             conn.close()
             raise
@@ -277,9 +258,9 @@ class Writer(threading.Thread):
         cur = self._conn.cursor()
         cur.execute("INSERT INTO acked (id) VALUES (%s)", (value,))
         try:
-            _wait(self._conn, time.monotonic() + self.statement_timeout)
-        except _Deadline:
-            raise _Deadline("statement timed out") from None
+            wait_async(self._conn, time.monotonic() + self.statement_timeout)
+        except DeadlinePassed:
+            raise DeadlinePassed("statement timed out") from None
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -288,7 +269,7 @@ class Writer(threading.Thread):
             try:
                 self._insert(value)
                 self.acked.append((value, time.monotonic()))
-            except (psycopg2.Error, _Deadline, OSError) as exc:
+            except (psycopg2.Error, DeadlinePassed, OSError) as exc:
                 self.failures += 1
                 self.last_error = f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:120]}"
                 self.errors.append((time.monotonic(), self.last_error))

@@ -104,11 +104,11 @@ class Probe:
         return next((r for r in self.replicas if r.application_name == application_name), None)
 
 
-class _Deadline(Exception):
-    pass
+class DeadlinePassed(Exception):
+    """An asynchronous connection or query did not finish in time."""
 
 
-def _wait(conn: Any, deadline: float) -> None:
+def wait_async(conn: Any, deadline: float) -> None:
     """Drive an asynchronous psycopg2 connection until it is ready, or the deadline."""
     while True:
         state = conn.poll()
@@ -116,7 +116,7 @@ def _wait(conn: Any, deadline: float) -> None:
             return
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise _Deadline
+            raise DeadlinePassed
         fd = conn.fileno()
         if state == ext.POLL_READ:
             select.select([fd], [], [], remaining)
@@ -152,12 +152,12 @@ def probe(address: str, password: str, *, timeout: float, port: int = 5432) -> P
             host=address, port=port, user="postgres", password=password, dbname="postgres",
             application_name=APPLICATION_NAME, async_=True,
         )
-        _wait(conn, deadline)
+        wait_async(conn, deadline)
         cur = conn.cursor()
         cur.execute(_QUERY)
-        _wait(conn, deadline)
+        wait_async(conn, deadline)
         row = cur.fetchone()
-    except _Deadline:
+    except DeadlinePassed:
         return Probe(address, "down", time.monotonic() - start,
                      error=f"no answer within {timeout:g} s")
     except psycopg2.Error as exc:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -472,8 +472,11 @@ def _quietly(what: str, action: Any, *args: Any) -> None:
 def teardown_node(ctx: Context, node_id: str, *, drop_slot: bool = True) -> None:
     """Delete one node's server, volume and management port; the row ends `deleted`.
 
-    With `drop_slot`, its slot on the primary is dropped first (when the primary
-    answers), so the primary stops keeping WAL for it."""
+    With `drop_slot`, its slot on the primary is dropped (when the primary answers),
+    so the primary stops keeping WAL for it. Order matters: synchronous replication
+    is switched off before the standby goes (or commits would wait for it), and the
+    slot is dropped only after the server is gone (a live standby reconnects at once
+    and holds the slot again)."""
     inst = ctx.instance()
     node = next((n for n in inst.nodes if n.id == node_id), None)
     if node is None or node.state == NODE_DELETED:
@@ -481,15 +484,11 @@ def teardown_node(ctx: Context, node_id: str, *, drop_slot: bool = True) -> None
     if node.state != NODE_DELETING:
         update_node(ctx, node_id, state=NODE_DELETING)
     primary = inst.primary()
-    if drop_slot and primary is not None and primary.id != node_id and node.slot_name:
-        try:
-            with admin_connection(ctx, primary, timeout=3.0) as conn:
-                if inst.sync_standby_node_id == node_id:
-                    admin.set_synchronous_standby(conn, None)
-                admin.drop_slot(conn, node.slot_name)
-        except Exception as exc:  # the primary may be down; the slot goes with it then
-            log.warning("could not drop slot %s on the primary: %s", node.slot_name,
-                        exc.__class__.__name__)
+    on_primary = primary is not None and primary.id != node_id
+    if on_primary and inst.sync_standby_node_id == node_id:
+        assert primary is not None
+        _on_primary(ctx, primary, "switch off synchronous replication",
+                    lambda conn: admin.set_synchronous_standby(conn, None))
     if inst.sync_standby_node_id == node_id:
         update_instance(ctx, sync_standby_node_id=None)
     name = node_resource_name(inst.id, node_id)
@@ -497,6 +496,10 @@ def teardown_node(ctx: Context, node_id: str, *, drop_slot: bool = True) -> None
     servers = {node.server_id} | {r.id for r in tagged if r.kind == "server"}
     for server_id in sorted(s for s in servers if s):
         _quietly(f"server {name}", ctx.cloud.delete_server, server_id)
+    slot = node.slot_name
+    if drop_slot and on_primary and slot:
+        assert primary is not None
+        _on_primary(ctx, primary, f"drop slot {slot}", lambda conn: admin.drop_slot(conn, slot))
     volumes = {node.volume_id} | {r.id for r in tagged if r.kind == "volume"}
     for volume_id in sorted(v for v in volumes if v):
         _quietly(f"volume {name}", ctx.cloud.delete_volume, volume_id)
@@ -504,6 +507,15 @@ def teardown_node(ctx: Context, node_id: str, *, drop_slot: bool = True) -> None
     for port_id in sorted(p for p in ports if p):
         _quietly(f"port {name}", ctx.cloud.delete_port, port_id)
     update_node(ctx, node_id, state=NODE_DELETED)
+
+
+def _on_primary(ctx: Context, primary: Node, what: str,
+                action: Callable[[Connection], None]) -> None:
+    try:
+        with admin_connection(ctx, primary, timeout=3.0) as conn:
+            action(conn)
+    except Exception as exc:  # the primary may be down; its slot goes with it then
+        log.warning("could not %s on the primary: %s", what, exc.__class__.__name__)
 
 
 def instance_resources(ctx: Context) -> list[CloudResource]:
