@@ -3,5 +3,5 @@
 pytest_plugins = [
     "tests.fixtures.pg",
     "tests.fixtures.local",
-    "tests.fixtures.openstack",  # added by helper "openstack"
+    "tests.fixtures.openstack",
 ]

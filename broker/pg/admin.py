@@ -1,6 +1,6 @@
 """PostgreSQL administration over psycopg2: the broker's hands inside a node.
 
-CONTRACT (signatures fixed). Every function is idempotent.
+Every function is idempotent (operations re-run their steps after a crash).
 Connections are autocommit, user `postgres`, application_name `pgha-broker`.
 
 Secrets never reach a message: passwords are sent as SCRAM verifiers computed here
