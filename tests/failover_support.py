@@ -44,6 +44,7 @@ from broker.store.models import (
     Operation,
 )
 from tests.fixtures.local import (
+    crash_namespace,
     free_test_network,
     list_interfaces,
     list_namespaces,
@@ -167,17 +168,7 @@ def netns(cloud: LocalCloud, server_id: str) -> str:
 
 def kill_server(cloud: LocalCloud, server_id: str, *, links_down: bool = False) -> None:
     """kill -9 every process in the server's namespace (and cut its links: a dead host)."""
-    ns = netns(cloud, server_id)
-    if links_down:
-        out = subprocess.run(["ip", "-n", ns, "-o", "link", "show"], capture_output=True,
-                             text=True, check=True).stdout
-        for line in out.splitlines():
-            name = line.split(":", 2)[1].strip().split("@", 1)[0]
-            if name != "lo":
-                subprocess.run(["ip", "-n", ns, "link", "set", name, "down"], check=True)
-    for pid in namespace_pids(ns):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    crash_namespace(netns(cloud, server_id), links_down=links_down)
 
 
 def freeze_server(cloud: LocalCloud, server_id: str) -> list[int]:

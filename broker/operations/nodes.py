@@ -466,11 +466,15 @@ def _quietly(what: str, action: Any, *args: Any) -> None:
     try:
         action(*args)
     except CloudError as exc:
-        raise CloudError(f"could not delete {what}: {exc}") from exc
+        # Same class, so a transient error stays retryable.
+        raise exc.__class__(f"could not delete {what}: {exc}") from exc
 
 
-def teardown_node(ctx: Context, node_id: str, *, drop_slot: bool = True) -> None:
+def teardown_node(ctx: Context, node_id: str, *, drop_slot: bool = True,
+                  keep_volumes: bool = False) -> None:
     """Delete one node's server, volume and management port; the row ends `deleted`.
+
+    With `keep_volumes` its volume stays (a resurrected node carries it on).
 
     With `drop_slot`, its slot on the primary is dropped (when the primary answers),
     so the primary stops keeping WAL for it. Order matters: synchronous replication
@@ -501,7 +505,7 @@ def teardown_node(ctx: Context, node_id: str, *, drop_slot: bool = True) -> None
         assert primary is not None
         _on_primary(ctx, primary, f"drop slot {slot}", lambda conn: admin.drop_slot(conn, slot))
     volumes = {node.volume_id} | {r.id for r in tagged if r.kind == "volume"}
-    for volume_id in sorted(v for v in volumes if v):
+    for volume_id in sorted(v for v in volumes if v and not keep_volumes):
         _quietly(f"volume {name}", ctx.cloud.delete_volume, volume_id)
     ports = {node.management_port_id} | {r.id for r in tagged if r.kind == "port"}
     for port_id in sorted(p for p in ports if p):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
-from broker.cloud.base import TAG_NODE, CloudError, FenceError
+from broker.cloud.base import CloudError, FenceError
 from broker.operations import nodes, promotion
 from broker.operations.engine import Context, Step, StepFailed, Workflow, register
 from broker.store.models import (
@@ -34,7 +34,6 @@ from broker.store.models import (
     OLD_PRIMARY,
     PRIMARY,
     READY,
-    Instance,
     Node,
     utcnow,
 )
@@ -126,23 +125,8 @@ def remove_old(ctx: Context) -> None:
     old = promotion.node_row(ctx, old_id)
     if old.state == NODE_DELETED:
         return
-    tagged = [r for r in ctx.cloud.find_resources(ctx.instance_id)
-              if r.tags.get(TAG_NODE) == old_id]
-    servers = {old.server_id} | {r.id for r in tagged if r.kind == "server"}
-    for server_id in sorted(s for s in servers if s):
-        ctx.cloud.delete_server(server_id)
-    ports = {old.management_port_id} | {r.id for r in tagged if r.kind == "port"}
-    for port_id in sorted(p for p in ports if p):
-        ctx.cloud.delete_port(port_id)
-    now = utcnow()
-    with ctx.store.session() as s:
-        row = s.get(Node, old_id)
-        inst = s.get(Instance, ctx.instance_id)
-        assert row is not None and inst is not None
-        row.state = NODE_DELETED
-        inst.state = READY
-        inst.state_reason = None
-        inst.last_failover_at = now
+    nodes.teardown_node(ctx, old_id, drop_slot=False, keep_volumes=True)
+    nodes.update_instance(ctx, state=READY, state_reason=None, last_failover_at=utcnow())
     promotion.set_outcome(ctx, "succeeded")
 
 

@@ -15,23 +15,20 @@ cloud would make to the data plane is passed on to a LocalCloud:
 from __future__ import annotations
 
 import base64
-import contextlib
 import gzip
 import json
 import logging
-import os
-import signal
-import subprocess
 import threading
 from typing import Any
 
 import yaml
 
 from broker.cloud.base import ServerSpec
-from broker.cloud.local import LocalCloud, namespace_pids
+from broker.cloud.local import LocalCloud
 from broker.cloud.openstack.userdata import BOOTSTRAP_PATH, CONFIG_PATH, bootstrap_source
 from broker.guest.bootstrap import GuestConfig
 from tests.fakes.openstack.state import CloudState, Port, Server, Volume
+from tests.fixtures.local import crash_namespace
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +114,7 @@ class LocalBackend:
         local_id = self.servers.get(server.id)
         if local_id is None:
             return
-        ns = self.local.namespace(local_id)
-        out = subprocess.run(["ip", "-n", ns, "-o", "link", "show"], capture_output=True,
-                             text=True, check=False).stdout
-        for line in out.splitlines():
-            name = line.split(":", 2)[1].strip().split("@", 1)[0]
-            if name != "lo":
-                subprocess.run(["ip", "-n", ns, "link", "set", name, "down"], check=False)
-        for pid in namespace_pids(ns):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        crash_namespace(self.local.namespace(local_id), links_down=True)
 
     def power_off(self, server: Server) -> None:
         local_id = self.servers.get(server.id)
