@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import string
+import tempfile
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
@@ -53,13 +54,18 @@ def load_or_create_key(state_dir: Path, configured: str | None) -> str:
         return path.read_text().strip()
     state_dir.mkdir(parents=True, exist_ok=True)
     key = Fernet.generate_key().decode()
-    # O_EXCL: two processes starting at once must not write two different keys.
+    # Written whole to a private temp file, then linked into place: two processes
+    # starting at once never see a half-written key, and the first link wins.
+    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".key-")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as handle:
-        handle.write(key + "\n")
+        with os.fdopen(fd, "w") as handle:  # mkstemp makes it 0600
+            handle.write(key + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return path.read_text().strip()
+    finally:
+        os.unlink(tmp)
     return key
 
 

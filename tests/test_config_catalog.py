@@ -138,3 +138,20 @@ def test_secrets_round_trip_and_key_file_is_private(tmp_path: Path) -> None:
 def test_bad_encryption_key_is_explained() -> None:
     with pytest.raises(ConfigError, match="BROKER_ENCRYPTION_KEY is not a valid key"):
         Vault("short")
+
+
+def _key_in(state_dir: str) -> str:
+    return load_or_create_key(Path(state_dir), None)
+
+
+def test_processes_starting_together_share_one_key(tmp_path: Path) -> None:
+    """web and worker start at once: both must end up with the same, whole key."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(8) as pool:
+        for round_ in range(20):
+            state_dir = tmp_path / str(round_)
+            keys = pool.map(_key_in, [str(state_dir)] * 8)
+            assert len(set(keys)) == 1 and keys[0], keys
+            assert (state_dir / "encryption.key").read_text().strip() == keys[0]
+            assert [p.name for p in state_dir.iterdir()] == ["encryption.key"]

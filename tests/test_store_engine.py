@@ -155,7 +155,7 @@ def test_web_and_worker_starting_together_upgrade_sqlite_once(tmp_path: Path) ->
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True) for _ in range(8)]
     results = [(p.wait(timeout=60), p.stderr.read() if p.stderr else "") for p in runs]
-    assert all(code == 0 for code, _ in results), results
+    assert all(code == 0 for code, _ in results), [r for r in results if r[0] != 0]
     store = Store(f"sqlite:///{tmp_path / 'broker.sqlite3'}")
     assert "operations" in inspect(store.engine).get_table_names()
     store.dispose()
