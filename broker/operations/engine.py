@@ -407,16 +407,3 @@ def _plain(exc: BaseException) -> str:
     if isinstance(exc, psycopg2.Error):
         return f"PostgreSQL: {text}"
     return f"{exc.__class__.__name__}: {text}"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
-               interval: float = 0.1) -> None:
-    """Bounded polling; raises StepFailed naming `what` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return
-        if time.monotonic() > deadline:
-            raise StepFailed(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-

@@ -144,10 +144,6 @@ def call(what: str, fn: Callable[[], T], policy: RetryPolicy, *,
             raise CloudError(f"{what}: {verdict.text}") from None
 
 
-def status_of(exc: BaseException) -> int | None:
-    return exc.status_code if isinstance(exc, os_exc.HttpException) else None
-
-
 # --- reporting waits ----------------------------------------------------------------------
 _reporter = threading.local()
 

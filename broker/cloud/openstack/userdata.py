@@ -162,7 +162,3 @@ def render_user_data(guest: GuestConfig, routing: ServiceRouting | None) -> str:
 
 def encode_user_data(text: str) -> str:
     return _b64(text.encode())
-
-
-def decode_user_data(encoded: str) -> str:
-    return base64.b64decode(encoded).decode()
