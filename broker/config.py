@@ -24,7 +24,7 @@ DEFAULT_STATE_DIR = Path("/var/lib/pgha-broker")
 
 @dataclass(frozen=True)
 class MonitorSettings:
-    """How the monitor decides that a node is dead (issue 3)."""
+    """How the monitor decides that a node is dead."""
 
     check_interval: float = 1.0
     connect_timeout: float = 1.0

@@ -21,8 +21,8 @@ decided, the old primary, the standby and the primary's last LSN. Steps:
   plugging the port in right after the fence keeps that dark window to the port
   move itself (~25 ms each way on the local cloud). The promotion (~0.1 s) then
   happens with the address in place: clients that connect meanwhile get a fast
-  "read-only transaction" error and retry at once (NOTES §3 measured this order
-  better: 0.14-0.22 s to the first write, ~1.05 s only when a reconnect hit the move).
+  "read-only transaction" error and retry at once (measured on the local cloud, this
+  order is better: 0.14-0.22 s to the first write, ~1.05 s only when a reconnect hit the move).
   The old primary is fenced by then, so no second writer can appear.
 - promote: pg_promote (idempotent); the store's roles move; the event is stamped.
 - rebuild_queued: a `rebuild` operation makes a new standby in the old primary's

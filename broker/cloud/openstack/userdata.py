@@ -7,7 +7,8 @@ hot-plugged during a failover:
 - cloud-init `updates: network: when: [boot, hotplug]` brings the new NIC up;
 - a udev hook adds source routing for the service address, so that replies leave
   through the service NIC (Neutron's anti-spoofing drops them on any other port);
-- ARP sysctls for two NICs that may share one subnet (NOTES.md §3).
+- ARP sysctls for two NICs that may share one subnet (without them the host
+  learns the wrong MAC and loses a node for ~20 s after a port move).
 
 The config file holds passwords: it is written 0600, and this text is never logged.
 """
