@@ -12,7 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from flask import g, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
+from broker.api import jsonbody
 from broker.api.errors import bad_request
 from broker.catalog import Catalog, Plan
 
@@ -42,10 +44,21 @@ def requested_maintenance_version(body: dict[str, Any]) -> str | None:
 
 
 def _json_object() -> dict[str, Any]:
-    body = request.get_json(silent=True)
+    wanted = "the request body must be a JSON object, sent with Content-Type: application/json"
+    if not request.is_json:
+        raise bad_request(wanted)
+    # Over the app's MAX_CONTENT_LENGTH this raises RequestEntityTooLarge (413)...
+    data = request.get_data(cache=True)
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(data) >= limit:
+        # ...but a chunked body werkzeug cuts at the limit without a word.
+        raise RequestEntityTooLarge()
+    try:
+        body = jsonbody.loads(data)
+    except jsonbody.UnparsableJson as exc:
+        raise bad_request(f"{wanted}; this one is not JSON the broker accepts: {exc}") from None
     if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object, sent with "
-                          "Content-Type: application/json")
+        raise bad_request(wanted)
     return body
 
 
