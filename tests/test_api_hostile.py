@@ -454,3 +454,17 @@ def test_slow_loris_is_cut_off_and_does_not_block_others(serve_broker: Broker) -
             sock.close()
     assert_one_line_per_record(serve_broker.log_since(offset))
     assert _health_time(port) < 1.0
+
+
+@pytest.mark.parametrize(("name", "value"), [("BROKER_SERVE_THREADS", "0"),
+                                             ("BROKER_SERVE_THREADS", "many"),
+                                             ("BROKER_SERVE_TIMEOUT", "-1")])
+def test_serve_refuses_bad_limits(tmp_path: Path, name: str, value: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "broker", "serve"], capture_output=True,
+                         text=True, cwd=ROOT, check=False, timeout=60, env={
+                             "PATH": "/usr/bin:/bin", "BROKER_USERNAME": "u",
+                             "BROKER_PASSWORD": "p", "BROKER_STATE_DIR": str(tmp_path),
+                             name: value})
+    assert out.returncode == 2, out.stderr
+    assert f"{name} must be a positive number" in out.stderr
+    assert "Traceback" not in out.stderr
