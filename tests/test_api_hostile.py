@@ -366,6 +366,9 @@ def test_body_over_one_mib_is_a_413_without_reading_it(broker: Broker) -> None:
     head = declared + b"Transfer-Encoding: chunked\r\n\r\n"
     answer, _ = _big_body_answer(broker.port, head, _chunked(2 * MIB))
     assert_osb_error(answer, 413)
+    # Broken chunk framing is the client's fault too.
+    answer, _ = _big_body_answer(broker.port, head, iter([b"zz\r\nabc\r\n0\r\n\r\n"]))
+    assert_osb_error(answer, 400)
     # Exactly 1 MiB with a Content-Length is within the limit (a 400: it is no JSON).
     head = declared + f"Content-Length: {MIB}\r\n\r\n".encode()
     answer, _ = _big_body_answer(broker.port, head, _zeros(MIB))
