@@ -52,7 +52,7 @@ def loads(data: bytes | str) -> Any:
 
 
 def _check_tree(value: Any) -> None:
-    """Depth and strings, without recursion (the tree may be just under the limit)."""
+    """Depth and strings, iteratively (what parsed may be ~1000 levels deep)."""
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()

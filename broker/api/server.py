@@ -84,8 +84,6 @@ class ApiServer(ThreadedWSGIServer):
                  timeout: float) -> None:
         handler = type("ApiHandler", (_Handler,), {"timeout": timeout})
         super().__init__(host, port, app, handler=handler)
-        self.threads = threads
-        self.request_timeout = timeout
         self._slots = threading.BoundedSemaphore(threads)
 
     def process_request(self, request: Any, client_address: Any) -> None:
