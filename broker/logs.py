@@ -2,6 +2,9 @@
 
 Code never logs a secret on purpose; `RedactSecrets` also masks anything shaped
 like one (URI passwords, `password=...`, Basic credentials) in case a library does.
+`OneLine` escapes every control character of the finished line (the message, an
+exception's traceback, a library's text alike), so that nothing a client sends,
+percent-decoded paths included, can start a forged log line or reach a terminal raw.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from typing import TextIO
 
 _PATTERNS = [
     (re.compile(r"(\w+://[^:/@\s]+:)[^@\s]+@"), r"\1***@"),
@@ -17,11 +21,29 @@ _PATTERNS = [
     (re.compile(r"(?i)(PASSWORD\s+)'[^']*'"), r"\1'***'"),
 ]
 
+# C0, DEL, C1; the Unicode line and paragraph separators (str.splitlines() and some
+# log viewers break lines there); bidirectional overrides, which reorder what a reader
+# sees; lone surrogates (undecodable bytes under surrogateescape, or a JSON "\ud800").
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+                     "\ud800-\udfff]")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
+
 
 def redact(text: str) -> str:
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
     return text
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def escape_control(text: str) -> str:
+    """`text` with every unsafe character written as `\\xNN` or `\\uNNNN`."""
+    return _UNSAFE.sub(_escaped, text)
 
 
 class RedactSecrets(logging.Filter):
@@ -33,13 +55,34 @@ class RedactSecrets(logging.Filter):
         return True
 
 
-def setup_logging(level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"))
+class OneLine(logging.Formatter):
+    """Formats with `inner`, then escapes the whole line: one record, one line."""
+
+    def __init__(self, inner: logging.Formatter | None = None) -> None:
+        super().__init__()
+        self._inner = inner or logging.Formatter(LOG_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return escape_control(self._inner.format(record))
+
+
+def one_line_handlers(logger: logging.Logger) -> None:
+    """Wrap the formatter of every handler of `logger` (one set up by a library) in `OneLine`."""
+    for handler in logger.handlers:
+        if not isinstance(handler.formatter, OneLine):
+            handler.setFormatter(OneLine(handler.formatter))
+
+
+def make_handler(stream: TextIO) -> logging.Handler:
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(OneLine())
     handler.addFilter(RedactSecrets())
+    return handler
+
+
+def setup_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [make_handler(sys.stderr)]
     root.setLevel(level)
     # Third-party chatter that could echo request details at DEBUG.
     for noisy in ("urllib3", "keystoneauth", "openstack", "werkzeug", "alembic"):

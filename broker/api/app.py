@@ -18,12 +18,17 @@ from broker.runtime import Runtime
 
 log = logging.getLogger("broker.api")
 
+# The largest body accepted (413 beyond): OSB bodies are a few KiB, parameters included.
+MAX_BODY = 1024 * 1024
+
 
 def create_app(runtime: Runtime, *, on_enqueue: Callable[[], None] | None = None) -> Flask:
     """The broker's Flask app; `on_enqueue` is called after an operation was queued."""
     # The library dumps every header (Authorization included) at DEBUG: keep it quiet.
     logging.getLogger("openbrokerapi.request_filter").setLevel(logging.INFO)
     app = Flask("broker.api")
+    # Refused from Content-Length before reading, or once a chunked body passes it.
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     service_broker = PgHaServiceBroker(runtime, on_enqueue=on_enqueue)
     # Authentication is ours (constant time, before the version check): the
     # library's own filter is a no-op.

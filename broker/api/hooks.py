@@ -5,7 +5,10 @@ blueprint's own filters):
 1. basic auth, compared in constant time → 401 before anything else;
 2. X-Broker-API-Version: missing → 400, malformed or not 2.x with x ≥ 13 → 412
    (the library answers 500 for a non-numeric version);
-3. body, ids and catalog references checked → 400 naming the field.
+3. X-Broker-API-Originating-Identity, when sent, must be `platform base64(JSON
+   object)` → else 400;
+4. body, ids and catalog references checked → 400 naming the field; a body over
+   the app's MAX_CONTENT_LENGTH → 413.
 After the view: echo X-Broker-API-Request-Identity, add Retry-After and the
 fields the library's response classes lack, and log one line per request with
 the decoded originating identity (never the Authorization header): at INFO for
@@ -25,8 +28,9 @@ import time
 from typing import Any
 
 from flask import Blueprint, Flask, Response, g, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from broker.api import jsonbody
 from broker.api.errors import ApiError, api_error_response, error_response
 from broker.api.validation import check_request
 from broker.runtime import Runtime
@@ -40,6 +44,7 @@ MIN_MINOR = 13
 _VERSION = re.compile(r"^2\.([0-9]{1,4})$")
 _UNAUTHENTICATED = frozenset({"health"})
 _MAX_LOGGED = 300
+_MAX_PLATFORM = 64
 
 
 class BasicAuth:
@@ -73,17 +78,45 @@ def check_version() -> tuple[Response, int] | None:
     return None
 
 
+def parse_identity(header: str) -> tuple[str, dict[str, Any]]:
+    """X-Broker-API-Originating-Identity as (platform, object); ValueError saying why not."""
+    platform, _, value = header.strip().partition(" ")
+    if not platform or len(platform) > _MAX_PLATFORM or not platform.isprintable():
+        raise ValueError(f"the platform must be 1 to {_MAX_PLATFORM} printable characters")
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the value after the platform is not base64") from None
+    try:
+        decoded = jsonbody.loads(raw)
+    except jsonbody.UnparsableJson as exc:
+        raise ValueError(f"the decoded value is not JSON the broker accepts: {exc}") from None
+    if not isinstance(decoded, dict):
+        raise ValueError("the decoded value is not a JSON object")
+    return platform, decoded
+
+
+def check_identity() -> tuple[Response, int] | None:
+    header = request.headers.get(IDENTITY_HEADER)
+    if not header:
+        return None
+    try:
+        g.identity = parse_identity(header)
+    except ValueError as exc:
+        return error_response(400, f"{IDENTITY_HEADER} must be `platform base64(JSON "
+                              f"object)`: {exc}")
+    return None
+
+
 def describe_identity(header: str | None) -> str:
     """`platform {json}` from X-Broker-API-Originating-Identity, for the log line."""
     if not header:
         return "-"
-    platform, _, value = header.strip().partition(" ")
-    platform = "".join(c for c in platform if c.isprintable())[:40] or "?"
     try:
-        decoded = json.loads(base64.b64decode(value.strip(), validate=True))
-        text = json.dumps(decoded, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    except (ValueError, binascii.Error):
-        text = "(undecodable)"
+        platform, decoded = g.get("identity") or parse_identity(header)
+    except ValueError:
+        return "(undecodable)"
+    text = json.dumps(decoded, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return f"{platform} {text[:_MAX_LOGGED]}"
 
 
@@ -110,7 +143,7 @@ def install(app: Flask, blueprint: Blueprint, runtime: Runtime) -> None:
             response, status = error_response(401, "missing or wrong broker credentials")
             response.headers["WWW-Authenticate"] = 'Basic realm="pgha-broker"'
             return response, status
-        refused = check_version()
+        refused = check_version() or check_identity()
         if refused is not None:
             return refused
         try:
@@ -122,7 +155,9 @@ def install(app: Flask, blueprint: Blueprint, runtime: Runtime) -> None:
     @app.after_request
     def finish(response: Response) -> Response:
         request_id = request.headers.get(REQUEST_ID_HEADER)
-        if request_id:
+        # A value with a control character cannot be a response header (werkzeug
+        # raises): such an id is not echoed.
+        if request_id and request_id.isprintable():
             response.headers[REQUEST_ID_HEADER] = request_id
         retry_after = g.get("retry_after")
         if retry_after is not None:
@@ -155,7 +190,11 @@ def install(app: Flask, blueprint: Blueprint, runtime: Runtime) -> None:
 
     def handle_http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
-        response, _ = error_response(status, exc.description or "request failed")
+        description = exc.description or "request failed"
+        if isinstance(exc, RequestEntityTooLarge):
+            description = (f"the request body is larger than the broker accepts "
+                           f"({request.max_content_length} bytes)")
+        response, _ = error_response(status, description)
         response.status_code = status
         for name, value in exc.get_headers():
             if name.lower() != "content-type":

@@ -12,7 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from flask import g, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from broker.api import jsonbody
 from broker.api.errors import bad_request
 from broker.catalog import Catalog, Plan
 
@@ -42,10 +44,29 @@ def requested_maintenance_version(body: dict[str, Any]) -> str | None:
 
 
 def _json_object() -> dict[str, Any]:
-    body = request.get_json(silent=True)
+    wanted = "the request body must be a JSON object, sent with Content-Type: application/json"
+    if not request.is_json:
+        raise bad_request(wanted)
+    try:
+        # Over the app's MAX_CONTENT_LENGTH this raises RequestEntityTooLarge (413)...
+        data = request.get_data(cache=True)
+    except HTTPException:
+        raise
+    except Exception as exc:
+        # The server's parser failing on what the client sent (gunicorn raises its own
+        # ParseException for a bad chunk size): the client's fault, not the broker's.
+        raise bad_request(f"the request body could not be read ({type(exc).__name__})") \
+            from None
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(data) >= limit:
+        # ...but a chunked body werkzeug cuts at the limit without a word.
+        raise RequestEntityTooLarge()
+    try:
+        body = jsonbody.loads(data)
+    except jsonbody.UnparsableJson as exc:
+        raise bad_request(f"{wanted}; this one is not JSON the broker accepts: {exc}") from None
     if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object, sent with "
-                          "Content-Type: application/json")
+        raise bad_request(wanted)
     return body
 
 

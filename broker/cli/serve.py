@@ -11,7 +11,7 @@ from typing import Any
 
 from flask import Flask
 
-from broker.config import Settings
+from broker.config import ConfigError, Settings
 from broker.runtime import Runtime, build_runtime
 
 log = logging.getLogger("broker")
@@ -67,22 +67,35 @@ def _check_cloud(runtime: Runtime) -> None:
     log.info("cloud driver: %s", cloud.name)
 
 
+def _positive(name: str, default: str, kind: type[int] | type[float]) -> float:
+    raw = os.environ.get(name) or default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a positive number, got {raw!r}") from None
+    if not value > 0:
+        raise ConfigError(f"{name} must be a positive number, got {raw!r}")
+    return value
+
+
 def serve(settings: Settings) -> int:
     """Everything in one process: the embedded default."""
-    from werkzeug.serving import make_server
-
     from broker.api.app import create_app
+    from broker.api.server import ApiServer
 
+    threads = int(_positive("BROKER_SERVE_THREADS", "8", int))
+    timeout = _positive("BROKER_SERVE_TIMEOUT", "10", float)
     runtime = build_runtime(settings)
     _check_cloud(runtime)
     background = Background(runtime)
     app = create_app(runtime, on_enqueue=background.engine.wake)
     listen = os.environ.get("BROKER_LISTEN", "127.0.0.1")
-    server = make_server(listen, settings.port, app, threaded=True)
+    server = ApiServer(listen, settings.port, app, threads=threads, timeout=timeout)
     _on_term(background.stop, server.shutdown)
     background.start()
-    log.info("broker serving the OSB API on http://%s:%d (cloud %s, state %s)", listen,
-             settings.port, settings.cloud, "sqlite" if settings.is_sqlite else "postgresql")
+    log.info("broker serving the OSB API on http://%s:%d (cloud %s, state %s, %d threads, "
+             "%.0f s per request)", listen, settings.port, settings.cloud,
+             "sqlite" if settings.is_sqlite else "postgresql", threads, timeout)
     try:
         server.serve_forever()
     finally:
@@ -108,8 +121,19 @@ def worker(settings: Settings) -> int:
 def web(settings: Settings) -> int:
     """The API under gunicorn; each gunicorn worker builds its own runtime after fork."""
     from gunicorn.app.base import BaseApplication
+    from gunicorn.glogging import Logger
+
+    from broker.logs import one_line_handlers
 
     build_runtime(settings).store.dispose()  # upgrade the schema once, before forking
+
+    class _OneLineLogger(Logger):  # type: ignore[misc]
+        """gunicorn's error and access logs, escaped like the broker's own."""
+
+        def setup(self, cfg: Any) -> None:
+            super().setup(cfg)
+            one_line_handlers(self.error_log)
+            one_line_handlers(self.access_log)
 
     class _App(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -124,6 +148,7 @@ def web(settings: Settings) -> int:
                 "accesslog": "-",
                 # No headers in the access log: Authorization must never be written.
                 "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(L)ss',
+                "logger_class": _OneLineLogger,
             }
             for key, value in options.items():
                 self.cfg.set(key, value)
