@@ -1,6 +1,6 @@
 """Provisioning latency: PUT /v2/service_instances/:id → last_operation `succeeded`.
 
-Through the real HTTP API (the broker's Flask app served by werkzeug in a thread)
+Through the real HTTP API (the broker's Flask app in the server `broker serve` uses, in a thread)
 with the operation worker running in another thread, on a local cloud with its own
 bridge and /24 (like the tests); everything is removed afterwards. last_operation
 is polled every 50 ms so that the figure is the broker's time, not the platform's
@@ -30,11 +30,11 @@ from typing import Any
 
 import requests
 from cryptography.fernet import Fernet
-from werkzeug.serving import make_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from broker.api.app import create_app
+from broker.api.server import ApiServer
 from broker.operations import workflows  # noqa: F401 - registers the workflows
 from broker.operations.engine import Engine
 from tests.fixtures.local import make_local_cloud
@@ -76,7 +76,7 @@ def run(plans: list[str], runs: int) -> dict[str, Any]:
         worker.start()
         app = create_app(runtime, on_enqueue=engine.wake)
         port = free_port()
-        server = make_server("127.0.0.1", port, app, threaded=True)
+        server = ApiServer("127.0.0.1", port, app, threads=8, timeout=10.0)  # as `serve`
         threading.Thread(target=server.serve_forever, daemon=True).start()
         base = f"http://127.0.0.1:{port}"
         session = requests.Session()
