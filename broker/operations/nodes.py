@@ -449,7 +449,10 @@ def apply_parameters(ctx: Context, parameters: dict[str, Any]) -> None:
     extensions = list(parameters.get("extensions") or [])
     if extensions:
         with admin_connection(ctx, primary, dbname=admin.APP_DATABASE) as conn:
-            admin.ensure_extensions(conn, extensions)
+            try:
+                admin.ensure_extensions(conn, extensions)
+            except ValueError as exc:
+                raise StepFailed(str(exc)) from None
     if "statement_timeout_ms" in parameters:
         timeout_ms = parameters["statement_timeout_ms"] or 0
         if not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool) or timeout_ms < 0:
