@@ -174,7 +174,8 @@ def test_settings_extensions_slots_and_promote_on_a_primary(node: Node) -> None:
     with node.conn.cursor() as cur:
         cur.execute("SELECT setconfig FROM pg_db_role_setting s JOIN pg_database d "
                     "ON d.oid = s.setdatabase WHERE d.datname = 'appdb' AND s.setrole = 0")
-        assert cur.fetchone() == (["statement_timeout=1500"],)
+        assert cur.fetchone() == (['search_path="$user", public, extensions',
+                                   "statement_timeout=1500"],)
     admin.set_database_setting(node.conn, "appdb", "statement_timeout", None)
     admin.ensure_extensions(node.appdb, ["pgcrypto"])
     admin.ensure_extensions(node.appdb, ["pgcrypto"])

@@ -232,6 +232,8 @@ def ensure_tenant_model(conn: Connection, *, database: str = APP_DATABASE) -> No
     in), and database settings the tenant made as owner are removed. The database's
     owner changes last: `tenant_model_in_place` is true only once everything is done."""
     db = sql.Identifier(database)
+    # First, so that no setting of the tenant's applies to the session opened below.
+    _reset_database_settings(conn, database)
     for group in (APP_OWNER, READ_ONLY_GROUP):
         if not _role_exists(conn, group):
             _execute(conn, sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(group)))
@@ -252,11 +254,7 @@ def ensure_tenant_model(conn: Connection, *, database: str = APP_DATABASE) -> No
         _execute(conn, sql.SQL("REVOKE {} FROM {}").format(
             sql.Identifier(LEGACY_READ_ONLY_GROUP), sql.Identifier(role)))
     with _transaction(conn):
-        for name in _database_settings(conn, database):
-            if name not in BROKER_DATABASE_SETTINGS:
-                set_database_setting(conn, database, name, None)
-        _execute(conn, sql.SQL("ALTER DATABASE {} SET search_path = {}").format(
-            db, sql.SQL(", ").join(sql.Literal(s) for s in APP_SEARCH_PATH)))
+        _reset_database_settings(conn, database)  # again: the tenant owned it until now
         # The owner first: a new owner takes over the old owner's own ACL entries.
         _execute(conn, sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
             db, sql.Identifier(ADMIN_USER)))
@@ -265,6 +263,14 @@ def ensure_tenant_model(conn: Connection, *, database: str = APP_DATABASE) -> No
             db, sql.Identifier(APP_OWNER)))
         _execute(conn, sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
             db, sql.Identifier(READ_ONLY_GROUP)))
+
+
+def _reset_database_settings(conn: Connection, database: str) -> None:
+    for name in _database_settings(conn, database):
+        if name not in BROKER_DATABASE_SETTINGS:
+            set_database_setting(conn, database, name, None)
+    _execute(conn, sql.SQL("ALTER DATABASE {} SET search_path = {}").format(
+        sql.Identifier(database), sql.SQL(", ").join(sql.Literal(s) for s in APP_SEARCH_PATH)))
 
 
 def _grant_inside_database(conn_appdb: Connection) -> None:
