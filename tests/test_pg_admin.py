@@ -194,3 +194,23 @@ def test_settings_extensions_slots_and_promote_on_a_primary(node: Node) -> None:
     admin.set_synchronous_standby(node.conn, None)
     status = admin.replication_status(node.conn)
     assert not status.in_recovery and status.standbys == () and status.lsn > 0
+
+
+def test_extensions_never_run_with_a_tenant_schema_on_their_path(node: Node) -> None:
+    # cube is trusted, so an app may create it in a schema of its own; earthdistance's
+    # script (run as superuser) would then have that schema on its search_path.
+    with node.appdb.cursor() as cur:
+        cur.execute("SET ROLE app_owner")
+        cur.execute("CREATE SCHEMA tenant_ext")
+        cur.execute("CREATE EXTENSION cube SCHEMA tenant_ext")
+        cur.execute("RESET ROLE")
+    with pytest.raises(ValueError, match="requires cube"):
+        admin.ensure_extensions(node.appdb, ["earthdistance"])
+    assert scalar(node.appdb, "SELECT count(*) FROM pg_extension "
+                  "WHERE extname = 'earthdistance'") == 0
+    with node.appdb.cursor() as cur:
+        cur.execute("DROP SCHEMA tenant_ext CASCADE")
+    admin.ensure_extensions(node.appdb, ["earthdistance"])  # cube comes along, safely
+    assert scalar(node.appdb, "SELECT string_agg(n.nspname, ',') FROM pg_extension e "
+                  "JOIN pg_namespace n ON n.oid = e.extnamespace "
+                  "WHERE extname IN ('cube', 'earthdistance')") == "extensions,extensions"
