@@ -496,3 +496,33 @@ def test_an_instance_of_the_earlier_model_is_hardened_by_its_next_bind(ha_env: E
         env.unbind(binding)
     for credentials in (writer, reader, newcomer):
         assert not logs_in(credentials)
+
+
+@pytest.fixture
+def standalone_env(tmp_path: Path) -> Iterator[Env]:
+    yield from make_env(tmp_path, "standalone")
+
+
+def test_an_earlier_model_instance_is_hardened_before_its_pg_hba_is_rewritten(
+        standalone_env: Env) -> None:
+    """A standby added to an instance of the earlier model rewrites the primary's pg_hba
+    with the new read-only group: the earlier read-only roles must be in it by then."""
+    env = standalone_env
+    writer, reader = env.bind("old-writer"), env.bind("old-reader", read_only=True)
+    app = connect_with(writer)
+    with app.cursor() as cur:
+        cur.execute("CREATE TABLE public.ledger (id int)")
+        cur.execute("INSERT INTO public.ledger VALUES (1)")
+    app.close()
+    downgrade_to_earlier_model(env, reader["username"],
+                               [writer["username"], reader["username"]])
+    update(env.runtime, env.engine, env.instance_id, "ha")
+    ro = connect_with(reader)  # admitted by the rewritten pg_hba
+    assert value(ro, "SELECT id FROM public.ledger") == 1
+    refused(ro, "SELECT count(*) FROM pg_catalog.pg_authid")
+    ro.close()
+    conn = env.connect_admin("postgres")
+    assert admin.tenant_model_in_place(conn)
+    conn.close()
+    env.unbind("old-writer")
+    env.unbind("old-reader")

@@ -231,6 +231,10 @@ def refresh_hba(ctx: Context, node_id: str) -> None:
                              peer_addresses=list(peer_addresses(inst, node_id)),
                              app_cidrs=list(app_cidrs))
     with admin_connection(ctx, node) as conn:
+        if node.role == PRIMARY and not admin.tenant_model_in_place(conn):
+            # Made by an earlier version: its read-only roles join the group that the
+            # new pg_hba admits before that file replaces the one naming the old group.
+            admin.ensure_tenant_model(conn)
         admin.set_hba(conn, lines)
 
 
