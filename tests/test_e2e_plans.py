@@ -74,7 +74,7 @@ def _rows_on(runtime: Runtime, inst: Any, host: str) -> list[tuple[Any, ...]]:
     conn = connect_as_admin(runtime, inst, host)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT id, note FROM notes ORDER BY id")
+            cur.execute("SELECT id, note FROM public.notes ORDER BY id")
             return list(cur.fetchall())
     finally:
         conn.close()

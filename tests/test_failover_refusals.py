@@ -179,7 +179,7 @@ def _lagging_standby_is_refused(env: FailoverEnv) -> None:
                              env.runtime.vault.decrypt(inst.admin_password_enc),
                              dbname=admin.APP_DATABASE)
         with conn.cursor() as cur:
-            cur.execute("CREATE TABLE filler AS SELECT g, repeat('x', 200) AS pad "
+            cur.execute("CREATE TABLE public.filler AS SELECT g, repeat('x', 200) AS pad "
                         "FROM generate_series(1, 2000) g")
         conn.close()
         status = monitor.check_instance(instance_id)

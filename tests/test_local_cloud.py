@@ -133,12 +133,12 @@ def test_primary_standby_service_port_fence_delete(local_cloud: LocalCloud) -> N
     # Synchronous replication: commits return, and the row is on the standby.
     assert admin.replication_status(conn1).standbys[0].sync_state == "sync"
     with conn1.cursor() as cur:
-        cur.execute("CREATE TABLE t (v text)")
+        cur.execute("CREATE TABLE public.t (v text)")
         # remote_apply: the commit returns once the standby has applied it.
         cur.execute("SET synchronous_commit = remote_apply")
-        cur.execute("INSERT INTO t VALUES ('written on the primary')")
+        cur.execute("INSERT INTO public.t VALUES ('written on the primary')")
     with conn2.cursor() as cur:
-        cur.execute("SELECT v FROM t")
+        cur.execute("SELECT v FROM public.t")
         assert cur.fetchall() == [("written on the primary",)]
 
     # The service address follows the port.
@@ -172,7 +172,7 @@ def test_primary_standby_service_port_fence_delete(local_cloud: LocalCloud) -> N
     cloud.attach_port(service.id, standby.id)
     via_service = admin.connect(service.address, ADMIN_PW)
     with via_service.cursor() as cur:
-        cur.execute("INSERT INTO t VALUES ('after failover') RETURNING 1")
+        cur.execute("INSERT INTO public.t VALUES ('after failover') RETURNING 1")
         assert cur.fetchone() == (1,)
     via_service.close()
     conn2.close()

@@ -84,6 +84,7 @@ def test_render_hba_allows_only_what_is_needed() -> None:
     assert ["host", "all", "postgres", "10.1.0.1/32", "scram-sha-256"] in rules
     assert ["host", "replication", "pgha_replicator", "10.1.0.3/32", "scram-sha-256"] in rules
     assert ["host", "appdb", "+app_owner", "10.1.0.0/24", "scram-sha-256"] in rules
+    assert ["host", "appdb", "+app_reader", "10.1.0.0/24", "scram-sha-256"] in rules
     # Nothing for "all" users, nothing trusting.
     assert not [r for r in rules if r[2] == "all" or r[-1] == "trust"]
     with pytest.raises(ValueError, match="not an IP"):
@@ -100,8 +101,8 @@ def test_wrong_password_error_carries_no_secret(node: Node) -> None:
 
 def test_read_write_binding_lifecycle(node: Node) -> None:
     role = admin.binding_role_name("rw-binding")
-    admin.create_binding_role(node.appdb, role, "first-pw-1")
-    admin.create_binding_role(node.appdb, role, "bind-pw-1")  # idempotent, new password
+    admin.create_binding_role(node.conn, role, "first-pw-1")
+    admin.create_binding_role(node.conn, role, "bind-pw-1")  # idempotent, new password
     app = login(node, role, "bind-pw-1")
     with app.cursor() as cur:
         cur.execute("CREATE TABLE orders (id int)")
@@ -120,13 +121,13 @@ def test_read_write_binding_lifecycle(node: Node) -> None:
     with pytest.raises(psycopg2.Error):
         scalar(app, "SELECT 1")
     app.close()
-    assert scalar(node.appdb, "SELECT count(*) FROM orders") == 1
+    assert scalar(node.appdb, "SELECT count(*) FROM public.orders") == 1
     with pytest.raises(psycopg2.OperationalError):
         login(node, role, "bind-pw-1")
 
     # A later binding sees and writes the same tables.
     other = admin.binding_role_name("rw-binding-2")
-    admin.create_binding_role(node.appdb, other, "bind-pw-2")
+    admin.create_binding_role(node.conn, other, "bind-pw-2")
     app2 = login(node, other, "bind-pw-2")
     with app2.cursor() as cur:
         cur.execute("INSERT INTO orders VALUES (2)")
@@ -136,14 +137,17 @@ def test_read_write_binding_lifecycle(node: Node) -> None:
 
 def test_read_only_binding_reads_but_never_writes(node: Node) -> None:
     with node.appdb.cursor() as cur:
-        cur.execute("CREATE TABLE IF NOT EXISTS catalog (id int)")
-        cur.execute("ALTER TABLE catalog OWNER TO app_owner")
-        cur.execute("INSERT INTO catalog VALUES (7)")
+        cur.execute("SET ROLE app_owner")  # as the app makes its tables
+        cur.execute("CREATE TABLE IF NOT EXISTS public.catalog (id int)")
+        cur.execute("INSERT INTO public.catalog VALUES (7)")
+        cur.execute("RESET ROLE")
     role = admin.binding_role_name("ro-binding")
-    admin.create_binding_role(node.appdb, role, "ro-pw-1", read_only=True)
+    admin.create_binding_role(node.conn, role, "ro-pw-1", read_only=True)
     app = login(node, role, "ro-pw-1")
     assert scalar(app, "SELECT max(id) FROM catalog") == 7
-    for attempt in ("INSERT INTO catalog VALUES (8)", "SET ROLE app_owner"):
+    for attempt in ("INSERT INTO catalog VALUES (8)", "SET ROLE app_owner",
+                    "SET default_transaction_read_only = off; INSERT INTO catalog VALUES (8)",
+                    "SELECT count(*) FROM pg_authid"):
         with pytest.raises(psycopg2.Error):
             scalar(app, attempt + "; SELECT 1")
     app.close()
@@ -170,12 +174,13 @@ def test_settings_extensions_slots_and_promote_on_a_primary(node: Node) -> None:
     with node.conn.cursor() as cur:
         cur.execute("SELECT setconfig FROM pg_db_role_setting s JOIN pg_database d "
                     "ON d.oid = s.setdatabase WHERE d.datname = 'appdb' AND s.setrole = 0")
-        assert cur.fetchone() == (["statement_timeout=1500"],)
+        assert cur.fetchone() == (['search_path="$user", public, extensions',
+                                   "statement_timeout=1500"],)
     admin.set_database_setting(node.conn, "appdb", "statement_timeout", None)
     admin.ensure_extensions(node.appdb, ["pgcrypto"])
     admin.ensure_extensions(node.appdb, ["pgcrypto"])
-    assert scalar(node.appdb, "SELECT count(*) FROM pg_extension WHERE extname = 'pgcrypto'"
-                  ) == 1
+    assert scalar(node.appdb, "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n "
+                  "ON n.oid = e.extnamespace WHERE extname = 'pgcrypto'") == "extensions"
     admin.ensure_slot(node.conn, "slot_x")
     admin.ensure_slot(node.conn, "slot_x")
     assert scalar(node.conn, "SELECT restart_lsn IS NOT NULL FROM pg_replication_slots "
@@ -189,3 +194,23 @@ def test_settings_extensions_slots_and_promote_on_a_primary(node: Node) -> None:
     admin.set_synchronous_standby(node.conn, None)
     status = admin.replication_status(node.conn)
     assert not status.in_recovery and status.standbys == () and status.lsn > 0
+
+
+def test_extensions_never_run_with_a_tenant_schema_on_their_path(node: Node) -> None:
+    # cube is trusted, so an app may create it in a schema of its own; earthdistance's
+    # script (run as superuser) would then have that schema on its search_path.
+    with node.appdb.cursor() as cur:
+        cur.execute("SET ROLE app_owner")
+        cur.execute("CREATE SCHEMA tenant_ext")
+        cur.execute("CREATE EXTENSION cube SCHEMA tenant_ext")
+        cur.execute("RESET ROLE")
+    with pytest.raises(ValueError, match="requires cube"):
+        admin.ensure_extensions(node.appdb, ["earthdistance"])
+    assert scalar(node.appdb, "SELECT count(*) FROM pg_extension "
+                  "WHERE extname = 'earthdistance'") == 0
+    with node.appdb.cursor() as cur:
+        cur.execute("DROP SCHEMA tenant_ext CASCADE")
+    admin.ensure_extensions(node.appdb, ["earthdistance"])  # cube comes along, safely
+    assert scalar(node.appdb, "SELECT string_agg(n.nspname, ',') FROM pg_extension e "
+                  "JOIN pg_namespace n ON n.oid = e.extnamespace "
+                  "WHERE extname IN ('cube', 'earthdistance')") == "extensions,extensions"

@@ -178,7 +178,7 @@ def test_standalone_to_ha_sync_and_back(local_cloud: LocalCloud, tmp_path: Path)
         # The new standby holds the data from before it existed.
         conn = connect_as_admin(runtime, inst, standby.management_address or "")
         with conn.cursor() as cur:
-            cur.execute("SELECT note FROM kept")
+            cur.execute("SELECT note FROM public.kept")
             assert cur.fetchall() == [("from before the update",)]
         conn.close()
 

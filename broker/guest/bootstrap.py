@@ -43,7 +43,7 @@ from typing import Any
 ADMIN_USER = "postgres"
 REPLICATION_USER = "pgha_replicator"
 APP_OWNER = "app_owner"
-READ_ONLY_GROUP = "pg_read_all_data"
+READ_ONLY_GROUP = "app_reader"
 CONF_FILE = "pgha.conf"
 INCLUDE_LINE = f"include_if_exists = '{CONF_FILE}'"
 # Settings a base backup copies from the primary's postgresql.auto.conf that must not

@@ -32,24 +32,25 @@ import psycopg2
 import psycopg2.extensions as ext
 
 from broker.cloud.base import Cloud, CloudError, ServerStatus
+from broker.pg.admin import SESSION_OPTIONS
 
 Outcome = Literal["ok", "down", "answering"]
 
 APPLICATION_NAME = "pgha-monitor"
 
 _QUERY = """
-SELECT pg_is_in_recovery(),
-       ((CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
-              ELSE pg_current_wal_lsn() END) - '0/0'::pg_lsn)::bigint,
-       (pg_last_wal_receive_lsn() - '0/0'::pg_lsn)::bigint,
-       current_setting('synchronous_standby_names'),
-       COALESCE((SELECT json_agg(json_build_object(
+SELECT pg_catalog.pg_is_in_recovery(),
+       ((CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn()
+              ELSE pg_catalog.pg_current_wal_lsn() END) - '0/0'::pg_catalog.pg_lsn)::bigint,
+       (pg_catalog.pg_last_wal_receive_lsn() - '0/0'::pg_catalog.pg_lsn)::bigint,
+       pg_catalog.current_setting('synchronous_standby_names'),
+       COALESCE((SELECT pg_catalog.json_agg(pg_catalog.json_build_object(
                     'application_name', application_name,
                     'state', state,
                     'sync_state', sync_state,
-                    'flush_lsn', (flush_lsn - '0/0'::pg_lsn)::bigint,
-                    'replay_lsn', (replay_lsn - '0/0'::pg_lsn)::bigint))
-                 FROM pg_stat_replication), '[]'::json)
+                    'flush_lsn', (flush_lsn - '0/0'::pg_catalog.pg_lsn)::bigint,
+                    'replay_lsn', (replay_lsn - '0/0'::pg_catalog.pg_lsn)::bigint))
+                 FROM pg_catalog.pg_stat_replication), '[]'::pg_catalog.json)
 """
 
 # PostgreSQL answers, but is not serving: as good as down for the apps.
@@ -151,6 +152,7 @@ def probe(address: str, password: str, *, timeout: float, port: int = 5432) -> P
         conn = psycopg2.connect(
             host=address, port=port, user="postgres", password=password, dbname="postgres",
             application_name=APPLICATION_NAME, async_=True,
+            options=SESSION_OPTIONS,  # no search_path a tenant could set applies
         )
         wait_async(conn, deadline)
         cur = conn.cursor()

@@ -3,8 +3,12 @@
 Called by the API layer. The Binding row (state `creating`, password encrypted) is
 written BEFORE the role exists, so a crash in between leaves a row that a repeated
 PUT finishes and a DELETE (orphan mitigation) cleans up. The role is created on
-the primary over its management address as the instance's superuser; apps reach
-it through the service address, which never changes for the instance's lifetime.
+the primary over its management address as the instance's superuser, from the
+`postgres` database (no binding can reach it); apps reach it through the service
+address, which never changes for the instance's lifetime.
+
+Before each binding the tenant model is checked (one query) and put in place if an
+earlier version made the instance: an existing instance is upgraded on its next bind.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 from urllib.parse import quote
 
 import psycopg2
+from psycopg2.extensions import connection as Connection
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -168,12 +173,14 @@ def create_binding(runtime: Runtime, instance_id: str, binding_id: str, *,
     password = runtime.vault.decrypt(password_enc)
     try:
         conn = admin.connect(primary.management_address or "", runtime.vault.decrypt(
-            inst.admin_password_enc), dbname=admin.APP_DATABASE)
+            inst.admin_password_enc))
     except psycopg2.OperationalError:
         # The row stays `creating`: a repeated PUT finishes it, a DELETE removes it.
         raise InstanceNotReady("the instance's primary does not answer right now; "
                                "bind again shortly") from None
     try:
+        if not admin.tenant_model_in_place(conn):
+            _upgrade_tenant_model(runtime, inst, primary, conn)
         admin.create_binding_role(conn, role, password, read_only=read_only)
     finally:
         conn.close()
@@ -183,6 +190,29 @@ def create_binding(runtime: Runtime, instance_id: str, binding_id: str, *,
         row.state = BINDING_CREATED
     log.info("binding %s created on instance %s (role %s)", binding_id, instance_id, role)
     return BindResult(credentials(inst.service_address or "", role, password), created=True)
+
+
+def _upgrade_tenant_model(runtime: Runtime, inst: Instance, primary: Node,
+                          conn: Connection) -> None:
+    """The tenant model on an instance an earlier version made. The standbys' pg_hba
+    first (read-only roles are admitted as members of the new group once promoted);
+    one that does not answer now gets it when it is rebuilt or resurrected."""
+    password = runtime.vault.decrypt(inst.admin_password_enc)
+    for node in inst.live_nodes():
+        if node.id == primary.id or not node.management_address:
+            continue
+        try:
+            standby = admin.connect(node.management_address, password, timeout=3)
+        except psycopg2.OperationalError:
+            log.warning("instance %s: node %s unreachable; its pg_hba keeps the old "
+                        "read-only group", inst.id, node.id)
+            continue
+        try:
+            admin.use_read_only_group_in_hba(standby)
+        finally:
+            standby.close()
+    admin.ensure_tenant_model(conn)
+    log.info("instance %s: tenant model put in place", inst.id)
 
 
 def get_credentials(runtime: Runtime, instance_id: str, binding_id: str) -> dict[str, Any] | None:

@@ -231,6 +231,10 @@ def refresh_hba(ctx: Context, node_id: str) -> None:
                              peer_addresses=list(peer_addresses(inst, node_id)),
                              app_cidrs=list(app_cidrs))
     with admin_connection(ctx, node) as conn:
+        if node.role == PRIMARY and not admin.tenant_model_in_place(conn):
+            # Made by an earlier version: its read-only roles join the group that the
+            # new pg_hba admits before that file replaces the one naming the old group.
+            admin.ensure_tenant_model(conn)
         admin.set_hba(conn, lines)
 
 
@@ -449,7 +453,10 @@ def apply_parameters(ctx: Context, parameters: dict[str, Any]) -> None:
     extensions = list(parameters.get("extensions") or [])
     if extensions:
         with admin_connection(ctx, primary, dbname=admin.APP_DATABASE) as conn:
-            admin.ensure_extensions(conn, extensions)
+            try:
+                admin.ensure_extensions(conn, extensions)
+            except ValueError as exc:
+                raise StepFailed(str(exc)) from None
     if "statement_timeout_ms" in parameters:
         timeout_ms = parameters["statement_timeout_ms"] or 0
         if not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool) or timeout_ms < 0:

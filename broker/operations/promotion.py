@@ -212,7 +212,7 @@ def clear_sync_on(ctx: Context, node: Node) -> None:
         with nodes.admin_connection(ctx, node, timeout=3.0) as conn, conn.cursor() as cur:
             cur.execute("ALTER SYSTEM RESET synchronous_standby_names")
             cur.execute(f"ALTER SYSTEM SET wal_retrieve_retry_interval = '{RETRY_INTERVAL}'")
-            cur.execute("SELECT pg_reload_conf()")
+            cur.execute("SELECT pg_catalog.pg_reload_conf()")
     except psycopg2.Error as exc:
         log.info("instance %s: standby not prepared before promotion (%s); "
                  "synchronous_standby_names is reset right after", ctx.instance_id,

@@ -77,8 +77,8 @@ def switchover_instance(runtime: Runtime, instance_id: str) -> str:
 
 # --- SQL on the old primary ---------------------------------------------------------
 def _end_client_sessions(conn: Connection, timeout: float = 10.0) -> None:
-    query = ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-             "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")
+    query = ("SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
+             "WHERE backend_type = 'client backend' AND pid <> pg_catalog.pg_backend_pid()")
     deadline = time.monotonic() + timeout
     with conn.cursor() as cur:
         while True:
@@ -96,12 +96,12 @@ def _read_only(conn: Connection, on: bool) -> None:
             cur.execute("ALTER SYSTEM SET default_transaction_read_only = on")
         else:
             cur.execute("ALTER SYSTEM RESET default_transaction_read_only")
-        cur.execute("SELECT pg_reload_conf()")
+        cur.execute("SELECT pg_catalog.pg_reload_conf()")
 
 
 def _current_lsn(conn: Connection) -> int:
     with conn.cursor() as cur:
-        cur.execute("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint")
+        cur.execute("SELECT (pg_catalog.pg_current_wal_lsn() - '0/0'::pg_catalog.pg_lsn)::bigint")
         row = cur.fetchone()
     assert row is not None
     return int(row[0])
