@@ -99,7 +99,7 @@ def test_openstack_path_formats_mounts_initialises_and_reruns() -> None:
     conf = root / "guest.json"
     guest = config(role="primary", volume_device=device, mount_point=str(mount),
                    data_dir=str(mount / "data"), socket_dir=str(root / "run"),
-                   pg_bin=pg_bin_dir(), run_as=PG_USER, log_file=str(root / "pg.log"),
+                   pg_bin=pg_bin_dir(), run_as=PG_USER, log_file=str(mount / "pg.log"),
                    port=free_port(), settings={"listen_addresses": "127.0.0.1"},
                    admin_cidrs=("127.0.0.1",))
     try:
@@ -108,7 +108,7 @@ def test_openstack_path_formats_mounts_initialises_and_reruns() -> None:
         for _ in range(2):
             result = subprocess.run([sys.executable, "-I", bootstrap.__file__, str(conf)],
                                     capture_output=True, text=True, check=False, timeout=120)
-            assert result.returncode == 0, result.stderr
+            assert result.returncode == 0, result.stderr + result.stdout
             assert SECRET not in result.stdout + result.stderr
         assert "already running" in result.stdout  # the second run only reloads
         assert f"{device} {mount} ext4" in Path("/proc/self/mounts").read_text()

@@ -65,7 +65,7 @@ def test_refuses_clearly_when_postgres_cannot_reach_the_root() -> None:
         closed.chmod(0o700)
         with pytest.raises(LocalCloudUnavailable, match=r"cannot reach .*chmod o\+x"):
             LocalCloud(closed / "cloud", ipaddress.IPv4Network("10.214.0.0/24"), "pgtx",
-                       pg_bin=pg_bin_dir(), pg_user=PG_USER)
+                       pg_bin=pg_bin_dir())
     finally:
         subprocess.run(["rm", "-rf", str(closed)], check=True)
 
