@@ -727,7 +727,9 @@ class LocalCloud(Cloud):
 
     def start_server(self, server_id: str) -> Server:
         """Power a stopped server on again: links up, the guest bootstrap starts PostgreSQL
-        on its existing data (local cloud only; like a VM reboot)."""
+        on its existing data (local cloud only; like a VM reboot). The guest config is the
+        first boot's, as a VM's user-data is: its peers may have left since, which is why
+        the bootstrap leaves an existing cluster's pg_hba (the broker's) as it is."""
         with self._state() as st:
             rec = st.servers.get(server_id)
             if rec is None:
