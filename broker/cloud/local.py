@@ -536,6 +536,27 @@ class LocalCloud(Cloud):
             raise CloudError(f"could not create the OS user {name}: {result.stderr.strip()}")
         return self._own_user(name)
 
+    def _own_volume(self, volume_id: str) -> pwd.struct_passwd:
+        """The volume's user (made if missing: a volume from before users per volume),
+        and the volume its own, 0700. Its name is root's (volumes/ is), so the chown
+        reaches the volume itself; below it, fwalk and lchown follow no link, and a
+        file of root's or one with a second name (a hard link) keeps its owner."""
+        user = self._ensure_user(self.volume_user(volume_id))
+        path = self._volume_dir(volume_id)
+        path.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+        if (st.st_uid, st.st_gid) != (user.pw_uid, user.pw_gid):
+            for _top, subdirs, files, dir_fd in os.fwalk(path):
+                for name in (*subdirs, *files):
+                    entry = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    if entry.st_uid == 0 or (entry.st_nlink > 1 and name in files):
+                        continue
+                    os.chown(name, user.pw_uid, user.pw_gid, dir_fd=dir_fd,
+                             follow_symlinks=False)
+            os.chown(path, user.pw_uid, user.pw_gid, follow_symlinks=False)
+        path.chmod(0o700)
+        return user
+
     def _own_user(self, name: str) -> pwd.struct_passwd:
         user = pwd.getpwnam(name)
         if user.pw_gecos != self.user_comment or user.pw_uid == 0:
@@ -573,12 +594,7 @@ class LocalCloud(Cloud):
                        "attached_to": None, "tags": dict(tags)}
                 st.volumes[rec["id"]] = rec
             st.save()  # recorded before its user exists: a crash leaves nothing unknown
-            user = self._ensure_user(self.volume_user(rec["id"]))
-            path = self._volume_dir(rec["id"])
-            path.mkdir(mode=0o700, exist_ok=True)
-            # The name is root's (volumes/ is), so this is the volume, not a planted link.
-            os.chown(path, user.pw_uid, user.pw_gid, follow_symlinks=False)
-            path.chmod(0o700)
+            self._own_volume(rec["id"])
             return self._volume(rec)
 
     def get_volume(self, volume_id: str) -> Volume | None:
@@ -681,6 +697,7 @@ class LocalCloud(Cloud):
     def _guest_config(self, server_id: str, volume_id: str,
                       spec: ServerSpec) -> bootstrap.GuestConfig:
         volume_dir = self._volume_dir(volume_id)
+        self._own_volume(volume_id)
         return dataclasses.replace(
             spec.guest, data_dir=str(volume_dir / "data"), volume_device=None,
             mount_point=str(volume_dir), socket_dir=str(self._server_dir(server_id) / "run"),
@@ -738,6 +755,8 @@ class LocalCloud(Cloud):
             config_path = self._server_dir(server_id) / "guest.json"
             guest = bootstrap.GuestConfig.from_json(config_path.read_text())
             rec["status"] = ServerStatus.BUILD.value
+        # A server from before users per volume ran as another user: now the volume's.
+        guest = dataclasses.replace(guest, run_as=self._own_volume(rec["volume_id"]).pw_name)
         try:
             self._setup_namespace(rec, port_rec)
             for port in self._read().ports.values():
