@@ -755,9 +755,10 @@ class LocalCloud(Cloud):
             config_path = self._server_dir(server_id) / "guest.json"
             guest = bootstrap.GuestConfig.from_json(config_path.read_text())
             rec["status"] = ServerStatus.BUILD.value
-        # A server from before users per volume ran as another user: now the volume's.
-        guest = dataclasses.replace(guest, run_as=self._own_volume(rec["volume_id"]).pw_name)
         try:
+            # A server from before users per volume ran as another user: now the volume's.
+            guest = dataclasses.replace(guest,
+                                        run_as=self._own_volume(rec["volume_id"]).pw_name)
             self._setup_namespace(rec, port_rec)
             for port in self._read().ports.values():
                 if port.get("device_id") == server_id and port["purpose"] == "service":

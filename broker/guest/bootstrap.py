@@ -235,14 +235,14 @@ def _replace_file(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
 
 
 def _read_file(path: Path) -> str:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    with os.fdopen(fd) as f:
+    with os.fdopen(fd, encoding="utf-8") as f:
         return f.read()
 
 
@@ -305,7 +305,10 @@ def _check_root_controlled(path: Path) -> None:
     one like /tmp excepted), so no one but root can swap what `path` names."""
     for ancestor in [*Path(os.path.realpath(path.parent)).parents,
                      Path(os.path.realpath(path.parent))]:
-        st = os.lstat(ancestor)
+        try:
+            st = os.lstat(ancestor)
+        except FileNotFoundError:
+            continue  # made below by root itself
         writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
         if st.st_uid != 0 or (writable and not st.st_mode & stat.S_ISVTX):
             raise BootstrapError(f"{ancestor} (above {path}) is not root's alone; "
