@@ -31,6 +31,7 @@ system-packages:
 	      echo 'create_main_cluster = false' >> /etc/postgresql-common/createcluster.conf; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  fi
+	@# `postgres` runs the tests' own PostgreSQL servers (the local cloud makes a user per volume)
 	@id postgres >/dev/null 2>&1 || useradd --system --home /var/lib/postgresql --shell /bin/false postgres
 
 python-env: $(VENV)/.installed

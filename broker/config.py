@@ -47,7 +47,6 @@ class Settings:
     local_network: ipaddress.IPv4Network
     local_bridge: str
     local_pg_bin: str | None
-    local_pg_user: str
     admin_cidr: str | None
     app_cidr: str | None
     log_level: str
@@ -164,7 +163,6 @@ def load_settings(env: dict[str, str] | None = None, *, require_auth: bool = Tru
         local_network=network,
         local_bridge=bridge,
         local_pg_bin=env.get("BROKER_PG_BIN") or None,
-        local_pg_user=env.get("BROKER_PG_USER", "postgres"),
         admin_cidr=env.get("BROKER_ADMIN_CIDR") or None,
         app_cidr=env.get("BROKER_APP_CIDR") or None,
         log_level=env.get("BROKER_LOG_LEVEL", "INFO").upper(),

@@ -44,13 +44,15 @@ from broker.store.models import (
     Operation,
 )
 from tests.fixtures.local import (
+    assert_no_users_left,
+    cloud_users,
     crash_namespace,
     free_test_network,
     list_interfaces,
     list_namespaces,
     postgres_processes_under,
 )
-from tests.fixtures.pg import PG_USER, pg_bin_dir, world_traversable_tmpdir
+from tests.fixtures.pg import pg_bin_dir, world_traversable_tmpdir
 from tests.workflow_support import instance, make_engine, make_runtime
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +75,7 @@ class FailoverEnv:
             "BROKER_STATE_DIR": str(self.base), "DATABASE_URL": self.state_url,
             "BROKER_ENCRYPTION_KEY": self.key, "BROKER_LOCAL_NETWORK": str(self.cloud.network),
             "BROKER_LOCAL_BRIDGE": self.cloud.bridge, "BROKER_PG_BIN": self.cloud.pg_bin,
-            "BROKER_PG_USER": self.cloud.pg_user, "BROKER_LOG_LEVEL": "INFO",
+            "BROKER_LOG_LEVEL": "INFO",
             "PYTHONUNBUFFERED": "1",
         })
         env.update(extra)
@@ -117,7 +119,7 @@ def failover_env(state_url: str | None = None) -> Iterator[FailoverEnv]:
         pytest.skip("the local cloud needs root")
     base = world_traversable_tmpdir("pgha-fo-")
     cloud = LocalCloud(base / "local-cloud", free_test_network(), f"pgf{os.urandom(4).hex()}",
-                       pg_bin=pg_bin_dir(), pg_user=PG_USER)
+                       pg_bin=pg_bin_dir())
     key = Fernet.generate_key().decode()
     url = state_url or f"sqlite:///{base / 'broker.sqlite3'}"
     runtime = make_runtime(url, key, cloud)
@@ -131,6 +133,7 @@ def failover_env(state_url: str | None = None) -> Iterator[FailoverEnv]:
         thaw_everything(cloud)
         namespaces = set(cloud.namespaces())
         interfaces = set(cloud.interface_names())
+        users = cloud_users(cloud)
         cloud.destroy_everything()
         runtime.store.dispose()
         leftovers = postgres_processes_under(base)
@@ -138,6 +141,7 @@ def failover_env(state_url: str | None = None) -> Iterator[FailoverEnv]:
         assert not namespaces & list_namespaces(), "namespaces left behind"
         assert not interfaces & list_interfaces(), "interfaces left behind"
         assert not leftovers, "PostgreSQL processes left behind"
+        assert_no_users_left(cloud, users)
         assert not base.exists(), f"{base} left behind"
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -81,6 +83,35 @@ def test_failures_exit_non_zero_with_a_plain_message(tmp_path: Path) -> None:
     assert SECRET not in result.stderr + result.stdout
 
 
+def test_refuses_work_as_root_where_the_postgresql_user_could_swap_paths() -> None:
+    """Everything the PostgreSQL user writes must lie below the mount point, and root
+    touches the mount point and the socket directory only below directories of its own."""
+    with pytest.raises(bootstrap.BootstrapError, match="not below mount_point"):
+        bootstrap.check_placement(config(mount_point="/v", data_dir="/elsewhere/data"))
+    with pytest.raises(bootstrap.BootstrapError, match="not below mount_point"):
+        bootstrap.check_placement(config(mount_point="/v", data_dir="/v/data",
+                                         log_file="/var/log/pg.log"))
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    root = world_traversable_tmpdir("pgha-guest-")
+    try:
+        theirs = root / "theirs"
+        theirs.mkdir()
+        user = pwd.getpwnam(PG_USER)
+        os.chown(theirs, user.pw_uid, user.pw_gid)
+        conf = root / "guest.json"
+        conf.write_text(config(role="primary", mount_point=str(theirs / "vol"),
+                               data_dir=str(theirs / "vol" / "data"),
+                               socket_dir=str(root / "run"), pg_bin=pg_bin_dir(),
+                               run_as=PG_USER).to_json())
+        result = run_main(conf)
+        assert result.returncode == 1
+        assert f"{theirs} (above {theirs / 'vol'}) is not root's alone" in result.stderr
+        assert not (theirs / "vol").exists()
+    finally:
+        shutil.rmtree(root)
+
+
 @pytest.mark.e2e
 def test_openstack_path_formats_mounts_initialises_and_reruns() -> None:
     """The path a VM takes: a blank data volume (a loop device here) is formatted and
@@ -99,7 +130,7 @@ def test_openstack_path_formats_mounts_initialises_and_reruns() -> None:
     conf = root / "guest.json"
     guest = config(role="primary", volume_device=device, mount_point=str(mount),
                    data_dir=str(mount / "data"), socket_dir=str(root / "run"),
-                   pg_bin=pg_bin_dir(), run_as=PG_USER, log_file=str(root / "pg.log"),
+                   pg_bin=pg_bin_dir(), run_as=PG_USER, log_file=str(mount / "pg.log"),
                    port=free_port(), settings={"listen_addresses": "127.0.0.1"},
                    admin_cidrs=("127.0.0.1",))
     try:
@@ -108,9 +139,17 @@ def test_openstack_path_formats_mounts_initialises_and_reruns() -> None:
         for _ in range(2):
             result = subprocess.run([sys.executable, "-I", bootstrap.__file__, str(conf)],
                                     capture_output=True, text=True, check=False, timeout=120)
-            assert result.returncode == 0, result.stderr
+            assert result.returncode == 0, result.stderr + result.stdout
             assert SECRET not in result.stdout + result.stderr
+            # The broker's later pg_hba wins over the first boot's peers.
+            (mount / "data" / "pg_hba.conf").write_text(
+                "# rewritten by the broker\nhost all postgres 127.0.0.1/32 scram-sha-256\n")
         assert "already running" in result.stdout  # the second run only reloads
+        assert (mount / "data" / "pg_hba.conf").read_text().startswith(
+            "# rewritten by the broker")
+        for path in (mount, root / "run"):  # the PostgreSQL user's alone
+            st = path.stat()
+            assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (pwd.getpwnam(PG_USER).pw_uid, 0o700)
         assert f"{device} {mount} ext4" in Path("/proc/self/mounts").read_text()
         assert (mount / "data" / "PG_VERSION").exists()
         conn = admin.connect("127.0.0.1", SECRET, port=guest.port)

@@ -65,7 +65,7 @@ def test_refuses_clearly_when_postgres_cannot_reach_the_root() -> None:
         closed.chmod(0o700)
         with pytest.raises(LocalCloudUnavailable, match=r"cannot reach .*chmod o\+x"):
             LocalCloud(closed / "cloud", ipaddress.IPv4Network("10.214.0.0/24"), "pgtx",
-                       pg_bin=pg_bin_dir(), pg_user=PG_USER)
+                       pg_bin=pg_bin_dir())
     finally:
         subprocess.run(["rm", "-rf", str(closed)], check=True)
 
@@ -218,3 +218,37 @@ def in_recovery_via(address: str) -> bool:
     conn.close()
     assert row is not None
     return bool(row[0])
+
+
+@pytest.mark.e2e
+def test_a_volume_from_before_users_per_volume_boots_as_its_own_user(
+        local_cloud: LocalCloud) -> None:
+    """A server and volume made when every node ran as one shared user: its guest config
+    names that user, everything on the volume is that user's, the volume has no user of
+    its own. Powered on again, it runs as a new user of the volume's, which owns it all."""
+    cloud = local_cloud
+    tags = {"pgha-instance": INSTANCE}
+    port = cloud.create_port("pgha-inst1-a", "management", tags)
+    volume = cloud.create_volume("pgha-inst1-a", 1, "az1", None, tags)
+    server = cloud.create_server(spec("pgha-inst1-a", "az1", port.id, volume.id,
+                                      guest(cloud, "a", "primary", (port.address,))))
+    cloud.stop_server(server.id)
+    shared = pwd.getpwnam(PG_USER)
+    volume_dir = Path(server.details["data_dir"]).parent
+    config = cloud.root / "servers" / server.id / "guest.json"
+    config.write_text(config.read_text().replace(cloud.volume_user(volume.id), PG_USER))
+    subprocess.run(["chown", "-R", "--no-dereference", f"{shared.pw_uid}:{shared.pw_gid}",
+                    str(volume_dir)], check=True)
+    os.chown(volume_dir, 0, 0)
+    volume_dir.chmod(0o711)
+    subprocess.run(["userdel", cloud.volume_user(volume.id)], check=True)
+
+    cloud.start_server(server.id)
+    admin.wait_ready(port.address, ADMIN_PW, timeout=30)
+    owner = pwd.getpwnam(cloud.volume_user(volume.id))
+    data = Path(server.details["data_dir"])
+    postmaster = int((data / "postmaster.pid").read_text().split()[0])
+    assert os.stat(f"/proc/{postmaster}").st_uid == owner.pw_uid
+    for path in (volume_dir, data, data / "PG_VERSION", data / "pg_hba.conf"):
+        assert os.lstat(path).st_uid == owner.pw_uid, path
+    assert oct(volume_dir.stat().st_mode & 0o777) == oct(0o700)

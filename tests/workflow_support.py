@@ -54,14 +54,13 @@ def make_engine(runtime: Runtime) -> Engine:
 
 def cloud_json(cloud: LocalCloud) -> str:
     return json.dumps({"root": str(cloud.root), "network": str(cloud.network),
-                       "bridge": cloud.bridge, "pg_bin": cloud.pg_bin,
-                       "pg_user": cloud.pg_user})
+                       "bridge": cloud.bridge, "pg_bin": cloud.pg_bin})
 
 
 def cloud_from_json(text: str) -> LocalCloud:
     raw: dict[str, Any] = json.loads(text)
     return LocalCloud(Path(raw["root"]), ipaddress.IPv4Network(raw["network"]), raw["bridge"],
-                      pg_bin=raw["pg_bin"], pg_user=raw["pg_user"])
+                      pg_bin=raw["pg_bin"])
 
 
 def new_instance_id() -> str:

@@ -6,11 +6,16 @@
 - service port = a veth pair whose host side stays on the bridge while the other end
   (carrying the instance's fixed service address) is moved between namespaces: moving
   it takes milliseconds and keeps its MAC, so the host's ARP cache stays right;
-- volume = a directory under `<root>/volumes/<id>` that outlives its server;
+- volume = a directory under `<root>/volumes/<id>` that outlives its server, with its
+  own OS user `pgha-<volume id>` (0700, that user's): PostgreSQL runs as the volume's
+  user, so one node's OS account reaches no other node's data, socket or processes,
+  and a resurrected server carries the identity on with the volume;
 - availability zones are labels.
 
 The cloud's own records (what the OpenStack API keeps in its database) live in
 `<root>/state.json`, guarded by flock, because the web and worker processes share them.
+Root's files (records, locks, guest configs, boot logs) are 0600 in directories others
+may traverse but not list; root never follows a link below a volume (its user's).
 """
 
 from __future__ import annotations
@@ -60,6 +65,10 @@ BOOTSTRAP_SCRIPT = Path(bootstrap.__file__).resolve()
 NETNS_DIR = Path("/run/netns")
 NS_PREFIX = "pgha-"
 PG_BINARIES = ("initdb", "pg_ctl", "pg_basebackup", "postgres")
+# useradd and userdel lock /etc/passwd and fail at once when another holds it: ours
+# wait for each other on this lock, and retry for a while against anyone else.
+USERS_LOCK = Path("/run/pgha-broker-users.lock")
+USERS_LOCK_WAIT = 30.0
 BOOT_TIMEOUT = 3600.0  # a base backup of a large database takes its time
 FENCE_TIMEOUT = 10.0
 
@@ -96,6 +105,65 @@ def namespace_pids(ns: str) -> list[int]:
         if state not in ("Z", "X"):
             pids.append(int(entry.name))
     return pids
+
+
+def _open_private(path: Path, flags: int) -> int:
+    """Open (creating) a 0600 file of root's; an older file keeps no wider mode."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
+def _tail(path: Path, lines: int = 3, limit: int = 65536) -> list[str]:
+    """The last lines of a file root does not own: never through a link, never
+    blocking on a FIFO, never more than `limit` bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return []
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            return []
+        f.seek(max(0, st.st_size - limit))
+        return f.read(limit).decode(errors="replace").strip().splitlines()[-lines:]
+
+
+def _run_user_tool(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """useradd/userdel, one at a time among ours, retried while /etc/passwd is locked."""
+    deadline = time.monotonic() + USERS_LOCK_WAIT
+    fd = os.open(USERS_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        while True:
+            result = subprocess.run(args, capture_output=True, text=True, check=False,
+                                    timeout=60)
+            if "cannot lock" not in result.stderr or time.monotonic() > deadline:
+                return result
+            time.sleep(0.05)
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _kill_uid(uid: int, timeout: float = FENCE_TIMEOUT) -> None:
+    """SIGKILL every process of `uid` (before its user goes: a later user given the
+    same uid must not inherit them)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = []
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if entry.stat().st_uid == uid:
+                        pids.append(int(entry.name))
+        if not pids:
+            return
+        if time.monotonic() > deadline:
+            raise CloudError(f"processes of uid {uid} still alive after SIGKILL")
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01)
 
 
 def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -149,7 +217,10 @@ class _State:
 
     def save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        with os.fdopen(_open_private(tmp, os.O_WRONLY | os.O_EXCL), "w") as f:
+            f.write(json.dumps(self.data, indent=1, sort_keys=True))
         os.replace(tmp, self.path)
 
 
@@ -163,14 +234,15 @@ class LocalCloud(Cloud):
     name = "local"
 
     def __init__(self, root: Path, network: ipaddress.IPv4Network, bridge: str, *,
-                 pg_bin: str | None = None, pg_user: str = "postgres") -> None:
+                 pg_bin: str | None = None) -> None:
         if os.geteuid() != 0:
             raise LocalCloudUnavailable(
                 "the local cloud needs root: it creates network namespaces. Run the broker "
                 "as root (e.g. `sudo make serve`), or use BROKER_CLOUD=openstack")
-        if shutil.which("ip") is None:
-            raise LocalCloudUnavailable(
-                "the local cloud needs the `ip` command (iproute2): run `make setup`")
+        for tool, package in (("ip", "iproute2"), ("useradd", "passwd"), ("userdel", "passwd")):
+            if shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin") is None:
+                raise LocalCloudUnavailable(
+                    f"the local cloud needs the `{tool}` command ({package}): run `make setup`")
         if not 1 <= len(bridge) <= 15:
             raise LocalCloudUnavailable(f"bridge name {bridge!r} must be 1 to 15 characters")
         if network.num_addresses < 16:
@@ -182,19 +254,15 @@ class LocalCloud(Cloud):
                 f"PostgreSQL binaries not found in {self.pg_bin} (missing: "
                 f"{', '.join(missing)}): run `make setup`, or set BROKER_PG_BIN to the "
                 "directory that holds initdb and pg_ctl")
-        try:
-            self._pg_pw = pwd.getpwnam(pg_user)
-        except KeyError:
-            raise LocalCloudUnavailable(
-                f"no system user {pg_user!r} to run PostgreSQL as (it refuses to run as "
-                "root): run `make setup`, or set BROKER_PG_USER") from None
-        self.pg_user = pg_user
         self.root = Path(root).absolute()
+        # Marks the OS users this cloud made (destroy_everything finds them by it).
+        self.user_comment = "pgha local cloud " + hashlib.sha256(
+            str(self.root).encode()).hexdigest()[:16]
         self.network = network
         self.bridge = bridge
         for sub in (self.root, self.root / "volumes", self.root / "servers"):
             sub.mkdir(parents=True, exist_ok=True)
-            sub.chmod(0o711)  # traversable (not listable) by the PostgreSQL user
+            sub.chmod(0o711)  # traversable (not listable) by the nodes' users
         self._check_traversable()
         self._state_path = self.root / "state.json"
         self._lock_path = self.root / "state.lock"
@@ -210,7 +278,7 @@ class LocalCloud(Cloud):
             # directory below it; the broker's own files there keep their 0600 modes.
             state_dir.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
         return cls(state_dir / "local-cloud", settings.local_network, settings.local_bridge,
-                   pg_bin=settings.local_pg_bin, pg_user=settings.local_pg_user)
+                   pg_bin=settings.local_pg_bin)
 
     # --- facts -------------------------------------------------------------------------
     @property
@@ -227,28 +295,21 @@ class LocalCloud(Cloud):
         return namespace_pids(self.namespace(server_id))
 
     def _check_traversable(self) -> None:
-        user = self._pg_pw
-        groups = {user.pw_gid, *os.getgrouplist(user.pw_name, user.pw_gid)}
+        """The nodes' users (made per volume, in no group) pass as "others"."""
         for path in [*reversed(self.root.parents), self.root]:
             st = path.stat()
-            if st.st_uid == user.pw_uid:
-                ok = bool(st.st_mode & stat.S_IXUSR)
-            elif st.st_gid in groups:
-                ok = bool(st.st_mode & stat.S_IXGRP)
-            else:
-                ok = bool(st.st_mode & stat.S_IXOTH)
-            if not ok:
+            if not st.st_mode & stat.S_IXOTH:
                 raise LocalCloudUnavailable(
-                    f"the PostgreSQL user {self.pg_user!r} cannot reach {self.root}: "
-                    f"{path} (mode {stat.S_IMODE(st.st_mode):04o}) does not let it pass. "
+                    f"the nodes' PostgreSQL users cannot reach {self.root}: "
+                    f"{path} (mode {stat.S_IMODE(st.st_mode):04o}) does not let them pass. "
                     f"Allow traversal with `chmod o+x {path}`, or put BROKER_STATE_DIR "
-                    "somewhere it can reach")
+                    "somewhere they can reach")
 
     # --- state ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def _state(self, *, write: bool = True) -> Iterator[_State]:
         """The records under the lock; saved on a normal exit (not after an exception)."""
-        with open(self._lock_path, "a") as lock:
+        with os.fdopen(_open_private(self._lock_path, os.O_RDWR), "r+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
             try:
                 data = (json.loads(self._state_path.read_text())
@@ -458,6 +519,64 @@ class LocalCloud(Cloud):
     def _volume_dir(self, volume_id: str) -> Path:
         return self.root / "volumes" / volume_id
 
+    @staticmethod
+    def volume_user(volume_id: str) -> str:
+        """The OS user PostgreSQL runs as on this volume, whichever server carries it."""
+        return f"pgha-{volume_id}"
+
+    def _ensure_user(self, name: str) -> pwd.struct_passwd:
+        with contextlib.suppress(KeyError):
+            return self._own_user(name)
+        result = _run_user_tool(["useradd", "--system", "--user-group", "--no-create-home",
+                                 "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin",
+                                 "--comment", self.user_comment, name])
+        if result.returncode != 0:
+            with contextlib.suppress(KeyError):  # made meanwhile by another process
+                return self._own_user(name)
+            raise CloudError(f"could not create the OS user {name}: {result.stderr.strip()}")
+        return self._own_user(name)
+
+    def _own_volume(self, volume_id: str) -> pwd.struct_passwd:
+        """The volume's user (made if missing: a volume from before users per volume),
+        and the volume its own, 0700. Its name is root's (volumes/ is), so the chown
+        reaches the volume itself; below it, fwalk and lchown follow no link, and a
+        file of root's or one with a second name (a hard link) keeps its owner."""
+        user = self._ensure_user(self.volume_user(volume_id))
+        path = self._volume_dir(volume_id)
+        path.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+        if (st.st_uid, st.st_gid) != (user.pw_uid, user.pw_gid):
+            for _top, subdirs, files, dir_fd in os.fwalk(path):
+                for name in (*subdirs, *files):
+                    entry = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    if entry.st_uid == 0 or (entry.st_nlink > 1 and name in files):
+                        continue
+                    os.chown(name, user.pw_uid, user.pw_gid, dir_fd=dir_fd,
+                             follow_symlinks=False)
+            os.chown(path, user.pw_uid, user.pw_gid, follow_symlinks=False)
+        path.chmod(0o700)
+        return user
+
+    def _own_user(self, name: str) -> pwd.struct_passwd:
+        user = pwd.getpwnam(name)
+        if user.pw_gecos != self.user_comment or user.pw_uid == 0:
+            raise CloudError(f"the OS user {name} exists but was not made by this cloud")
+        return user
+
+    def _delete_user(self, name: str) -> None:
+        try:
+            user = self._own_user(name)
+        except KeyError:
+            return
+        _kill_uid(user.pw_uid)
+        result = _run_user_tool(["userdel", name])
+        if result.returncode not in (0, 6):  # 6: no such user (gone meanwhile)
+            raise CloudError(f"could not delete the OS user {name}: {result.stderr.strip()}")
+
+    def users(self) -> list[str]:
+        """The OS users this cloud made (for cleanup checks)."""
+        return sorted(p.pw_name for p in pwd.getpwall() if p.pw_gecos == self.user_comment)
+
     def _volume(self, rec: dict[str, Any]) -> Volume:
         attached = rec.get("attached_to")
         return Volume(id=rec["id"], name=rec["name"],
@@ -474,9 +593,8 @@ class LocalCloud(Cloud):
                        "availability_zone": availability_zone, "volume_type": volume_type,
                        "attached_to": None, "tags": dict(tags)}
                 st.volumes[rec["id"]] = rec
-            path = self._volume_dir(rec["id"])
-            path.mkdir(exist_ok=True)
-            path.chmod(0o711)
+            st.save()  # recorded before its user exists: a crash leaves nothing unknown
+            self._own_volume(rec["id"])
             return self._volume(rec)
 
     def get_volume(self, volume_id: str) -> Volume | None:
@@ -503,7 +621,9 @@ class LocalCloud(Cloud):
             if attached is not None and attached in st.servers:
                 raise CloudError(f"volume {rec['name']} is attached to server "
                                  f"{st.servers[attached]['name']}: delete the server first")
+            # rmtree never follows the links its user may have planted below.
             shutil.rmtree(self._volume_dir(volume_id), ignore_errors=True)
+            self._delete_user(self.volume_user(volume_id))
             del st.volumes[volume_id]
 
     # --- servers ---------------------------------------------------------------------------
@@ -577,10 +697,11 @@ class LocalCloud(Cloud):
     def _guest_config(self, server_id: str, volume_id: str,
                       spec: ServerSpec) -> bootstrap.GuestConfig:
         volume_dir = self._volume_dir(volume_id)
+        self._own_volume(volume_id)
         return dataclasses.replace(
             spec.guest, data_dir=str(volume_dir / "data"), volume_device=None,
             mount_point=str(volume_dir), socket_dir=str(self._server_dir(server_id) / "run"),
-            pg_bin=self.pg_bin, run_as=self.pg_user,
+            pg_bin=self.pg_bin, run_as=self.volume_user(volume_id),
             log_file=str(volume_dir / "postgresql.log"))
 
     def _boot(self, server_id: str, guest: bootstrap.GuestConfig) -> None:
@@ -589,12 +710,11 @@ class LocalCloud(Cloud):
         sdir.mkdir(exist_ok=True)
         sdir.chmod(0o711)
         config_path = sdir / "guest.json"
-        fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(_open_private(config_path, os.O_WRONLY | os.O_TRUNC), "w") as f:
             f.write(guest.to_json())
         boot_log = sdir / "bootstrap.log"
         # One boot at a time per server, whichever process asks.
-        with open(sdir / "boot.lock", "a") as lock:
+        with os.fdopen(_open_private(sdir / "boot.lock", os.O_RDWR), "r+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 result = subprocess.run(
@@ -608,15 +728,13 @@ class LocalCloud(Cloud):
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         output = (result.stdout or "") + (result.stderr or "")
-        with open(boot_log, "a") as f:
+        with os.fdopen(_open_private(boot_log, os.O_WRONLY | os.O_APPEND), "w") as f:
             f.write(output)
         if result.returncode != 0:
             tail = " | ".join(output.strip().splitlines()[-3:])
-            pg_log = Path(guest.log_file or "")
-            if guest.log_file and pg_log.exists():
-                pg_tail = pg_log.read_text(errors="replace").strip().splitlines()[-3:]
-                if pg_tail:
-                    tail += " | postgresql.log: " + " | ".join(pg_tail)
+            pg_tail = _tail(Path(guest.log_file)) if guest.log_file else []
+            if pg_tail:
+                tail += " | postgresql.log: " + " | ".join(pg_tail)
             raise CloudError(f"server {server_id}: guest bootstrap failed: {tail}")
 
     def get_server(self, server_id: str) -> Server | None:
@@ -626,7 +744,9 @@ class LocalCloud(Cloud):
 
     def start_server(self, server_id: str) -> Server:
         """Power a stopped server on again: links up, the guest bootstrap starts PostgreSQL
-        on its existing data (local cloud only; like a VM reboot)."""
+        on its existing data (local cloud only; like a VM reboot). The guest config is the
+        first boot's, as a VM's user-data is: its peers may have left since, which is why
+        the bootstrap leaves an existing cluster's pg_hba (the broker's) as it is."""
         with self._state() as st:
             rec = st.servers.get(server_id)
             if rec is None:
@@ -636,6 +756,9 @@ class LocalCloud(Cloud):
             guest = bootstrap.GuestConfig.from_json(config_path.read_text())
             rec["status"] = ServerStatus.BUILD.value
         try:
+            # A server from before users per volume ran as another user: now the volume's.
+            guest = dataclasses.replace(guest,
+                                        run_as=self._own_volume(rec["volume_id"]).pw_name)
             self._setup_namespace(rec, port_rec)
             for port in self._read().ports.values():
                 if port.get("device_id") == server_id and port["purpose"] == "service":
@@ -749,10 +872,13 @@ class LocalCloud(Cloud):
         return [self.namespace(sid) for sid in self._read().servers]
 
     def destroy_everything(self) -> None:
-        """Remove every namespace, interface, data directory and record of this cloud."""
+        """Remove every namespace, interface, data directory, OS user and record of this
+        cloud."""
         if not self.root.exists():
             if _link_exists(self.bridge):
                 _ip("link", "del", self.bridge, check=False)
+            for name in self.users():
+                self._delete_user(name)
             return
         with self._state() as st:
             for server_id in list(st.servers):
@@ -773,3 +899,5 @@ class LocalCloud(Cloud):
                 _ip("link", "del", self.bridge, check=False)
             st.data.clear()
         shutil.rmtree(self.root, ignore_errors=True)
+        for name in self.users():
+            self._delete_user(name)

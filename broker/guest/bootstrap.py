@@ -9,13 +9,22 @@ It uses only the standard library and PostgreSQL's own binaries, because a guest
 image has python3 and PostgreSQL but none of the broker's packages.
 
 What it does, every step idempotent (running it twice, or after a crash, is safe):
+As root, only on paths root alone controls:
 1. (OpenStack) format the data volume if it has no filesystem, mount it.
-2. Make the data directory, owned by the unprivileged PostgreSQL user.
+2. Give the volume's root (the mount point) and the socket directory to the
+   unprivileged PostgreSQL user, mode 0700.
+Then in a child that dropped every privilege (no groups, the user's uid and gid),
+because PostgreSQL's user owns everything below, and a link it planted there would
+make root write and chown any file:
 3. primary: initdb; standby: pg_basebackup from the primary through its slot. Both
-   build into `<data_dir>.partial` and rename it when complete, so a crash never
-   leaves a half-made cluster that looks whole.
-4. Write our settings (an included `pgha.conf`) and pg_hba.conf.
+   build into `<data_dir>.partial`, pg_hba.conf included, and rename it when complete,
+   so a crash never leaves a half-made cluster that looks whole.
+4. Write our settings (an included `pgha.conf`). pg_hba.conf is written only with a
+   new cluster: later the broker keeps it current (the peers in this config are those
+   of the first boot, and a reboot must not admit a node that left since).
 5. Remove a postmaster.pid left by a killed server, start PostgreSQL.
+Every file is written whole beside its target and renamed over it, so a link in its
+place is replaced, never followed.
 
 It never prints a secret: passwords reach PostgreSQL through 0600 files only
 (never a command line, which `ps` shows).
@@ -33,9 +42,11 @@ import os
 import pwd
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -115,16 +126,15 @@ def render_hba(*, admin_cidrs: list[str] | tuple[str, ...],
                peer_addresses: list[str] | tuple[str, ...],
                app_cidrs: list[str] | tuple[str, ...], database: str = "appdb") -> list[str]:
     """pg_hba.conf lines. First match wins and nothing else is allowed:
-    - `postgres` by peer on the node's own socket (the bootstrap), and by password only
-      from the broker's addresses;
+    - `postgres` by password only from the broker's addresses (no line for the unix
+      socket: nothing uses it, and `pg_ctl -w` checks readiness without logging in);
     - replication only as pgha_replicator, only from the instance's nodes;
     - application roles (members of app_owner or pg_read_all_data; superusers are never
       "members" for pg_hba) only to the application database, only from app_cidrs."""
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", database):
         raise BootstrapError(f"unsupported database name {database!r}")
     row = "{:<7} {:<12} {:<20} {:<20} {}"
-    lines = ["# Written by pgha (guest bootstrap / broker). Changes here are overwritten.",
-             row.format("local", "all", ADMIN_USER, "", "peer").rstrip()]
+    lines = ["# Written by pgha (guest bootstrap / broker). Changes here are overwritten."]
     lines += [row.format("host", "all", ADMIN_USER, _cidr(c), "scram-sha-256")
               for c in _unique(admin_cidrs)]
     lines += [row.format("host", "replication", REPLICATION_USER, _cidr(p), "scram-sha-256")
@@ -190,27 +200,19 @@ def render_conf(config: GuestConfig, *, passfile: str) -> str:
 # --- processes -----------------------------------------------------------------------------
 
 class Runner:
-    """Runs PostgreSQL's binaries as the unprivileged user (PostgreSQL refuses root)."""
+    """Runs PostgreSQL's binaries as the current (unprivileged) user."""
 
     def __init__(self, config: GuestConfig) -> None:
         self.config = config
         self.user = pwd.getpwnam(config.run_as)
-        self.demote = os.geteuid() == 0 and self.user.pw_uid != 0
-
-    def chown(self, path: str | Path) -> None:
-        if os.geteuid() == 0:
-            os.chown(path, self.user.pw_uid, self.user.pw_gid)
 
     def run(self, args: list[str], *, what: str, env: dict[str, str] | None = None,
             timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
         full_env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "HOME": self.user.pw_dir,
                     "USER": self.user.pw_name, **(env or {})}
-        kwargs: dict[str, Any] = {}
-        if self.demote:
-            kwargs = {"user": self.user.pw_uid, "group": self.user.pw_gid, "extra_groups": []}
         try:
             result = subprocess.run(args, capture_output=True, text=True, env=full_env,
-                                    cwd="/", timeout=timeout, check=False, **kwargs)
+                                    cwd="/", timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
             raise BootstrapError(f"{what}: no answer after {timeout:.0f} s") from None
         if check and result.returncode != 0:
@@ -227,14 +229,28 @@ def say(message: str) -> None:
     print(f"pgha-bootstrap: {message}", flush=True)
 
 
-def _write_private(path: Path, text: str, runner: Runner) -> None:
-    """A 0600 file owned by the PostgreSQL user, created that way (never world-readable)."""
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
+def _replace_file(path: Path, text: str) -> None:
+    """A 0600 file written whole beside `path`, then renamed over it: whatever was at
+    `path` (a link included) is replaced, never followed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
-    runner.chown(path)
+    os.replace(tmp, path)
+
+
+def _read_file(path: Path) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, encoding="utf-8") as f:
+        return f.read()
+
+
+def _is_regular_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def _pgpass_escape(value: str) -> str:
@@ -247,8 +263,8 @@ def process_is_live_postgres(pid: int, data_dir: str) -> bool:
     PostgreSQL itself only checks that the pid exists, which a zombie or a recycled pid
     (namespaces share one pid space) also satisfies; then a restart fails for good."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        state = stat.rsplit(")", 1)[1].split()[0]
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+        state = stat_line.rsplit(")", 1)[1].split()[0]
         if state in ("Z", "X"):
             return False
         cwd = os.readlink(f"/proc/{pid}/cwd")
@@ -259,7 +275,7 @@ def process_is_live_postgres(pid: int, data_dir: str) -> bool:
 
 def _remove_stale_lock(lock: Path, data_dir: str) -> None:
     try:
-        first = lock.read_text().splitlines()[0].strip()
+        first = _read_file(lock).splitlines()[0].strip()
         pid = int(first)
     except (OSError, IndexError, ValueError):
         return
@@ -269,9 +285,49 @@ def _remove_stale_lock(lock: Path, data_dir: str) -> None:
             lock.unlink()
 
 
-# --- steps -----------------------------------------------------------------------------------
+# --- as root: only paths root alone controls -------------------------------------------------
 
-def mount_volume(config: GuestConfig, runner: Runner) -> None:
+def _below(path: str, top: str) -> bool:
+    path, top = os.path.normpath(path), os.path.normpath(top)
+    return path != top and path.startswith(top.rstrip("/") + "/")
+
+
+def check_placement(config: GuestConfig) -> None:
+    """Everything the PostgreSQL user writes lies on the volume, below the mount point."""
+    for what, path in (("data_dir", config.data_dir), ("log_file", config.log_file)):
+        if path is not None and not _below(path, config.mount_point):
+            raise BootstrapError(f"{what} {path} is not below mount_point "
+                                 f"{config.mount_point}")
+
+
+def _check_root_controlled(path: Path) -> None:
+    """Every directory above `path` is root's and writable by nobody else (a sticky
+    one like /tmp excepted), so no one but root can swap what `path` names."""
+    for ancestor in [*Path(os.path.realpath(path.parent)).parents,
+                     Path(os.path.realpath(path.parent))]:
+        try:
+            st = os.lstat(ancestor)
+        except FileNotFoundError:
+            continue  # made below by root itself
+        writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if st.st_uid != 0 or (writable and not st.st_mode & stat.S_ISVTX):
+            raise BootstrapError(f"{ancestor} (above {path}) is not root's alone; "
+                                 "refusing to work there as root")
+
+
+def _give_dir(path: Path, user: pwd.struct_passwd) -> None:
+    """Make `path` a 0700 directory of the PostgreSQL user, never through a link."""
+    _check_root_controlled(path)
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchown(fd, user.pw_uid, user.pw_gid)
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
+def mount_volume(config: GuestConfig) -> None:
     """OpenStack: format the data volume on first boot only, mount it (at every boot:
     the bootstrap runs at every boot, so no fstab entry is needed)."""
     device = config.volume_device
@@ -289,6 +345,7 @@ def mount_volume(config: GuestConfig, runner: Runner) -> None:
         subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "pgha-data", device], check=True,
                        capture_output=True)
     mount_point = os.path.realpath(config.mount_point)
+    _check_root_controlled(Path(mount_point))
     Path(mount_point).mkdir(parents=True, exist_ok=True)
     mounts = Path("/proc/self/mounts").read_text().split("\n")
     if not any(len(m.split()) > 1 and m.split()[1] == mount_point for m in mounts):
@@ -297,25 +354,41 @@ def mount_volume(config: GuestConfig, runner: Runner) -> None:
                        capture_output=True)
 
 
-def prepare_dirs(config: GuestConfig, runner: Runner) -> None:
-    data = Path(config.data_dir)
-    data.parent.mkdir(parents=True, exist_ok=True)
-    sockets = Path(config.socket_dir)
-    sockets.mkdir(parents=True, exist_ok=True)
-    runner.chown(sockets)
-    sockets.chmod(0o755)
-    if config.log_file:
-        log = Path(config.log_file)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.touch(mode=0o600, exist_ok=True)
-        runner.chown(log)
+def prepare_dirs(config: GuestConfig, user: pwd.struct_passwd) -> None:
+    _give_dir(Path(config.mount_point), user)
+    _give_dir(Path(config.socket_dir), user)
 
+
+def run_as_user(user: pwd.struct_passwd, work: Callable[[], None]) -> int:
+    """Run `work` in a child with the user's uid and gid and no other group; its exit
+    code (0, or 1 after it reported its failure)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child leaves through os._exit
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+            code = guarded(work)
+        except BaseException as exc:  # nothing may escape a forked child
+            print(f"pgha-bootstrap: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+# --- as the PostgreSQL user: everything on the volume ----------------------------------------
 
 def _has_cluster(data: Path) -> bool:
     return (data / "PG_VERSION").exists()
 
 
-def _fresh_target(config: GuestConfig, runner: Runner) -> Path:
+def _fresh_target(config: GuestConfig) -> Path:
     """An empty `<data_dir>.partial` for initdb/pg_basebackup (a crash's leftovers removed)."""
     data = Path(config.data_dir)
     if data.exists():
@@ -324,34 +397,39 @@ def _fresh_target(config: GuestConfig, runner: Runner) -> Path:
                                  "PG_VERSION); refusing to touch it")
         data.rmdir()
     partial = data.with_name(data.name + ".partial")
-    if partial.exists():
+    if partial.is_symlink():
+        partial.unlink()
+    elif partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(mode=0o700)
-    runner.chown(partial)
     return partial
 
 
 def _finish_target(partial: Path, config: GuestConfig) -> None:
+    _write_hba(partial / "pg_hba.conf", config)
     partial.chmod(0o700)
     os.rename(partial, config.data_dir)
 
 
 def _utf8_locale() -> str:
     """C.UTF-8 where the image has it (character classes work), plain C otherwise."""
+    # Put back what was there: as the unprivileged user, an interpreter installed where
+    # only root may read could not load the codec a changed locale asks for.
+    previous = locale.setlocale(locale.LC_CTYPE)
     for name in ("C.UTF-8", "C.utf8"):
         try:
             locale.setlocale(locale.LC_CTYPE, name)
         except locale.Error:
             continue
-        locale.setlocale(locale.LC_CTYPE, "C")
+        locale.setlocale(locale.LC_CTYPE, previous)
         return name
     return "C"
 
 
 def init_primary(config: GuestConfig, runner: Runner) -> None:
-    partial = _fresh_target(config, runner)
+    partial = _fresh_target(config)
     pwfile = partial.parent / f".{partial.name}.pw"
-    _write_private(pwfile, config.admin_password + "\n", runner)
+    _replace_file(pwfile, config.admin_password + "\n")
     try:
         say("initdb")
         runner.run([runner.bin("initdb"), "-D", str(partial), "-U", ADMIN_USER,
@@ -368,19 +446,19 @@ def _passfile(config: GuestConfig) -> Path:
     return Path(config.data_dir).parent / "replication.pgpass"
 
 
-def write_passfile(config: GuestConfig, runner: Runner) -> Path:
+def write_passfile(config: GuestConfig) -> Path:
     path = _passfile(config)
     line = ":".join(["*", "*", "*", REPLICATION_USER,
                      _pgpass_escape(config.replication_password)])
-    _write_private(path, line + "\n", runner)
+    _replace_file(path, line + "\n")
     return path
 
 
 def init_standby(config: GuestConfig, runner: Runner) -> None:
     if not config.primary_address:
         raise BootstrapError("a standby needs primary_address")
-    passfile = write_passfile(config, runner)
-    partial = _fresh_target(config, runner)
+    passfile = write_passfile(config)
+    partial = _fresh_target(config)
     args = [runner.bin("pg_basebackup"), "-h", config.primary_address,
             "-p", str(config.port), "-U", REPLICATION_USER, "-D", str(partial),
             "-c", "fast", "-X", "stream", "-w"]
@@ -391,8 +469,7 @@ def init_standby(config: GuestConfig, runner: Runner) -> None:
                env={"PGPASSFILE": str(passfile), "PGCONNECT_TIMEOUT": "5",
                     "PGAPPNAME": f"pgha_basebackup_{config.node_id}"})
     _clean_auto_conf(partial / "postgresql.auto.conf")
-    (partial / "standby.signal").touch(mode=0o600)
-    runner.chown(partial / "standby.signal")
+    _replace_file(partial / "standby.signal", "")
     _finish_target(partial, config)
 
 
@@ -400,30 +477,33 @@ def _clean_auto_conf(path: Path) -> None:
     """Drop the primary's settings a new standby must not inherit (NOTES §3)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
+    keep = [line for line in _read_file(path).splitlines()
             if line.split("=", 1)[0].strip() not in STANDBY_UNSAFE_AUTO_SETTINGS]
-    stat = path.stat()
-    path.write_text("\n".join(keep) + "\n")
-    os.chown(path, stat.st_uid, stat.st_gid)
+    _replace_file(path, "\n".join(keep) + "\n")
 
 
-def write_config(config: GuestConfig, runner: Runner) -> None:
-    data = Path(config.data_dir)
-    main_conf = data / "postgresql.conf"
-    text = main_conf.read_text()
-    if INCLUDE_LINE not in text.splitlines():
-        main_conf.write_text(text.rstrip("\n") + "\n\n" + INCLUDE_LINE + "\n")
-    if config.role == "standby":
-        write_passfile(config, runner)  # the password may have been rotated
-    ours = data / CONF_FILE
-    ours.write_text(render_conf(config, passfile=str(_passfile(config))))
-    runner.chown(ours)
-    hba = data / "pg_hba.conf"
-    hba.write_text("\n".join(render_hba(
+def _write_hba(path: Path, config: GuestConfig) -> None:
+    _replace_file(path, "\n".join(render_hba(
         admin_cidrs=config.admin_cidrs, peer_addresses=config.peer_addresses,
         app_cidrs=config.app_cidrs, database=config.database)) + "\n")
-    runner.chown(hba)
-    hba.chmod(0o600)
+
+
+def write_config(config: GuestConfig) -> None:
+    data = Path(config.data_dir)
+    main_conf = data / "postgresql.conf"
+    text = _read_file(main_conf)
+    if INCLUDE_LINE not in text.splitlines():
+        _replace_file(main_conf, text.rstrip("\n") + "\n\n" + INCLUDE_LINE + "\n")
+    if config.role == "standby":
+        write_passfile(config)  # the password may have been rotated
+    _replace_file(data / CONF_FILE, render_conf(config, passfile=str(_passfile(config))))
+    hba = data / "pg_hba.conf"
+    if not _is_regular_file(hba):  # lost or made a link: our rules back, not its target
+        _write_hba(hba, config)
+
+
+def _log_file(config: GuestConfig) -> Path:
+    return Path(config.log_file or Path(config.data_dir).parent / "postgresql.log")
 
 
 def start(config: GuestConfig, runner: Runner) -> None:
@@ -436,23 +516,18 @@ def start(config: GuestConfig, runner: Runner) -> None:
         say("PostgreSQL already running: reloading its configuration")
         runner.run([runner.bin("pg_ctl"), "-D", data, "reload"], what="pg_ctl reload")
         return
-    log = config.log_file or str(Path(data).parent / "postgresql.log")
+    log = _log_file(config)
+    if log.is_symlink():  # pg_ctl would append to its target
+        log.unlink()
     say("starting PostgreSQL")
-    runner.run([runner.bin("pg_ctl"), "-D", data, "-w", "-t", "300", "-l", log, "start"],
+    runner.run([runner.bin("pg_ctl"), "-D", data, "-w", "-t", "300", "-l", str(log), "start"],
                what="pg_ctl start", timeout=330)
 
 
-def bootstrap(config: GuestConfig) -> None:
-    if config.role not in ("primary", "standby"):
-        raise BootstrapError(f"role must be primary or standby, got {config.role!r}")
-    try:
-        runner = Runner(config)
-    except KeyError:
-        raise BootstrapError(f"no system user {config.run_as!r} to run PostgreSQL as") from None
-    if not Path(runner.bin("pg_ctl")).exists():
-        raise BootstrapError(f"PostgreSQL binaries not found in {config.pg_bin}")
-    mount_volume(config, runner)
-    prepare_dirs(config, runner)
+def node_steps(config: GuestConfig) -> None:
+    """Everything on the volume, as the PostgreSQL user."""
+    runner = Runner(config)
+    Path(config.data_dir).parent.mkdir(parents=True, exist_ok=True)
     if not _has_cluster(Path(config.data_dir)):
         if config.role == "primary":
             init_primary(config, runner)
@@ -460,9 +535,43 @@ def bootstrap(config: GuestConfig) -> None:
             init_standby(config, runner)
     # An existing cluster keeps its own role (standby.signal or not): a promoted standby
     # that reboots with its old "standby" config must stay a primary.
-    write_config(config, runner)
+    write_config(config)
     start(config, runner)
     say("ready")
+
+
+def bootstrap(config: GuestConfig) -> int:
+    """The steps above; the exit code (a failure is reported on stderr)."""
+    if config.role not in ("primary", "standby"):
+        raise BootstrapError(f"role must be primary or standby, got {config.role!r}")
+    try:
+        user = pwd.getpwnam(config.run_as)
+    except KeyError:
+        raise BootstrapError(f"no system user {config.run_as!r} to run PostgreSQL as") from None
+    if not Path(config.pg_bin, "pg_ctl").exists():
+        raise BootstrapError(f"PostgreSQL binaries not found in {config.pg_bin}")
+    if user.pw_uid == 0:
+        raise BootstrapError("PostgreSQL refuses to run as root: run_as names root")
+    check_placement(config)
+    if os.geteuid() != 0:
+        if os.geteuid() != user.pw_uid:
+            raise BootstrapError(f"run this as root or as {config.run_as}")
+        node_steps(config)
+        return 0
+    mount_volume(config)
+    prepare_dirs(config, user)
+    return run_as_user(user, lambda: node_steps(config))
+
+
+def guarded(work: Callable[[], object]) -> int:
+    """Run `work`; a failure becomes one plain line on stderr and exit code 1."""
+    try:
+        result = work()
+    except (BootstrapError, OSError, subprocess.CalledProcessError) as exc:
+        message = str(exc) if isinstance(exc, BootstrapError) else f"{type(exc).__name__}: {exc}"
+        print(f"pgha-bootstrap: failed: {message}", file=sys.stderr, flush=True)
+        return 1
+    return result if isinstance(result, int) else 0
 
 
 def main(argv: list[str]) -> int:
@@ -476,13 +585,7 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     os.umask(0o077)
-    try:
-        bootstrap(config)
-    except (BootstrapError, OSError, subprocess.CalledProcessError) as exc:
-        message = str(exc) if isinstance(exc, BootstrapError) else f"{type(exc).__name__}: {exc}"
-        print(f"pgha-bootstrap: failed: {message}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    return guarded(lambda: bootstrap(config))
 
 
 if __name__ == "__main__":

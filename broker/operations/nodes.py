@@ -51,6 +51,7 @@ from broker.store.models import (
     NODE_CREATING,
     NODE_DELETED,
     NODE_DELETING,
+    NODE_FENCED,
     NODE_RUNNING,
     PRIMARY,
     STANDBY,
@@ -214,12 +215,20 @@ def access_cidrs(ctx: Context, plan: Plan) -> tuple[tuple[str, ...], tuple[str, 
     return admin_cidrs, app_cidrs
 
 
+def replication_peers(inst: Instance) -> list[Node]:
+    """The nodes that may replicate: the primary and the standby, being made or running.
+    A fenced node, a retired one or one being deleted never again: its address goes
+    back to the cloud and may become anyone's."""
+    return [n for n in inst.live_nodes() if n.role in (PRIMARY, STANDBY)
+            and n.state not in (NODE_FENCED, NODE_DELETING)]
+
+
 def peer_addresses(inst: Instance, node_id: str) -> tuple[str, ...]:
-    return tuple(n.management_address for n in inst.live_nodes()
+    return tuple(n.management_address for n in replication_peers(inst)
                  if n.id != node_id and n.management_address)
 
 
-def refresh_hba(ctx: Context, node_id: str) -> None:
+def refresh_hba(ctx: Context, node_id: str, *, timeout: float = 5.0) -> None:
     """Rewrite one running node's pg_hba for the instance's current nodes (a peer came
     or went). Replication is allowed only between the instance's own nodes."""
     inst = ctx.instance()
@@ -230,12 +239,28 @@ def refresh_hba(ctx: Context, node_id: str) -> None:
     lines = admin.render_hba(admin_cidrs=list(admin_cidrs),
                              peer_addresses=list(peer_addresses(inst, node_id)),
                              app_cidrs=list(app_cidrs))
-    with admin_connection(ctx, node) as conn:
+    with admin_connection(ctx, node, timeout=timeout) as conn:
         if node.role == PRIMARY and not admin.tenant_model_in_place(conn):
             # Made by an earlier version: its read-only roles join the group that the
             # new pg_hba admits before that file replaces the one naming the old group.
             admin.ensure_tenant_model(conn)
         admin.set_hba(conn, lines)
+
+
+def refresh_peers_hba(ctx: Context) -> None:
+    """pg_hba on every node that may replicate, after the set of nodes changed.
+
+    Best effort: a node that does not answer is down, and whatever brings it back
+    (a failover, a rebuild, the next change of nodes) rewrites its pg_hba again; its
+    bootstrap never does on an existing cluster, so a reboot admits no one who left."""
+    for node in replication_peers(ctx.instance()):
+        if not node.server_id:
+            continue  # not booted yet: its guest config has the current peers
+        try:
+            refresh_hba(ctx, node.id, timeout=3.0)
+        except Exception as exc:  # down or unreachable: see the docstring
+            log.warning("instance %s: pg_hba of node %s not refreshed (%s)",
+                        ctx.instance_id, node.id, exc.__class__.__name__)
 
 
 # --- creating a node ---------------------------------------------------------
@@ -483,6 +508,9 @@ def teardown_node(ctx: Context, node_id: str, *, drop_slot: bool = True,
 
     With `keep_volumes` its volume stays (a resurrected node carries it on).
 
+    The other nodes' pg_hba stop admitting it before its port (and so its address)
+    goes back to the cloud.
+
     With `drop_slot`, its slot on the primary is dropped (when the primary answers),
     so the primary stops keeping WAL for it. Order matters: synchronous replication
     is switched off before the standby goes (or commits would wait for it), and the
@@ -494,6 +522,7 @@ def teardown_node(ctx: Context, node_id: str, *, drop_slot: bool = True,
         return
     if node.state != NODE_DELETING:
         update_node(ctx, node_id, state=NODE_DELETING)
+    refresh_peers_hba(ctx)
     primary = inst.primary()
     on_primary = primary is not None and primary.id != node_id
     if on_primary and inst.sync_standby_node_id == node_id:

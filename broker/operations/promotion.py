@@ -396,6 +396,7 @@ def step_promote(done: str) -> Callable[[Context], None]:
         old, new = event_nodes(ctx)
         assert new is not None
         promote(ctx, new)
+        nodes.refresh_peers_hba(ctx)  # the fenced old primary may replicate no more
         zone = node_row(ctx, old).availability_zone
         set_state(ctx, DEGRADED, f"{done} to {new}; rebuilding a standby in {zone}")
     return run

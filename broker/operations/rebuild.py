@@ -120,12 +120,9 @@ def synchronous(ctx: Context) -> None:
 
 def remove_old(ctx: Context) -> None:
     inst = ctx.instance()
-    primary = nodes.primary_node(ctx)
     retired = [n for n in inst.nodes if n.role in RETIRED_ROLES and n.state != NODE_DELETED]
     for old in retired:
-        nodes.teardown_node(ctx, old.id)
-    if retired:
-        nodes.refresh_hba(ctx, primary.id)  # the old peers may no longer replicate
+        nodes.teardown_node(ctx, old.id)  # rewrites the pg_hba of the nodes that stay
 
 
 def finish(ctx: Context) -> None:

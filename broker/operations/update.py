@@ -116,13 +116,9 @@ def remove_standby(ctx: Context) -> None:
         return
     inst = ctx.instance()
     primary = nodes.primary_node(ctx)
-    removed = False
     for node in inst.live_nodes():
         if node.id != primary.id:
-            nodes.teardown_node(ctx, node.id)
-            removed = True
-    if removed:
-        nodes.refresh_hba(ctx, primary.id)  # the old standby may no longer replicate
+            nodes.teardown_node(ctx, node.id)  # rewrites the primary's pg_hba
 
 
 def parameters(ctx: Context) -> None:
