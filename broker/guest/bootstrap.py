@@ -14,7 +14,8 @@ What it does, every step idempotent (running it twice, or after a crash, is safe
 3. primary: initdb; standby: pg_basebackup from the primary through its slot. Both
    build into `<data_dir>.partial` and rename it when complete, so a crash never
    leaves a half-made cluster that looks whole.
-4. Write our settings (an included `pgha.conf`) and pg_hba.conf.
+4. Write the node's TLS files (newer than those on disk only), our settings (an
+   included `pgha.conf`) and pg_hba.conf.
 5. Remove a postmaster.pid left by a killed server, start PostgreSQL.
 
 It never prints a secret: passwords reach PostgreSQL through 0600 files only
@@ -50,7 +51,21 @@ INCLUDE_LINE = f"include_if_exists = '{CONF_FILE}'"
 # survive on a new standby (a copied synchronous_standby_names makes it wait for itself
 # once promoted; NOTES §3).
 STANDBY_UNSAFE_AUTO_SETTINGS = ("synchronous_standby_names", "primary_conninfo",
-                                "primary_slot_name")
+                                "primary_slot_name",
+                                # TLS switched on by the broker on a node made before TLS:
+                                # it names that node's own files.
+                                "ssl", "ssl_cert_file", "ssl_key_file", "ssl_ca_file",
+                                "ssl_min_protocol_version")
+# TLS files, in a directory beside the data directory (never in a base backup).
+TLS_DIR = "tls"
+TLS_CA_FILE = "ca.crt"
+TLS_CERT_FILE = "server.crt"
+TLS_KEY_FILE = "server.key"
+TLS_ISSUED_FILE = "issued_at"  # the issue number of the files beside it
+# A node bootstrapped before TLS has no such directory, and PostgreSQL (which writes
+# the files when the broker rotates certificates) cannot make one: its files then
+# live in the data directory under this prefix.
+LEGACY_TLS_PREFIX = "pgha-tls-"
 _SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 
 
@@ -82,6 +97,11 @@ class GuestConfig:
     pg_bin: str = "/usr/lib/postgresql/15/bin"
     run_as: str = "postgres"
     log_file: str | None = None
+    # TLS (PEM), empty on configs made before TLS; tls_issued_at orders the material.
+    tls_ca_cert: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_issued_at: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -113,8 +133,10 @@ def _cidr(address: str) -> str:
 
 def render_hba(*, admin_cidrs: list[str] | tuple[str, ...],
                peer_addresses: list[str] | tuple[str, ...],
-               app_cidrs: list[str] | tuple[str, ...], database: str = "appdb") -> list[str]:
-    """pg_hba.conf lines. First match wins and nothing else is allowed:
+               app_cidrs: list[str] | tuple[str, ...], database: str = "appdb",
+               tls: bool = True) -> list[str]:
+    """pg_hba.conf lines. First match wins and nothing else is allowed; with `tls` every
+    network line is `hostssl` (a node made before TLS has no certificate: `host`):
     - `postgres` by peer on the node's own socket (the bootstrap), and by password only
       from the broker's addresses;
     - replication only as pgha_replicator, only from the instance's nodes;
@@ -123,14 +145,15 @@ def render_hba(*, admin_cidrs: list[str] | tuple[str, ...],
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", database):
         raise BootstrapError(f"unsupported database name {database!r}")
     row = "{:<7} {:<12} {:<20} {:<20} {}"
+    host = "hostssl" if tls else "host"
     lines = ["# Written by pgha (guest bootstrap / broker). Changes here are overwritten.",
              row.format("local", "all", ADMIN_USER, "", "peer").rstrip()]
-    lines += [row.format("host", "all", ADMIN_USER, _cidr(c), "scram-sha-256")
+    lines += [row.format(host, "all", ADMIN_USER, _cidr(c), "scram-sha-256")
               for c in _unique(admin_cidrs)]
-    lines += [row.format("host", "replication", REPLICATION_USER, _cidr(p), "scram-sha-256")
+    lines += [row.format(host, "replication", REPLICATION_USER, _cidr(p), "scram-sha-256")
               for p in _unique(peer_addresses)]
     for group in (APP_OWNER, READ_ONLY_GROUP):
-        lines += [row.format("host", database, "+" + group, _cidr(c), "scram-sha-256")
+        lines += [row.format(host, database, "+" + group, _cidr(c), "scram-sha-256")
                   for c in _unique(app_cidrs)]
     return lines
 
@@ -149,8 +172,20 @@ def _conf_value(value: object) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-def render_conf(config: GuestConfig, *, passfile: str) -> str:
-    """Our settings, included from postgresql.conf (later lines win; the plan's last)."""
+def tls_settings(directory: str, prefix: str = "") -> dict[str, str]:
+    """PostgreSQL's TLS settings for the files in `directory` (names after `prefix`)."""
+    return {
+        "ssl": "on",
+        "ssl_cert_file": f"{directory}/{prefix}{TLS_CERT_FILE}",
+        "ssl_key_file": f"{directory}/{prefix}{TLS_KEY_FILE}",
+        "ssl_ca_file": f"{directory}/{prefix}{TLS_CA_FILE}",
+        "ssl_min_protocol_version": "TLSv1.2",
+    }
+
+
+def render_conf(config: GuestConfig, *, passfile: str, tls_dir: str | None = None) -> str:
+    """Our settings, included from postgresql.conf (later lines win; the plan's last).
+    With `tls_dir` the server speaks TLS and the standby verifies its primary by it."""
     values: dict[str, object] = {
         "listen_addresses": "*",
         "port": config.port,
@@ -168,12 +203,15 @@ def render_conf(config: GuestConfig, *, passfile: str) -> str:
         # promotion that lands in that sleep waits for it: keep it short.
         "wal_retrieve_retry_interval": "100ms",
     }
+    if tls_dir:
+        values.update(tls_settings(tls_dir))
     if config.role == "standby" and config.primary_address:
         conninfo = " ".join([
             f"host={config.primary_address}", f"port={config.port}",
             f"user={REPLICATION_USER}", f"passfile={passfile}",
             f"application_name={config.application_name or 'node_' + config.node_id}",
             "connect_timeout=2",
+            *([f"sslmode=verify-full sslrootcert={tls_dir}/{TLS_CA_FILE}"] if tls_dir else []),
         ])
         values["primary_conninfo"] = conninfo
         if config.slot_name:
@@ -376,10 +414,49 @@ def write_passfile(config: GuestConfig, runner: Runner) -> Path:
     return path
 
 
+def tls_dir(config: GuestConfig) -> Path:
+    return Path(config.data_dir).parent / TLS_DIR
+
+
+def _issued_on_disk(directory: Path) -> int:
+    try:
+        return int((directory / TLS_ISSUED_FILE).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def write_tls(config: GuestConfig, runner: Runner) -> Path | None:
+    """The node's CA, certificate and key as 0600 files of the PostgreSQL user, beside
+    the data directory; returns that directory, None when the node has no TLS files.
+
+    Written only when the config's material is newer than the files': a reboot
+    replays the first-boot config, while the broker may have rotated them since."""
+    directory = tls_dir(config)
+    if config.tls_cert and config.tls_key and config.tls_ca_cert \
+            and config.tls_issued_at > _issued_on_disk(directory):
+        directory.mkdir(mode=0o700, exist_ok=True)
+        runner.chown(directory)
+        directory.chmod(0o700)
+        say("writing the TLS certificate")
+        _write_private(directory / TLS_CA_FILE, config.tls_ca_cert, runner)
+        _write_private(directory / TLS_CERT_FILE, config.tls_cert, runner)
+        _write_private(directory / TLS_KEY_FILE, config.tls_key, runner)
+        _write_private(directory / TLS_ISSUED_FILE, f"{config.tls_issued_at}\n", runner)
+    if (directory / TLS_CERT_FILE).exists() and (directory / TLS_KEY_FILE).exists():
+        return directory
+    return None
+
+
+def _legacy_tls(data: Path) -> bool:
+    """TLS switched on by the broker in the data directory of a node made before TLS."""
+    return (data / f"{LEGACY_TLS_PREFIX}{TLS_CERT_FILE}").exists()
+
+
 def init_standby(config: GuestConfig, runner: Runner) -> None:
     if not config.primary_address:
         raise BootstrapError("a standby needs primary_address")
     passfile = write_passfile(config, runner)
+    tls = write_tls(config, runner)
     partial = _fresh_target(config, runner)
     args = [runner.bin("pg_basebackup"), "-h", config.primary_address,
             "-p", str(config.port), "-U", REPLICATION_USER, "-D", str(partial),
@@ -387,10 +464,14 @@ def init_standby(config: GuestConfig, runner: Runner) -> None:
     if config.slot_name:
         args += ["-S", config.slot_name]
     say(f"base backup from {config.primary_address}")
-    runner.run(args, what="pg_basebackup", timeout=3600,
-               env={"PGPASSFILE": str(passfile), "PGCONNECT_TIMEOUT": "5",
-                    "PGAPPNAME": f"pgha_basebackup_{config.node_id}"})
+    env = {"PGPASSFILE": str(passfile), "PGCONNECT_TIMEOUT": "5",
+           "PGAPPNAME": f"pgha_basebackup_{config.node_id}"}
+    if tls is not None:
+        env.update(PGSSLMODE="verify-full", PGSSLROOTCERT=str(tls / TLS_CA_FILE))
+    runner.run(args, what="pg_basebackup", timeout=3600, env=env)
     _clean_auto_conf(partial / "postgresql.auto.conf")
+    for copied in partial.glob(f"{LEGACY_TLS_PREFIX}*"):
+        copied.unlink()  # the primary's own TLS files: this node has its own
     (partial / "standby.signal").touch(mode=0o600)
     runner.chown(partial / "standby.signal")
     _finish_target(partial, config)
@@ -415,13 +496,16 @@ def write_config(config: GuestConfig, runner: Runner) -> None:
         main_conf.write_text(text.rstrip("\n") + "\n\n" + INCLUDE_LINE + "\n")
     if config.role == "standby":
         write_passfile(config, runner)  # the password may have been rotated
+    tls = write_tls(config, runner)
     ours = data / CONF_FILE
-    ours.write_text(render_conf(config, passfile=str(_passfile(config))))
+    ours.write_text(render_conf(config, passfile=str(_passfile(config)),
+                                tls_dir=str(tls) if tls is not None else None))
     runner.chown(ours)
     hba = data / "pg_hba.conf"
     hba.write_text("\n".join(render_hba(
         admin_cidrs=config.admin_cidrs, peer_addresses=config.peer_addresses,
-        app_cidrs=config.app_cidrs, database=config.database)) + "\n")
+        app_cidrs=config.app_cidrs, database=config.database,
+        tls=tls is not None or _legacy_tls(data))) + "\n")
     runner.chown(hba)
     hba.chmod(0o600)
 
