@@ -13,7 +13,7 @@ import pytest
 
 from broker.guest import bootstrap
 from broker.guest.bootstrap import GuestConfig
-from broker.pg import admin
+from broker.pg import admin, tls
 from tests.fixtures.pg import PG_USER, free_port, pg_bin_dir, world_traversable_tmpdir
 
 SECRET = "s3cret'pw:x"
@@ -43,6 +43,49 @@ def test_rendered_conf_quotes_values_and_never_holds_a_password() -> None:
     assert SECRET not in text
     with pytest.raises(bootstrap.BootstrapError, match="setting name"):
         bootstrap.render_conf(config(settings={"x = 1\nfsync": "off"}), passfile="/p")
+
+
+def test_rendered_conf_serves_tls_and_the_standby_verifies_its_primary() -> None:
+    text = bootstrap.render_conf(config(), passfile="/v/replication.pgpass", tls_dir="/v/tls")
+    for line in ("ssl = 'on'", "ssl_cert_file = '/v/tls/server.crt'",
+                 "ssl_key_file = '/v/tls/server.key'", "ssl_ca_file = '/v/tls/ca.crt'",
+                 "ssl_min_protocol_version = 'TLSv1.2'"):
+        assert line in text.splitlines()
+    assert "sslmode=verify-full sslrootcert=/v/tls/ca.crt" in text
+    assert "ssl" not in bootstrap.render_conf(config(), passfile="/p")  # a node made before TLS
+
+
+def test_tls_files_are_private_and_a_replayed_config_never_brings_older_ones_back(
+        tmp_path: Path) -> None:
+    ca = tls.new_ca("i")
+    first = tls.issue_node_cert(ca.cert_pem, ca.key_pem, node_id="n1", addresses=["10.0.0.2"],
+                                days=1)
+    boot = config(data_dir=str(tmp_path / "data"), run_as=PG_USER, tls_ca_cert=ca.cert_pem,
+                  tls_cert=first.cert_pem, tls_key=first.key_pem,
+                  tls_issued_at=first.issued_at)
+    runner = bootstrap.Runner(boot)
+    directory = bootstrap.write_tls(boot, runner)
+    assert directory == tmp_path / "tls"  # beside the data directory: never in a base backup
+    assert directory.stat().st_mode & 0o777 == 0o700
+    for name in ("ca.crt", "server.crt", "server.key", "issued_at"):
+        info = (directory / name).stat()
+        assert info.st_mode & 0o777 == 0o600 and info.st_uid == runner.user.pw_uid
+    assert (directory / "server.key").read_text() == first.key_pem
+
+    # The broker rotated the certificate since; a reboot replays the first-boot config.
+    rotated = tls.issue_node_cert(ca.cert_pem, ca.key_pem, node_id="n1",
+                                  addresses=["10.0.0.2"], days=1,
+                                  previous_issued_at=first.issued_at)
+    newer = config(**{**boot.__dict__, "tls_cert": rotated.cert_pem, "tls_key": rotated.key_pem,
+                      "tls_issued_at": rotated.issued_at})
+    bootstrap.write_tls(newer, runner)
+    bootstrap.write_tls(boot, runner)
+    assert (directory / "server.crt").read_text() == rotated.cert_pem
+    assert (directory / "server.key").read_text() == rotated.key_pem
+    # A config without TLS (made before it) leaves the node's files alone.
+    assert bootstrap.write_tls(config(data_dir=str(tmp_path / "data")), runner) == directory
+    assert bootstrap.write_tls(config(data_dir=str(tmp_path / "other" / "data")),
+                               runner) is None
 
 
 def test_a_zombie_or_a_foreign_process_is_not_a_live_postmaster(tmp_path: Path) -> None:
