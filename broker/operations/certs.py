@@ -8,7 +8,8 @@ certificate enters its renewal window (BROKER_TLS_RENEW_DAYS). Steps:
 - ca: the instance's CA, made if missing (an instance made before TLS gets one here).
 - certificates: for each live node, primary first, a new certificate for the service
   address and the node's address, written by the node's own PostgreSQL (superuser
-  COPY: no shell on the node), `ssl` on and a reload; once a fresh connection
+  COPY TO PROGRAM, as the server's user: no login on the node), `ssl` on and a
+  reload; once a fresh connection
   verifies it, the store records it and pg_hba becomes TLS-only. A standby made
   before TLS then verifies its primary too. Re-running issues new certificates again:
   harmless, so the step is idempotent.

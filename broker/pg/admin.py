@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import math
 import posixpath
+import shlex
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,8 +179,8 @@ def install_tls(conn: Connection, *, ca_pem: str, cert_pem: str, key_pem: str,
     texts = {bootstrap.TLS_CA_FILE: ca_pem, bootstrap.TLS_CERT_FILE: cert_pem,
              bootstrap.TLS_KEY_FILE: key_pem, bootstrap.TLS_ISSUED_FILE: str(issued_at)}
     for name, text in texts.items():  # the issue number last: it vouches for the others
-        _write_server_file(conn, posixpath.join(directory, prefix + name),
-                           text.strip("\n").split("\n"))
+        _write_private_server_file(conn, posixpath.join(directory, prefix + name),
+                                   text.strip("\n").split("\n"))
     for name, value in bootstrap.tls_settings(directory, prefix).items():
         if _fetch_one(conn, "SELECT setting FROM pg_settings WHERE name = %s", (name,)) != value:
             _execute(conn, sql.SQL("ALTER SYSTEM SET {} = {}").format(
@@ -210,6 +211,17 @@ def _wait_setting(conn: Connection, name: str, wanted: str, timeout: float = 5.0
         if time.monotonic() > deadline:
             raise PgNotReady(f"{name} was not applied within {timeout:.0f} s")
         time.sleep(0.01)
+
+
+def _write_private_server_file(conn: Connection, path: str, lines: list[str]) -> None:
+    """Like _write_server_file, but 0600 and replaced atomically: COPY TO a file creates
+    it world-readable (PostgreSQL then refuses a key file), so the server's own user
+    writes it through a shell with a private umask and renames it into place."""
+    temporary = path + ".new"
+    command = (f"umask 077 && cat > {shlex.quote(temporary)} && "
+               f"mv -f {shlex.quote(temporary)} {shlex.quote(path)}")
+    _execute(conn, sql.SQL("COPY (SELECT unnest(%s::text[])) TO PROGRAM {}").format(
+        sql.Literal(command)), (lines,))
 
 
 def _role_exists(conn: Connection, role: str) -> bool:
