@@ -88,6 +88,31 @@ def test_tls_files_are_private_and_a_replayed_config_never_brings_older_ones_bac
                                runner) is None
 
 
+def test_own_tls_files_replace_those_the_broker_put_in_an_old_data_directory(
+        tmp_path: Path) -> None:
+    """A server resurrected on the volume of a node made before TLS (whose certificate
+    the broker once put in the data directory) serves its own certificate."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "postgresql.conf").write_text("")
+    (data / "postgresql.auto.conf").write_text(
+        "work_mem = '8MB'\nssl = 'on'\nssl_cert_file = '/old/pgha-tls-server.crt'\n")
+    for name in ("server.crt", "server.key", "ca.crt", "issued_at"):
+        (data / f"pgha-tls-{name}").write_text("old")
+    ca = tls.new_ca("i")
+    cert = tls.issue_node_cert(ca.cert_pem, ca.key_pem, node_id="n1", addresses=["10.0.0.2"],
+                               days=1)
+    node = config(role="primary", data_dir=str(data), run_as=PG_USER, tls_ca_cert=ca.cert_pem,
+                  tls_cert=cert.cert_pem, tls_key=cert.key_pem, tls_issued_at=cert.issued_at)
+    bootstrap.write_config(node, bootstrap.Runner(node))
+    assert (data / "postgresql.auto.conf").read_text() == "work_mem = '8MB'\n"
+    assert not list(data.glob("pgha-tls-*"))
+    assert f"ssl_cert_file = '{tmp_path}/tls/server.crt'" in (data / "pgha.conf").read_text()
+    rules = [line.split()[0] for line in (data / "pg_hba.conf").read_text().splitlines()
+             if line and not line.startswith("#")]
+    assert set(rules) == {"local", "hostssl"}
+
+
 def test_a_zombie_or_a_foreign_process_is_not_a_live_postmaster(tmp_path: Path) -> None:
     assert not bootstrap.process_is_live_postgres(os.getpid(), str(tmp_path))
     child = subprocess.Popen(["true"], cwd=tmp_path)

@@ -452,6 +452,17 @@ def _legacy_tls(data: Path) -> bool:
     return (data / f"{LEGACY_TLS_PREFIX}{TLS_CERT_FILE}").exists()
 
 
+def _forget_legacy_tls(data: Path) -> None:
+    """This node now has its own TLS files beside the data directory (e.g. a server
+    resurrected on the volume of a node made before TLS): the settings the broker put
+    in postgresql.auto.conf for the old files would override ours."""
+    if not _legacy_tls(data):
+        return
+    _clean_auto_conf(data / "postgresql.auto.conf", tuple(tls_settings("")))
+    for legacy in data.glob(f"{LEGACY_TLS_PREFIX}*"):
+        legacy.unlink()
+
+
 def init_standby(config: GuestConfig, runner: Runner) -> None:
     if not config.primary_address:
         raise BootstrapError("a standby needs primary_address")
@@ -477,12 +488,12 @@ def init_standby(config: GuestConfig, runner: Runner) -> None:
     _finish_target(partial, config)
 
 
-def _clean_auto_conf(path: Path) -> None:
+def _clean_auto_conf(path: Path, names: tuple[str, ...] = STANDBY_UNSAFE_AUTO_SETTINGS) -> None:
     """Drop the primary's settings a new standby must not inherit (NOTES §3)."""
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines()
-            if line.split("=", 1)[0].strip() not in STANDBY_UNSAFE_AUTO_SETTINGS]
+            if line.split("=", 1)[0].strip() not in names]
     stat = path.stat()
     path.write_text("\n".join(keep) + "\n")
     os.chown(path, stat.st_uid, stat.st_gid)
@@ -497,6 +508,8 @@ def write_config(config: GuestConfig, runner: Runner) -> None:
     if config.role == "standby":
         write_passfile(config, runner)  # the password may have been rotated
     tls = write_tls(config, runner)
+    if tls is not None:
+        _forget_legacy_tls(data)
     ours = data / CONF_FILE
     ours.write_text(render_conf(config, passfile=str(_passfile(config)),
                                 tls_dir=str(tls) if tls is not None else None))
