@@ -242,6 +242,14 @@ def test_rotate_certs_serves_new_certificates_without_a_restart(
         assert _start_times(env.runtime, after) == started  # reloaded, never restarted
         assert after.tls_ca_cert == before.tls_ca_cert
         assert over_tls(app(creds, sslrootcert=root))  # the binding did not change
+        assert cli.show_instance(env.runtime, instance_id, as_json=False) == 0
+        shown = capsys.readouterr().out
+        for node in after.live_nodes():
+            assert node.tls_expires_at is not None
+            expiry = tls.expires_at(node.tls_cert or "").isoformat(timespec="milliseconds")
+            assert f"certificate expires {expiry}" in shown
+        assert cli.rotate_certs(env.runtime, "no-such-instance") == 1
+        assert "rotate-certs refused: no instance" in capsys.readouterr().err
 
         # A reboot replays the node's first-boot config: the newer files stay.
         standby = after.standby()
