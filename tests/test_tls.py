@@ -27,6 +27,7 @@ from cryptography import x509
 
 from broker.cli import instances as cli
 from broker.config import TlsSettings
+from broker.monitor import health
 from broker.operations import (
     bindings,
     nodes,
@@ -173,6 +174,16 @@ def test_apps_verify_the_service_address_before_and_after_a_failover() -> None:
         assert other.tls_ca_cert and other.tls_ca_cert != inst.tls_ca_cert
         with pytest.raises(psycopg2.OperationalError, match="certificate verify failed"):
             app(creds, sslrootcert=ca_on_disk(env, other.tls_ca_cert, "other.crt"))
+        # The broker verifies its nodes too; a certificate it cannot verify means the
+        # server is up (never a reason to fail over).
+        password = env.runtime.vault.decrypt(inst.admin_password_enc)
+        assert primary.management_address is not None
+        assert health.probe(primary.management_address, password, timeout=3,
+                            ca_pem=inst.tls_ca_cert).ok
+        refused = health.probe(primary.management_address, password, timeout=3,
+                               ca_pem=other.tls_ca_cert)
+        assert refused.outcome == "answering" and "certificate verify failed" in (
+            refused.error or "")
         for name in ("db.example.com", standby.management_address):
             with pytest.raises(psycopg2.OperationalError, match="does not match host name"):
                 app(creds, sslrootcert=root, host=name, hostaddr=inst.service_address)

@@ -295,7 +295,10 @@ def node_certificate(ctx: Context, node_id: str) -> tls.Issued | None:
         inst = ensure_ca(ctx)
     if not inst.tls_ca_cert or not inst.tls_ca_key_enc:
         return None
-    wanted = {a for a in (inst.service_address, node.management_address) if a}
+    if not inst.service_address or not node.management_address:
+        raise StepFailed("a node's certificate names the service address and the node's "
+                         "address: both must exist before it boots")
+    wanted = {inst.service_address, node.management_address}
     if node.tls_cert and node.tls_key_enc and node.tls_issued_at \
             and tls.addresses(node.tls_cert) == wanted:
         return tls.Issued(node.tls_cert, ctx.vault.decrypt(node.tls_key_enc),
