@@ -343,3 +343,40 @@ def test_ca_file_is_private_and_written_once(tmp_path: Path,
     assert path.read_text() == pem and path.parent.stat().st_mode & 0o777 == 0o700
     mtime = path.stat().st_mtime_ns
     assert Path(tls.ca_file(pem)) == path and path.stat().st_mtime_ns == mtime
+
+
+def test_an_expired_certificate_is_replaced_by_the_monitor() -> None:
+    """Renewal failed for the whole window and a certificate expired: nothing verifies
+    the node any more, yet the broker still replaces it (the server proven by SCRAM
+    channel binding instead)."""
+    with failover_env() as env:
+        instance_id = provision(env.runtime, env.engine, "standalone")
+        inst = instance(env.runtime, instance_id)
+        node = inst.primary()
+        assert node is not None and node.management_address and inst.tls_ca_cert
+        assert inst.tls_ca_key_enc and inst.service_address
+        # The node serves (and the store records) a certificate about to expire.
+        short = tls.issue_node_cert(inst.tls_ca_cert, env.runtime.vault.decrypt(
+            inst.tls_ca_key_enc), node_id=node.id, days=3 / 86400,
+            addresses=[inst.service_address, node.management_address])
+        password = env.runtime.vault.decrypt(inst.admin_password_enc)
+        conn = admin.connect(node.management_address, password, ca_pem=inst.tls_ca_cert)
+        admin.install_tls(conn, ca_pem=inst.tls_ca_cert, cert_pem=short.cert_pem,
+                          key_pem=short.key_pem, issued_at=short.issued_at)
+        conn.close()
+        with env.runtime.store.session() as s:
+            row = s.get(Node, node.id)
+            assert row is not None
+            row.tls_cert, row.tls_expires_at = short.cert_pem, short.expires_at
+        assert eventually(lambda: health.probe(
+            node.management_address or "", password, timeout=3,
+            ca_pem=inst.tls_ca_cert).outcome == "answering", "the certificate expiring", 15)
+
+        with background(env):
+            eventually(lambda: [op.state for op in operations(env, instance_id, ROTATE)]
+                       == ["succeeded"], "the monitor replacing it", 60)
+        renewed = instance(env.runtime, instance_id).primary()
+        assert renewed is not None and renewed.tls_cert and renewed.tls_expires_at
+        assert tls.serial(renewed.tls_cert) != tls.serial(short.cert_pem)
+        assert health.probe(node.management_address, password, timeout=3,
+                            ca_pem=inst.tls_ca_cert).ok

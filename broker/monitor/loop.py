@@ -307,7 +307,8 @@ class Monitor:
         seen, standby_seen, cloud = self._probe(watch, inst, primary, standby, password)
         if seen.outcome == "answering":
             watch.reset_primary()
-            return f"primary answers but refuses the broker: {seen.error}"
+            return self._renew_certificates(
+                inst, watch, f"primary answers but refuses the broker: {seen.error}")
         if not seen.ok:
             return self._primary_down(inst, plan, watch, primary, standby, seen, standby_seen,
                                       cloud)
@@ -634,13 +635,16 @@ class Monitor:
 
     def _renew_certificates(self, inst: Instance, watch: _Watch, status: str) -> str:
         """A healthy instance whose node certificate enters its renewal window gets new
-        ones (at most once per RENEWAL_RETRY, so a failing rotation is not hammered)."""
-        if not status.startswith("primary healthy") or watch.pending_ops:
+        ones (at most once per RENEWAL_RETRY, so a failing rotation is not hammered);
+        so does one whose certificate expired (the broker cannot verify it any more)."""
+        if watch.pending_ops:
             return status
         window = timedelta(days=self.runtime.settings.tls.renew_days)
         due = [n.id for n in inst.live_nodes()
                if tls.due_for_renewal(aware(n.tls_expires_at), window)]
-        if not due:
+        expired = any(tls.due_for_renewal(aware(n.tls_expires_at), timedelta(0))
+                      for n in inst.live_nodes())
+        if not due or not (status.startswith("primary healthy") or expired):
             return status
         with self.runtime.store.session() as s:
             last = s.scalar(select(Operation.created_at).where(Operation.instance_id == inst.id)

@@ -9,7 +9,8 @@ certificate enters its renewal window (BROKER_TLS_RENEW_DAYS). Steps:
 - certificates: for each live node, primary first, a new certificate for the service
   address and the node's address, written by the node's own PostgreSQL (superuser
   COPY TO PROGRAM, as the server's user: no login on the node), `ssl` on and a
-  reload; once a fresh connection
+  reload (a node whose certificate already expired is reached without verifying
+  it, the server proven by SCRAM channel binding); once a fresh connection
   verifies it, the store records it and pg_hba becomes TLS-only. A standby made
   before TLS then verifies its primary too. Re-running issues new certificates again:
   harmless, so the step is idempotent.
@@ -35,6 +36,8 @@ from broker.store.models import (
     Instance,
     Node,
     Operation,
+    aware,
+    utcnow,
 )
 
 log = logging.getLogger(__name__)
@@ -89,9 +92,18 @@ def rotate_node(ctx: Context, node: Node) -> None:
                                  node_id=node.id, addresses=addresses,
                                  days=ctx.settings.tls.cert_days,
                                  previous_issued_at=node.tls_issued_at or 0)
-    with nodes.admin_connection(ctx, node) as conn:
+    expiry = aware(node.tls_expires_at)
+    if expiry is not None and expiry <= utcnow():
+        conn = admin.connect(node.management_address, nodes.admin_password(ctx, inst),
+                             bind_channel=True)
+    else:
+        conn = admin.connect(node.management_address, nodes.admin_password(ctx, inst),
+                             ca_pem=inst.ca_for(node))
+    try:
         ca_path = admin.install_tls(conn, ca_pem=inst.tls_ca_cert, cert_pem=issued.cert_pem,
                                     key_pem=issued.key_pem, issued_at=issued.issued_at)
+    finally:
+        conn.close()
     try:
         admin.wait_ready(node.management_address, nodes.admin_password(ctx, inst),
                          timeout=VERIFY_TIMEOUT, ca_pem=inst.tls_ca_cert)

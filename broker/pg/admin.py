@@ -63,21 +63,27 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def ssl_params(ca_pem: str | None) -> dict[str, Any]:
+def ssl_params(ca_pem: str | None, *, bind_channel: bool = False) -> dict[str, Any]:
     """libpq's TLS parameters: verify the node's certificate and address against the
-    instance's CA; without one (a node made before TLS) TLS when the server offers it."""
+    instance's CA; without one (a node made before TLS) TLS when the server offers it.
+    `bind_channel` (a node whose certificate expired, which nothing can verify): TLS,
+    the server proven instead by SCRAM channel binding, i.e. by knowing the password's
+    verifier; a man in the middle cannot relay that exchange."""
+    if bind_channel:
+        return {"sslmode": "require", "channel_binding": "require"}
     if ca_pem is None:
         return {"sslmode": "prefer"}
     return {"sslmode": "verify-full", "sslrootcert": tls.ca_file(ca_pem)}
 
 
 def connect(host: str, password: str, *, dbname: str = "postgres", port: int = 5432,
-            timeout: float = 5.0, ca_pem: str | None = None) -> Connection:
+            timeout: float = 5.0, ca_pem: str | None = None,
+            bind_channel: bool = False) -> Connection:
     conn: Connection = psycopg2.connect(
         host=host, port=port, user=ADMIN_USER, password=password, dbname=dbname,
         # libpq takes whole seconds (NOTES §3: a black-holed node costs all of it).
         connect_timeout=max(1, math.ceil(timeout)), application_name=APPLICATION_NAME,
-        **ssl_params(ca_pem),
+        **ssl_params(ca_pem, bind_channel=bind_channel),
     )
     conn.autocommit = True
     return conn
