@@ -71,6 +71,10 @@ def served_certificate(host: str, port: int = 5432) -> x509.Certificate:
     return x509.load_der_x509_certificate(der)
 
 
+def serial(pem: str) -> int:
+    return x509.load_pem_x509_certificate(pem.encode()).serial_number
+
+
 def ca_on_disk(env: FailoverEnv, pem: str, name: str = "root.crt") -> str:
     """What an app does with `ca_certificate`: libpq reads the CA from a file."""
     path = env.base / name
@@ -212,7 +216,7 @@ def test_apps_verify_the_service_address_before_and_after_a_failover() -> None:
         assert over_tls(app(creds, sslrootcert=root))
         assert new_primary.tls_cert is not None
         assert served_certificate(after.service_address or "").serial_number == \
-            tls.serial(new_primary.tls_cert)
+            serial(new_primary.tls_cert)
         # The rebuilt standby got its own certificate and replicates over TLS.
         assert new_standby.tls_cert is not None
         assert tls.addresses(new_standby.tls_cert) == {after.service_address,
@@ -249,7 +253,7 @@ def test_rotate_certs_serves_new_certificates_without_a_restart(
         after = instance(env.runtime, instance_id)
         rotated = _serials(after)
         assert all(rotated[n] != serials[n] for n in serials), "the old certificates are served"
-        assert rotated == {n.id: tls.serial(n.tls_cert or "") for n in after.live_nodes()}
+        assert rotated == {n.id: serial(n.tls_cert or "") for n in after.live_nodes()}
         assert _start_times(env.runtime, after) == started  # reloaded, never restarted
         assert after.tls_ca_cert == before.tls_ca_cert
         assert over_tls(app(creds, sslrootcert=root))  # the binding did not change
@@ -330,9 +334,9 @@ def test_certificates_are_renewed_before_they_expire() -> None:
         assert "expires within 2 days" in (op.params or {}).get("cause", "")
         renewed = instance(runtime, instance_id).primary()
         assert renewed is not None and renewed.id == first.id and renewed.tls_cert
-        assert tls.serial(renewed.tls_cert) != tls.serial(first.tls_cert)
+        assert serial(renewed.tls_cert) != serial(first.tls_cert)
         assert served_certificate(renewed.management_address or "").serial_number == \
-            tls.serial(renewed.tls_cert)
+            serial(renewed.tls_cert)
 
 
 def test_ca_file_is_private_and_written_once(tmp_path: Path,
@@ -377,6 +381,6 @@ def test_an_expired_certificate_is_replaced_by_the_monitor() -> None:
                        == ["succeeded"], "the monitor replacing it", 60)
         renewed = instance(env.runtime, instance_id).primary()
         assert renewed is not None and renewed.tls_cert and renewed.tls_expires_at
-        assert tls.serial(renewed.tls_cert) != tls.serial(short.cert_pem)
+        assert serial(renewed.tls_cert) != serial(short.cert_pem)
         assert health.probe(node.management_address, password, timeout=3,
                             ca_pem=inst.tls_ca_cert).ok

@@ -123,10 +123,6 @@ def expires_at(pem: str) -> datetime:
     return _load(pem).not_valid_after_utc
 
 
-def serial(pem: str) -> int:
-    return _load(pem).serial_number
-
-
 def addresses(pem: str) -> set[str]:
     """The IP SANs of a certificate."""
     san = _load(pem).extensions.get_extension_for_class(x509.SubjectAlternativeName)
