@@ -35,6 +35,14 @@ class MonitorSettings:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """Node certificates: how long they last, and how early they are renewed."""
+
+    cert_days: float = 365.0
+    renew_days: float = 30.0
+
+
+@dataclass(frozen=True)
 class Settings:
     username: str
     password: str
@@ -51,6 +59,7 @@ class Settings:
     app_cidr: str | None
     log_level: str
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
     @property
     def is_sqlite(self) -> bool:
@@ -167,4 +176,6 @@ def load_settings(env: dict[str, str] | None = None, *, require_auth: bool = Tru
         app_cidr=env.get("BROKER_APP_CIDR") or None,
         log_level=env.get("BROKER_LOG_LEVEL", "INFO").upper(),
         monitor=monitor,
+        tls=TlsSettings(cert_days=_float(env, "BROKER_TLS_CERT_DAYS", 365.0),
+                        renew_days=_float(env, "BROKER_TLS_RENEW_DAYS", 30.0)),
     )

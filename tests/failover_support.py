@@ -53,7 +53,7 @@ from tests.fixtures.local import (
     postgres_processes_under,
 )
 from tests.fixtures.pg import pg_bin_dir, world_traversable_tmpdir
-from tests.workflow_support import instance, make_engine, make_runtime
+from tests.workflow_support import app_tls, instance, make_engine, make_runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -236,7 +236,8 @@ class Writer(threading.Thread):
     def _connect(self) -> Any:
         c = self.credentials
         conn = psycopg2.connect(host=c["host"], port=c["port"], user=c["username"],
-                                password=c["password"], dbname=c["name"], async_=True)
+                                password=c["password"], dbname=c["name"], async_=True,
+                                sslmode=c.get("sslmode", "prefer"), **app_tls(c))
         try:
             wait_async(conn, time.monotonic() + self.connect_timeout)
         except DeadlinePassed:
@@ -321,7 +322,7 @@ class Writer(threading.Thread):
 def app_credentials(env: FailoverEnv, instance_id: str, binding_id: str = "app") -> dict[str, Any]:
     creds = bindings.create_binding(env.runtime, instance_id, binding_id, app_guid="app-guid",
                                     bind_resource={}, parameters={}).credentials
-    conn = psycopg2.connect(creds["uri"], connect_timeout=5)
+    conn = psycopg2.connect(creds["uri"], connect_timeout=5, **app_tls(creds))
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute("CREATE TABLE IF NOT EXISTS acked (id bigint PRIMARY KEY, "
@@ -331,7 +332,7 @@ def app_credentials(env: FailoverEnv, instance_id: str, binding_id: str = "app")
 
 
 def stored_ids(credentials: dict[str, Any]) -> set[int]:
-    conn = psycopg2.connect(credentials["uri"], connect_timeout=5)
+    conn = psycopg2.connect(credentials["uri"], connect_timeout=5, **app_tls(credentials))
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT id FROM acked")

@@ -9,13 +9,14 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from broker.guest import bootstrap
 from broker.guest.bootstrap import GuestConfig
-from broker.pg import admin
+from broker.pg import admin, tls
 from tests.fixtures.pg import PG_USER, free_port, pg_bin_dir, world_traversable_tmpdir
 
 SECRET = "s3cret'pw:x"
@@ -45,6 +46,90 @@ def test_rendered_conf_quotes_values_and_never_holds_a_password() -> None:
     assert SECRET not in text
     with pytest.raises(bootstrap.BootstrapError, match="setting name"):
         bootstrap.render_conf(config(settings={"x = 1\nfsync": "off"}), passfile="/p")
+
+
+def test_rendered_conf_serves_tls_and_the_standby_verifies_its_primary() -> None:
+    text = bootstrap.render_conf(config(), passfile="/v/replication.pgpass", tls_dir="/v/tls")
+    for line in ("ssl = 'on'", "ssl_cert_file = '/v/tls/server.crt'",
+                 "ssl_key_file = '/v/tls/server.key'", "ssl_ca_file = '/v/tls/ca.crt'",
+                 "ssl_min_protocol_version = 'TLSv1.2'"):
+        assert line in text.splitlines()
+    assert "sslmode=verify-full sslrootcert=/v/tls/ca.crt" in text
+    assert "ssl" not in bootstrap.render_conf(config(), passfile="/p")  # a node made before TLS
+
+
+@pytest.fixture
+def volume() -> Iterator[Path]:
+    """A volume root owned by the PostgreSQL user, as the bootstrap hands it over."""
+    root = world_traversable_tmpdir("pgha-guest-")
+    user = pwd.getpwnam(PG_USER)
+    os.chown(root, user.pw_uid, user.pw_gid)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root)
+
+
+def as_node_user(work: Callable[[], object]) -> None:
+    """Run `work` as the bootstrap does on the volume: dropped to the PostgreSQL user."""
+    assert bootstrap.run_as_user(pwd.getpwnam(PG_USER), lambda: (work(), None)[1]) == 0
+
+
+def test_tls_files_are_private_and_a_replayed_config_never_brings_older_ones_back(
+        volume: Path) -> None:
+    ca = tls.new_ca("i")
+    first = tls.issue_node_cert(ca.cert_pem, ca.key_pem, node_id="n1", addresses=["10.0.0.2"],
+                                days=1)
+    boot = config(data_dir=str(volume / "data"), run_as=PG_USER, tls_ca_cert=ca.cert_pem,
+                  tls_cert=first.cert_pem, tls_key=first.key_pem,
+                  tls_issued_at=first.issued_at)
+    as_node_user(lambda: bootstrap.write_tls(boot))
+    directory = volume / "tls"  # beside the data directory: never in a base backup
+    assert directory.stat().st_mode & 0o777 == 0o700
+    for name in ("ca.crt", "server.crt", "server.key", "issued_at"):
+        info = (directory / name).stat()
+        assert info.st_mode & 0o777 == 0o600 and info.st_uid == pwd.getpwnam(PG_USER).pw_uid
+    assert (directory / "server.key").read_text() == first.key_pem
+
+    # The broker rotated the certificate since; a reboot replays the first-boot config.
+    rotated = tls.issue_node_cert(ca.cert_pem, ca.key_pem, node_id="n1",
+                                  addresses=["10.0.0.2"], days=1,
+                                  previous_issued_at=first.issued_at)
+    newer = config(**{**boot.__dict__, "tls_cert": rotated.cert_pem, "tls_key": rotated.key_pem,
+                      "tls_issued_at": rotated.issued_at})
+    as_node_user(lambda: bootstrap.write_tls(newer))
+    as_node_user(lambda: bootstrap.write_tls(boot))
+    assert (directory / "server.crt").read_text() == rotated.cert_pem
+    assert (directory / "server.key").read_text() == rotated.key_pem
+    # A config without TLS (made before it) leaves the node's files alone.
+    assert bootstrap.write_tls(config(data_dir=str(volume / "data"))) == directory
+    assert bootstrap.write_tls(config(data_dir=str(volume / "other" / "data"))) is None
+
+
+def test_own_tls_files_replace_those_the_broker_put_in_an_old_data_directory(
+        volume: Path) -> None:
+    """A server resurrected on the volume of a node made before TLS (whose certificate
+    the broker once put in the data directory) serves its own certificate."""
+    data = volume / "data"
+    data.mkdir()
+    (data / "postgresql.conf").write_text("")
+    (data / "postgresql.auto.conf").write_text(
+        "work_mem = '8MB'\nssl = 'on'\nssl_cert_file = '/old/pgha-tls-server.crt'\n")
+    for name in ("server.crt", "server.key", "ca.crt", "issued_at"):
+        (data / f"pgha-tls-{name}").write_text("old")
+    subprocess.run(["chown", "-R", f"{PG_USER}:", str(data)], check=True)
+    ca = tls.new_ca("i")
+    cert = tls.issue_node_cert(ca.cert_pem, ca.key_pem, node_id="n1", addresses=["10.0.0.2"],
+                               days=1)
+    node = config(role="primary", data_dir=str(data), run_as=PG_USER, tls_ca_cert=ca.cert_pem,
+                  tls_cert=cert.cert_pem, tls_key=cert.key_pem, tls_issued_at=cert.issued_at)
+    as_node_user(lambda: bootstrap.write_config(node, bootstrap.write_tls(node)))
+    assert (data / "postgresql.auto.conf").read_text() == "work_mem = '8MB'\n"
+    assert not list(data.glob("pgha-tls-*"))
+    assert f"ssl_cert_file = '{volume}/tls/server.crt'" in (data / "pgha.conf").read_text()
+    rules = [line.split()[0] for line in (data / "pg_hba.conf").read_text().splitlines()
+             if line and not line.startswith("#")]
+    assert set(rules) == {"hostssl"}
 
 
 def test_a_zombie_or_a_foreign_process_is_not_a_live_postmaster(tmp_path: Path) -> None:

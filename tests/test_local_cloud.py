@@ -109,7 +109,7 @@ def test_primary_standby_service_port_fence_delete(local_cloud: LocalCloud) -> N
     admin.ensure_cluster_objects(conn1, replication_password=REPL_PW)
     admin.ensure_slot(conn1, "slot_b")
     # ha-sync: set before the standby exists, so its base backup copies the setting
-    # (postgresql.auto.conf) and the bootstrap must clear it there (NOTES §3).
+    # (postgresql.auto.conf) and the bootstrap must clear it there.
     admin.set_synchronous_standby(conn1, "node_b")
 
     # A failing bootstrap says why, without a secret.

@@ -24,7 +24,7 @@ from broker.cloud.base import (
     TransientCloudError,
 )
 from broker.cloud.openstack import OpenStackCloud
-from broker.cloud.openstack.userdata import bootstrap_source
+from broker.cloud.openstack.userdata import NOVA_USER_DATA_LIMIT, bootstrap_source
 from broker.config import ConfigError
 from tests.fakes.openstack import FakeOpenStack
 from tests.fixtures.openstack import (
@@ -235,6 +235,11 @@ def test_user_data_runs_the_real_bootstrap_with_hotplug_and_the_data_volume(
     assert written["role"] == "primary" and written["node_id"] == "0badcafe"
     assert written["admin_password"] == ADMIN_PASSWORD  # the guest needs it ...
     assert ADMIN_PASSWORD not in text                     # ... never in clear text
+    # The node's TLS key travels the same way, and it all fits Nova's user-data limit.
+    assert written["tls_key"].startswith("-----BEGIN PRIVATE KEY-----")
+    assert written["tls_key"] not in text and written["tls_issued_at"] > 0
+    body = fake_openstack.requests("POST", r"/servers$")[-1].body
+    assert len(body["server"]["user_data"]) < NOVA_USER_DATA_LIMIT
 
     unit = files["/etc/systemd/system/pgha-bootstrap.service"]["content"]
     assert "ExecStart=/usr/bin/python3 /opt/pgha/bootstrap.py /etc/pgha/guest.json" in unit

@@ -12,7 +12,7 @@ from psycopg2.extensions import connection as Connection
 from broker.cloud.base import ServerSpec
 from broker.cloud.local import LocalCloud
 from broker.guest.bootstrap import GuestConfig
-from broker.pg import admin
+from broker.pg import admin, tls
 from tests.fixtures.local import make_local_cloud
 
 pytestmark = pytest.mark.e2e
@@ -27,6 +27,7 @@ class Node:
     address: str
     conn: Connection      # postgres db
     appdb: Connection
+    ca_pem: str
 
 
 @pytest.fixture(scope="module")
@@ -34,21 +35,27 @@ def node() -> Iterator[Node]:
     with make_local_cloud() as cloud:
         port = cloud.create_port("pgha-t-a", "management", {})
         volume = cloud.create_volume("pgha-t-a", 1, "az1", None, {})
+        ca = tls.new_ca("t")
+        cert = tls.issue_node_cert(ca.cert_pem, ca.key_pem, node_id="a",
+                                   addresses=[port.address], days=1)
         config = GuestConfig(
             instance_id="t", node_id="a", role="primary", admin_password=ADMIN_PW,
             replication_password=REPL_PW, admin_cidrs=(cloud.broker_address,),
-            peer_addresses=(port.address,), app_cidrs=(cloud.broker_address,))
+            peer_addresses=(port.address,), app_cidrs=(cloud.broker_address,),
+            tls_ca_cert=ca.cert_pem, tls_cert=cert.cert_pem, tls_key=cert.key_pem,
+            tls_issued_at=cert.issued_at)
         cloud.create_server(ServerSpec(name="pgha-t-a", availability_zone="az1",
                                        flavor="local", image="local",
                                        management_port_id=port.id, volume_id=volume.id,
                                        guest=config))
-        admin.wait_ready(port.address, ADMIN_PW, timeout=30)
-        conn = admin.connect(port.address, ADMIN_PW)
+        admin.wait_ready(port.address, ADMIN_PW, timeout=30, ca_pem=ca.cert_pem)
+        conn = admin.connect(port.address, ADMIN_PW, ca_pem=ca.cert_pem)
         admin.ensure_cluster_objects(conn, replication_password=REPL_PW)
         admin.ensure_cluster_objects(conn, replication_password=REPL_PW)  # idempotent
-        appdb = admin.connect(port.address, ADMIN_PW, dbname=admin.APP_DATABASE)
+        appdb = admin.connect(port.address, ADMIN_PW, dbname=admin.APP_DATABASE,
+                              ca_pem=ca.cert_pem)
         try:
-            yield Node(cloud, port.address, conn, appdb)
+            yield Node(cloud, port.address, conn, appdb, ca.cert_pem)
         finally:
             appdb.close()
             conn.close()
@@ -56,7 +63,8 @@ def node() -> Iterator[Node]:
 
 def login(node: Node, user: str, password: str, dbname: str = "appdb") -> Connection:
     conn = psycopg2.connect(host=node.address, user=user, password=password, dbname=dbname,
-                            connect_timeout=5)
+                            connect_timeout=5, sslmode="verify-full",
+                            sslrootcert=tls.ca_file(node.ca_pem))
     conn.autocommit = True
     return conn
 
@@ -81,12 +89,16 @@ def test_render_hba_allows_only_what_is_needed() -> None:
                              app_cidrs=["10.1.0.0/24"])
     rules = [line.split() for line in lines if not line.startswith("#")]
     assert not [r for r in rules if r[0] == "local"]  # nothing uses the unix socket
-    assert ["host", "all", "postgres", "10.1.0.1/32", "scram-sha-256"] in rules
-    assert ["host", "replication", "pgha_replicator", "10.1.0.3/32", "scram-sha-256"] in rules
-    assert ["host", "appdb", "+app_owner", "10.1.0.0/24", "scram-sha-256"] in rules
-    assert ["host", "appdb", "+app_reader", "10.1.0.0/24", "scram-sha-256"] in rules
-    # Nothing for "all" users, nothing trusting.
+    assert ["hostssl", "all", "postgres", "10.1.0.1/32", "scram-sha-256"] in rules
+    assert ["hostssl", "replication", "pgha_replicator", "10.1.0.3/32", "scram-sha-256"] in rules
+    assert ["hostssl", "appdb", "+app_owner", "10.1.0.0/24", "scram-sha-256"] in rules
+    assert ["hostssl", "appdb", "+app_reader", "10.1.0.0/24", "scram-sha-256"] in rules
+    # Nothing for "all" users, nothing trusting, nothing in cleartext over the network.
     assert not [r for r in rules if r[2] == "all" or r[-1] == "trust"]
+    assert {r[0] for r in rules} == {"hostssl"}
+    # A node made before TLS has no certificate: its lines stay `host` until rotated.
+    old = admin.render_hba(admin_cidrs=["10.1.0.1"], peer_addresses=[], app_cidrs=[], tls=False)
+    assert {line.split()[0] for line in old if not line.startswith("#")} == {"host"}
     with pytest.raises(ValueError, match="not an IP"):
         admin.render_hba(admin_cidrs=["x; host all all 0.0.0.0/0 trust"], peer_addresses=[],
                          app_cidrs=[])
@@ -166,7 +178,8 @@ def test_set_hba_replaces_and_keeps_a_working_file(node: Node) -> None:
         assert {r[0] for r in cur.fetchall()} == {node.address, "10.99.0.9"}
     with pytest.raises(ValueError, match="errors"):
         admin.set_hba(node.conn, ["host all postgres 10.0.0.1/99 scram-sha-256"])
-    admin.wait_ready(node.address, ADMIN_PW, timeout=5)  # the old file still lets us in
+    admin.wait_ready(node.address, ADMIN_PW, timeout=5,
+                     ca_pem=node.ca_pem)  # the old file still lets us in
 
 
 def test_settings_extensions_slots_and_promote_on_a_primary(node: Node) -> None:

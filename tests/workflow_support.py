@@ -29,7 +29,7 @@ from broker.operations.deprovision import start_deprovision
 from broker.operations.engine import Engine
 from broker.operations.provision import start_provision
 from broker.operations.update import start_update
-from broker.pg import admin
+from broker.pg import admin, tls
 from broker.runtime import Runtime
 from broker.store import Store
 from broker.store.models import SUCCEEDED, Instance, Operation
@@ -121,9 +121,15 @@ def connect_as_admin(runtime: Runtime, inst: Instance, host: str,
     return admin.connect(host, runtime.vault.decrypt(inst.admin_password_enc), dbname=dbname)
 
 
+def app_tls(credentials: dict[str, Any]) -> dict[str, str]:
+    """What an app does with the binding's CA: libpq reads it from a file."""
+    pem = credentials.get("ca_certificate")
+    return {"sslrootcert": tls.ca_file(pem)} if pem else {}
+
+
 def connect_with(credentials: dict[str, Any], timeout: int = 3) -> Any:
     """Connect like an app: the binding's uri, through the service address."""
-    conn = psycopg2.connect(credentials["uri"], connect_timeout=timeout)
+    conn = psycopg2.connect(credentials["uri"], connect_timeout=timeout, **app_tls(credentials))
     conn.autocommit = True
     return conn
 

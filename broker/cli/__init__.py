@@ -4,7 +4,7 @@ serve     API + operation worker + monitor in one process (the embedded default)
 web       the API alone, under gunicorn (production)
 worker    the operation worker and the monitor (production)
 db upgrade                      bring the state store's schema up to date
-instances list | show ID [--json] | switchover ID
+instances list | show ID [--json] | switchover ID | rotate-certs ID
 cloud check | orphans [--delete] [--yes]
 """
 
@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="machine-readable output")
     sw = isub.add_parser("switchover", help="planned switchover to the standby")
     sw.add_argument("instance_id")
+    rot = isub.add_parser("rotate-certs", help="new TLS certificates for every node (and a "
+                                               "CA for an instance made before TLS)")
+    rot.add_argument("instance_id")
 
     cloud = sub.add_parser("cloud", help="the cloud behind the broker")
     csub = cloud.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -103,6 +106,8 @@ def _dispatch(args: argparse.Namespace, settings: object) -> int:
             return instances.list_instances(runtime)
         if args.action == "show":
             return instances.show_instance(runtime, args.instance_id, args.json)
+        if args.action == "rotate-certs":
+            return instances.rotate_certs(runtime, args.instance_id)
         from broker.operations.failover import SwitchoverRefused, switchover_instance
 
         try:

@@ -1,12 +1,15 @@
-"""`python -m broker instances list|show ID [--json]`: what the broker runs, for operators.
+"""`python -m broker instances list|show ID [--json]|rotate-certs ID`: what the broker
+runs, for operators.
 
 `show` asks the primary for live replication facts (state, sync state, lag); a
-node that does not answer is reported `unreachable`, never as an error.
+node that does not answer is reported `unreachable`, never as an error. Certificate
+expiries come from the store (no connection needed).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from datetime import datetime
 from typing import Any
 
@@ -64,7 +67,7 @@ def _replication(runtime: Runtime, inst: Instance) -> dict[str, Any]:
     try:
         conn = admin.connect(primary.management_address,
                              runtime.vault.decrypt(inst.admin_password_enc),
-                             timeout=CONNECT_TIMEOUT)
+                             timeout=CONNECT_TIMEOUT, ca_pem=inst.ca_for(primary))
     except Exception as exc:
         return {"reachable": False, "error": exc.__class__.__name__}
     try:
@@ -119,6 +122,7 @@ def describe_instance(runtime: Runtime, instance_id: str) -> dict[str, Any] | No
                 "availability_zone": node.availability_zone, "server_id": node.server_id,
                 "management_address": node.management_address,
                 "server": _server_details(runtime, node),
+                "certificate_expires_at": _time(node.tls_expires_at),
             }
             if node.state != NODE_DELETED and primary is not None and node.id != primary.id:
                 if not replication["reachable"]:
@@ -135,6 +139,7 @@ def describe_instance(runtime: Runtime, instance_id: str) -> dict[str, Any] | No
             "state_reason": inst.state_reason,
             "replication_mode": inst.replication,
             "service_address": inst.service_address,
+            "ca_expires_at": _time(inst.tls_ca_expires_at),
             "sync_standby_node_id": inst.sync_standby_node_id,
             "parameters": inst.parameters,
             "maintenance_version": inst.maintenance_version,
@@ -198,6 +203,7 @@ def show_instance(runtime: Runtime, instance_id: str, as_json: bool) -> int:
     print(f"plan             {info['plan']} (replication {info['replication_mode']})")
     print(f"state            {state}")
     print(f"service address  {info['service_address'] or '-'}")
+    print(f"TLS CA expires   {info['ca_expires_at'] or '- (no TLS: run rotate-certs)'}")
     if not info["replication"]["reachable"] and info["state"] != DEPROVISIONED:
         print(f"replication      unreachable ({info['replication']['error']})")
     print("nodes")
@@ -207,6 +213,8 @@ def show_instance(runtime: Runtime, instance_id: str, as_json: bool) -> int:
         print(f"  {node['id']}  {node['role']:<11} {node['state']:<8} "
               f"{node['availability_zone']:<6} server {node['server_id'] or '-'}"
               + (f" ({extra})" if extra else ""))
+        if node["certificate_expires_at"] and node["state"] != NODE_DELETED:
+            print(f"      certificate expires {node['certificate_expires_at']}")
         if "replication" in node:
             print(f"      replication: {_lag(node['replication'])}")
     print("operations")
@@ -223,4 +231,18 @@ def show_instance(runtime: Runtime, instance_id: str, as_json: bool) -> int:
             lag = f["lag_bytes_at_promotion"]
             print(f"      {stages or 'no stage reached'}"
                   + (f"; lag at promotion {lag} B" if lag is not None else ""))
+    return 0
+
+
+def rotate_certs(runtime: Runtime, instance_id: str) -> int:
+    """Queue a certificate rotation (a worker runs it)."""
+    from broker.operations.certs import RotationRefused, queue_rotation
+
+    try:
+        op_id = queue_rotation(runtime.store, instance_id, cause="asked by an operator")
+    except RotationRefused as exc:
+        print(f"broker: rotate-certs refused: {exc}", file=sys.stderr)
+        return 1
+    print(f"certificate rotation queued as operation {op_id}; follow it with "
+          f"`python -m broker instances show {instance_id}`")
     return 0

@@ -401,7 +401,8 @@ class LocalCloud(Cloud):
         if not _ns_exists(ns):
             _ip("netns", "add", ns)
         # Two interfaces in one subnet (eth0 + service port): answer ARP only for the
-        # interface's own address, or the host learns wrong MACs (NOTES §3).
+        # interface's own address, or the host learns wrong MACs (and loses the node
+        # for ~20 s after a port move).
         script = " ".join(
             f"echo {value} > /proc/sys/net/{key};" for key, value in (
                 ("ipv4/conf/all/arp_ignore", 1), ("ipv4/conf/default/arp_ignore", 1),

@@ -19,9 +19,10 @@ make root write and chown any file:
 3. primary: initdb; standby: pg_basebackup from the primary through its slot. Both
    build into `<data_dir>.partial`, pg_hba.conf included, and rename it when complete,
    so a crash never leaves a half-made cluster that looks whole.
-4. Write our settings (an included `pgha.conf`). pg_hba.conf is written only with a
-   new cluster: later the broker keeps it current (the peers in this config are those
-   of the first boot, and a reboot must not admit a node that left since).
+4. Write the node's TLS files (only when newer than those on disk) and our settings
+   (an included `pgha.conf`). pg_hba.conf is written only with a new cluster: later
+   the broker keeps it current (the peers in this config are those of the first
+   boot, and a reboot must not admit a node that left since).
 5. Remove a postmaster.pid left by a killed server, start PostgreSQL.
 Every file is written whole beside its target and renamed over it, so a link in its
 place is replaced, never followed.
@@ -59,9 +60,23 @@ CONF_FILE = "pgha.conf"
 INCLUDE_LINE = f"include_if_exists = '{CONF_FILE}'"
 # Settings a base backup copies from the primary's postgresql.auto.conf that must not
 # survive on a new standby (a copied synchronous_standby_names makes it wait for itself
-# once promoted; NOTES §3).
+# once promoted, and every write hangs).
 STANDBY_UNSAFE_AUTO_SETTINGS = ("synchronous_standby_names", "primary_conninfo",
-                                "primary_slot_name")
+                                "primary_slot_name",
+                                # TLS switched on by the broker on a node made before TLS:
+                                # it names that node's own files.
+                                "ssl", "ssl_cert_file", "ssl_key_file", "ssl_ca_file",
+                                "ssl_min_protocol_version")
+# TLS files, in a directory beside the data directory (never in a base backup).
+TLS_DIR = "tls"
+TLS_CA_FILE = "ca.crt"
+TLS_CERT_FILE = "server.crt"
+TLS_KEY_FILE = "server.key"
+TLS_ISSUED_FILE = "issued_at"  # the issue number of the files beside it
+# A node bootstrapped before TLS has no such directory, and PostgreSQL (which writes
+# the files when the broker rotates certificates) cannot make one: its files then
+# live in the data directory under this prefix.
+LEGACY_TLS_PREFIX = "pgha-tls-"
 _SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 
 
@@ -93,6 +108,11 @@ class GuestConfig:
     pg_bin: str = "/usr/lib/postgresql/15/bin"
     run_as: str = "postgres"
     log_file: str | None = None
+    # TLS (PEM), empty on configs made before TLS; tls_issued_at orders the material.
+    tls_ca_cert: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_issued_at: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -124,8 +144,10 @@ def _cidr(address: str) -> str:
 
 def render_hba(*, admin_cidrs: list[str] | tuple[str, ...],
                peer_addresses: list[str] | tuple[str, ...],
-               app_cidrs: list[str] | tuple[str, ...], database: str = "appdb") -> list[str]:
-    """pg_hba.conf lines. First match wins and nothing else is allowed:
+               app_cidrs: list[str] | tuple[str, ...], database: str = "appdb",
+               tls: bool = True) -> list[str]:
+    """pg_hba.conf lines. First match wins and nothing else is allowed; with `tls` every
+    line is `hostssl` (a node made before TLS has no certificate: `host`):
     - `postgres` by password only from the broker's addresses (no line for the unix
       socket: nothing uses it, and `pg_ctl -w` checks readiness without logging in);
     - replication only as pgha_replicator, only from the instance's nodes;
@@ -134,13 +156,14 @@ def render_hba(*, admin_cidrs: list[str] | tuple[str, ...],
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", database):
         raise BootstrapError(f"unsupported database name {database!r}")
     row = "{:<7} {:<12} {:<20} {:<20} {}"
+    host = "hostssl" if tls else "host"
     lines = ["# Written by pgha (guest bootstrap / broker). Changes here are overwritten."]
-    lines += [row.format("host", "all", ADMIN_USER, _cidr(c), "scram-sha-256")
+    lines += [row.format(host, "all", ADMIN_USER, _cidr(c), "scram-sha-256")
               for c in _unique(admin_cidrs)]
-    lines += [row.format("host", "replication", REPLICATION_USER, _cidr(p), "scram-sha-256")
+    lines += [row.format(host, "replication", REPLICATION_USER, _cidr(p), "scram-sha-256")
               for p in _unique(peer_addresses)]
     for group in (APP_OWNER, READ_ONLY_GROUP):
-        lines += [row.format("host", database, "+" + group, _cidr(c), "scram-sha-256")
+        lines += [row.format(host, database, "+" + group, _cidr(c), "scram-sha-256")
                   for c in _unique(app_cidrs)]
     return lines
 
@@ -159,8 +182,20 @@ def _conf_value(value: object) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-def render_conf(config: GuestConfig, *, passfile: str) -> str:
-    """Our settings, included from postgresql.conf (later lines win; the plan's last)."""
+def tls_settings(directory: str, prefix: str = "") -> dict[str, str]:
+    """PostgreSQL's TLS settings for the files in `directory` (names after `prefix`)."""
+    return {
+        "ssl": "on",
+        "ssl_cert_file": f"{directory}/{prefix}{TLS_CERT_FILE}",
+        "ssl_key_file": f"{directory}/{prefix}{TLS_KEY_FILE}",
+        "ssl_ca_file": f"{directory}/{prefix}{TLS_CA_FILE}",
+        "ssl_min_protocol_version": "TLSv1.2",
+    }
+
+
+def render_conf(config: GuestConfig, *, passfile: str, tls_dir: str | None = None) -> str:
+    """Our settings, included from postgresql.conf (later lines win; the plan's last).
+    With `tls_dir` the server speaks TLS and the standby verifies its primary by it."""
     values: dict[str, object] = {
         "listen_addresses": "*",
         "port": config.port,
@@ -178,12 +213,15 @@ def render_conf(config: GuestConfig, *, passfile: str) -> str:
         # promotion that lands in that sleep waits for it: keep it short.
         "wal_retrieve_retry_interval": "100ms",
     }
+    if tls_dir:
+        values.update(tls_settings(tls_dir))
     if config.role == "standby" and config.primary_address:
         conninfo = " ".join([
             f"host={config.primary_address}", f"port={config.port}",
             f"user={REPLICATION_USER}", f"passfile={passfile}",
             f"application_name={config.application_name or 'node_' + config.node_id}",
             "connect_timeout=2",
+            *([f"sslmode=verify-full sslrootcert={tls_dir}/{TLS_CA_FILE}"] if tls_dir else []),
         ])
         values["primary_conninfo"] = conninfo
         if config.slot_name:
@@ -405,8 +443,8 @@ def _fresh_target(config: GuestConfig) -> Path:
     return partial
 
 
-def _finish_target(partial: Path, config: GuestConfig) -> None:
-    _write_hba(partial / "pg_hba.conf", config)
+def _finish_target(partial: Path, config: GuestConfig, tls: Path | None) -> None:
+    _write_hba(partial / "pg_hba.conf", config, tls=tls is not None)
     partial.chmod(0o700)
     os.rename(partial, config.data_dir)
 
@@ -426,7 +464,7 @@ def _utf8_locale() -> str:
     return "C"
 
 
-def init_primary(config: GuestConfig, runner: Runner) -> None:
+def init_primary(config: GuestConfig, runner: Runner, tls: Path | None) -> None:
     partial = _fresh_target(config)
     pwfile = partial.parent / f".{partial.name}.pw"
     _replace_file(pwfile, config.admin_password + "\n")
@@ -438,7 +476,7 @@ def init_primary(config: GuestConfig, runner: Runner) -> None:
                    what="initdb", timeout=300)
     finally:
         pwfile.unlink(missing_ok=True)
-    _finish_target(partial, config)
+    _finish_target(partial, config, tls)
 
 
 def _passfile(config: GuestConfig) -> Path:
@@ -454,7 +492,55 @@ def write_passfile(config: GuestConfig) -> Path:
     return path
 
 
-def init_standby(config: GuestConfig, runner: Runner) -> None:
+def tls_dir(config: GuestConfig) -> Path:
+    return Path(config.data_dir).parent / TLS_DIR
+
+
+def _issued_on_disk(directory: Path) -> int:
+    try:
+        return int((directory / TLS_ISSUED_FILE).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def write_tls(config: GuestConfig) -> Path | None:
+    """The node's CA, certificate and key as 0600 files of the PostgreSQL user, beside
+    the data directory; returns that directory, None when the node has no TLS files.
+
+    Written only when the config's material is newer than the files': a reboot
+    replays the first-boot config, while the broker may have rotated them since."""
+    directory = tls_dir(config)
+    if config.tls_cert and config.tls_key and config.tls_ca_cert \
+            and config.tls_issued_at > _issued_on_disk(directory):
+        directory.mkdir(mode=0o700, exist_ok=True)
+        say("writing the TLS certificate")
+        _replace_file(directory / TLS_CA_FILE, config.tls_ca_cert)
+        _replace_file(directory / TLS_CERT_FILE, config.tls_cert)
+        _replace_file(directory / TLS_KEY_FILE, config.tls_key)
+        # The issue number last: it vouches for the files beside it.
+        _replace_file(directory / TLS_ISSUED_FILE, f"{config.tls_issued_at}\n")
+    if (directory / TLS_CERT_FILE).exists() and (directory / TLS_KEY_FILE).exists():
+        return directory
+    return None
+
+
+def _legacy_tls(data: Path) -> bool:
+    """TLS switched on by the broker in the data directory of a node made before TLS."""
+    return (data / f"{LEGACY_TLS_PREFIX}{TLS_CERT_FILE}").exists()
+
+
+def _forget_legacy_tls(data: Path) -> None:
+    """This node now has its own TLS files beside the data directory (e.g. a server
+    resurrected on the volume of a node made before TLS): the settings the broker put
+    in postgresql.auto.conf for the old files would override ours."""
+    if not _legacy_tls(data):
+        return
+    _clean_auto_conf(data / "postgresql.auto.conf", tuple(tls_settings("")))
+    for legacy in data.glob(f"{LEGACY_TLS_PREFIX}*"):
+        legacy.unlink()
+
+
+def init_standby(config: GuestConfig, runner: Runner, tls: Path | None) -> None:
     if not config.primary_address:
         raise BootstrapError("a standby needs primary_address")
     passfile = write_passfile(config)
@@ -465,30 +551,36 @@ def init_standby(config: GuestConfig, runner: Runner) -> None:
     if config.slot_name:
         args += ["-S", config.slot_name]
     say(f"base backup from {config.primary_address}")
-    runner.run(args, what="pg_basebackup", timeout=3600,
-               env={"PGPASSFILE": str(passfile), "PGCONNECT_TIMEOUT": "5",
-                    "PGAPPNAME": f"pgha_basebackup_{config.node_id}"})
+    env = {"PGPASSFILE": str(passfile), "PGCONNECT_TIMEOUT": "5",
+           "PGAPPNAME": f"pgha_basebackup_{config.node_id}"}
+    if tls is not None:
+        env.update(PGSSLMODE="verify-full", PGSSLROOTCERT=str(tls / TLS_CA_FILE))
+    runner.run(args, what="pg_basebackup", timeout=3600, env=env)
     _clean_auto_conf(partial / "postgresql.auto.conf")
+    for copied in partial.glob(f"{LEGACY_TLS_PREFIX}*"):
+        copied.unlink()  # the primary's own TLS files: this node has its own
     _replace_file(partial / "standby.signal", "")
-    _finish_target(partial, config)
+    _finish_target(partial, config, tls)
 
 
-def _clean_auto_conf(path: Path) -> None:
-    """Drop the primary's settings a new standby must not inherit (NOTES §3)."""
+def _clean_auto_conf(path: Path, names: tuple[str, ...] = STANDBY_UNSAFE_AUTO_SETTINGS) -> None:
+    """Drop settings a new standby must not inherit from the primary (a copied
+    synchronous_standby_names makes it wait for itself once promoted), or, with
+    `names`, settings that files written since replace."""
     if not path.exists():
         return
     keep = [line for line in _read_file(path).splitlines()
-            if line.split("=", 1)[0].strip() not in STANDBY_UNSAFE_AUTO_SETTINGS]
+            if line.split("=", 1)[0].strip() not in names]
     _replace_file(path, "\n".join(keep) + "\n")
 
 
-def _write_hba(path: Path, config: GuestConfig) -> None:
+def _write_hba(path: Path, config: GuestConfig, *, tls: bool) -> None:
     _replace_file(path, "\n".join(render_hba(
         admin_cidrs=config.admin_cidrs, peer_addresses=config.peer_addresses,
-        app_cidrs=config.app_cidrs, database=config.database)) + "\n")
+        app_cidrs=config.app_cidrs, database=config.database, tls=tls)) + "\n")
 
 
-def write_config(config: GuestConfig) -> None:
+def write_config(config: GuestConfig, tls: Path | None) -> None:
     data = Path(config.data_dir)
     main_conf = data / "postgresql.conf"
     text = _read_file(main_conf)
@@ -496,10 +588,13 @@ def write_config(config: GuestConfig) -> None:
         _replace_file(main_conf, text.rstrip("\n") + "\n\n" + INCLUDE_LINE + "\n")
     if config.role == "standby":
         write_passfile(config)  # the password may have been rotated
-    _replace_file(data / CONF_FILE, render_conf(config, passfile=str(_passfile(config))))
+    if tls is not None:
+        _forget_legacy_tls(data)
+    _replace_file(data / CONF_FILE, render_conf(
+        config, passfile=str(_passfile(config)), tls_dir=str(tls) if tls is not None else None))
     hba = data / "pg_hba.conf"
     if not _is_regular_file(hba):  # lost or made a link: our rules back, not its target
-        _write_hba(hba, config)
+        _write_hba(hba, config, tls=tls is not None or _legacy_tls(data))
 
 
 def _log_file(config: GuestConfig) -> Path:
@@ -528,14 +623,16 @@ def node_steps(config: GuestConfig) -> None:
     """Everything on the volume, as the PostgreSQL user."""
     runner = Runner(config)
     Path(config.data_dir).parent.mkdir(parents=True, exist_ok=True)
+    # First: a new cluster's pg_hba and a standby's base backup depend on it.
+    tls = write_tls(config)
     if not _has_cluster(Path(config.data_dir)):
         if config.role == "primary":
-            init_primary(config, runner)
+            init_primary(config, runner, tls)
         else:
-            init_standby(config, runner)
+            init_standby(config, runner, tls)
     # An existing cluster keeps its own role (standby.signal or not): a promoted standby
     # that reboots with its old "standby" config must stay a primary.
-    write_config(config)
+    write_config(config, tls)
     start(config, runner)
     say("ready")
 

@@ -32,7 +32,7 @@ import psycopg2
 import psycopg2.extensions as ext
 
 from broker.cloud.base import Cloud, CloudError, ServerStatus
-from broker.pg.admin import SESSION_OPTIONS
+from broker.pg.admin import SESSION_OPTIONS, ssl_params
 
 Outcome = Literal["ok", "down", "answering"]
 
@@ -69,6 +69,11 @@ _ANSWERING = (
     "no pg_hba.conf entry",
     "does not exist",
     "remaining connection slots are reserved",
+    # TLS refused (a certificate that does not verify, a server without TLS): the
+    # server is up; a failover would not mend a certificate.
+    "certificate verify failed",
+    "does not match host name",
+    "server does not support ssl",
 )
 
 
@@ -143,15 +148,17 @@ def _classify(message: str) -> tuple[Outcome, str]:
     return "down", text or "connection failed"
 
 
-def probe(address: str, password: str, *, timeout: float, port: int = 5432) -> Probe:
-    """Connect, run the health query and close, all within `timeout` seconds."""
+def probe(address: str, password: str, *, timeout: float, port: int = 5432,
+          ca_pem: str | None = None) -> Probe:
+    """Connect (over TLS verified by the instance's CA when given), run the health query
+    and close, all within `timeout` seconds."""
     start = time.monotonic()
     deadline = start + timeout
     conn: Any = None
     try:
         conn = psycopg2.connect(
             host=address, port=port, user="postgres", password=password, dbname="postgres",
-            application_name=APPLICATION_NAME, async_=True,
+            application_name=APPLICATION_NAME, async_=True, **ssl_params(ca_pem),
             options=SESSION_OPTIONS,  # no search_path a tenant could set applies
         )
         wait_async(conn, deadline)

@@ -21,6 +21,7 @@ loop; each rung returns a status string that says what the monitor saw or did:
     → failover (or resurrect) queued
     → primary healthy: standby lost → unsync (ha-sync) and rebuild queued
     → primary healthy, standby streaming, lag N B
+    → ... a node certificate within its renewal window → rotate_certs queued
 
 Settings (MonitorSettings, from the environment) and their defaults:
 
@@ -64,6 +65,7 @@ from broker.cloud.base import ServerStatus
 from broker.config import MonitorSettings
 from broker.monitor import health
 from broker.monitor.leases import WORKER_PREFIX, Leases, monitor_lease_name, new_owner_id
+from broker.operations import certs
 from broker.operations import failover as failover_ops
 from broker.operations.engine import Engine, _owner_is_dead, new_operation
 from broker.operations.promotion import (
@@ -74,7 +76,7 @@ from broker.operations.promotion import (
     standby_of,
 )
 from broker.operations.resurrect import KIND as RESURRECT
-from broker.pg import admin
+from broker.pg import admin, tls
 from broker.runtime import Runtime
 from broker.store.models import (
     DEGRADED,
@@ -100,6 +102,8 @@ WATCHED_STATES = (READY, DEGRADED, UPDATING)
 NOT_STREAMING_GRACE = 30.0
 # A failed rebuild is tried again after this long.
 REBUILD_RETRY = 60.0
+# A certificate rotation the monitor queued is queued again at most this often.
+RENEWAL_RETRY = 3600.0
 # How long the monitor drives one operation it queued before leaving it to the engine.
 DRIVE_TIMEOUT = 900.0
 
@@ -300,10 +304,11 @@ class Monitor:
         standby = standby_of(inst)
         password = self.runtime.vault.decrypt(inst.admin_password_enc)
 
-        seen, standby_seen, cloud = self._probe(watch, primary, standby, password)
+        seen, standby_seen, cloud = self._probe(watch, inst, primary, standby, password)
         if seen.outcome == "answering":
             watch.reset_primary()
-            return f"primary answers but refuses the broker: {seen.error}"
+            return self._renew_certificates(
+                inst, watch, f"primary answers but refuses the broker: {seen.error}")
         if not seen.ok:
             return self._primary_down(inst, plan, watch, primary, standby, seen, standby_seen,
                                       cloud)
@@ -312,11 +317,14 @@ class Monitor:
             return "the recorded primary is in recovery: not acting"
         previous_lsn, watch.last_primary_lsn = watch.last_primary_lsn, seen.lsn
         if standby is None:
-            return self._no_standby(inst, plan, watch)
-        return self._with_standby(inst, watch, primary, standby, password, seen, standby_seen,
-                                  previous_lsn)
+            status = self._no_standby(inst, plan, watch)
+        else:
+            status = self._with_standby(inst, watch, primary, standby, password, seen,
+                                        standby_seen, previous_lsn)
+        return self._renew_certificates(inst, watch, status)
 
-    def _probe(self, watch: _Watch, primary: Node, standby: Node | None, password: str
+    def _probe(self, watch: _Watch, inst: Instance, primary: Node, standby: Node | None,
+               password: str
                ) -> tuple[health.Probe, health.Probe | None, health.CloudState | None]:
         """Probe the primary (the remaining confirmations after a failure, `recheck`
         apart and overlapping) and the standby, concurrently; ask the cloud when failing."""
@@ -332,7 +340,8 @@ class Monitor:
             pause = start - time.monotonic()
             if pause > 0:
                 time.sleep(pause)
-            return health.probe(address, password, timeout=timeout)
+            return health.probe(address, password, timeout=timeout,
+                                ca_pem=inst.ca_for(primary))
 
         primary_futures = [self._pool.submit(delayed, first + k * self.recheck)
                            for k in range(rounds)]
@@ -340,7 +349,8 @@ class Monitor:
         standby_future = None
         if standby is not None and standby.management_address:
             standby_future = self._pool.submit(health.probe, standby.management_address,
-                                               password, timeout=timeout)
+                                               password, timeout=timeout,
+                                               ca_pem=inst.ca_for(standby))
         cloud_future = None
         if watch.primary_failures > 0:
             cloud_future = self._pool.submit(health.cloud_state, self.runtime.cloud,
@@ -519,7 +529,7 @@ class Monitor:
         if inst.replication == "sync" and not seen.synchronous_standby_names.strip() and \
                 lag is not None and lag <= self.settings.maximum_lag_on_failover:
             _set_sync(primary, password, standby.application_name,
-                      self.settings.connect_timeout + 2)
+                      self.settings.connect_timeout + 2, ca_pem=inst.ca_for(primary))
             status = (f"primary healthy; standby {standby.id} caught up (lag {lag} B): "
                       "synchronous replication switched on again")
             self._decision(logging.INFO, inst.id, status)
@@ -583,7 +593,8 @@ class Monitor:
         if inst.replication != "sync":
             return
         self._record(inst, lag=inst.last_lag_bytes, sync_id=None)
-        _set_sync(primary, password, None, self.settings.connect_timeout + 2)
+        _set_sync(primary, password, None, self.settings.connect_timeout + 2,
+                  ca_pem=inst.ca_for(primary))
         self._decision(logging.WARNING, inst.id, f"{why}: synchronous replication switched off "
                        "so that the primary stays writable (non-strict mode)")
 
@@ -619,6 +630,41 @@ class Monitor:
             op_id = op.id
         status = f"{cause}: rebuild queued"
         self._decision(logging.WARNING, inst.id, f"{status} (operation {op_id})")
+        watch.pending_ops = (op_id,)
+        return status
+
+    def _renew_certificates(self, inst: Instance, watch: _Watch, status: str) -> str:
+        """A healthy instance whose node certificate enters its renewal window gets new
+        ones (at most once per RENEWAL_RETRY, so a failing rotation is not hammered);
+        so does one whose certificate expired (the broker cannot verify it any more)."""
+        if watch.pending_ops:
+            return status
+        window = timedelta(days=self.runtime.settings.tls.renew_days)
+        due = [n.id for n in inst.live_nodes()
+               if tls.due_for_renewal(aware(n.tls_expires_at), window)]
+        expired = any(tls.due_for_renewal(aware(n.tls_expires_at), timedelta(0))
+                      for n in inst.live_nodes())
+        if not due or not (status.startswith("primary healthy") or expired):
+            return status
+        with self.runtime.store.session() as s:
+            last = s.scalar(select(Operation.created_at).where(Operation.instance_id == inst.id)
+                            .where(Operation.kind == certs.KIND)
+                            .order_by(Operation.created_at.desc()).limit(1))
+        last = aware(last)
+        if last is not None and (utcnow() - last).total_seconds() < RENEWAL_RETRY:
+            return status
+        if not self.leases.renew(monitor_lease_name(inst.id)):
+            self._drop(inst.id, release=False)
+            return "lease lost: not acting"
+        cause = (f"certificate of node {', '.join(due)} expires within "
+                 f"{self.runtime.settings.tls.renew_days:g} days")
+        try:
+            op_id = certs.queue_rotation(self.runtime.store, inst.id, cause=cause,
+                                         owner=self.runner().owner)
+        except certs.RotationRefused as exc:
+            return f"{status}; {cause}, not renewed yet: {exc}"
+        status = f"{cause}: rotation queued"
+        self._decision(logging.INFO, inst.id, f"{status} (operation {op_id})")
         watch.pending_ops = (op_id,)
         return status
 
@@ -701,8 +747,9 @@ def _names(seen: health.Probe, standby: Node) -> bool:
 
 
 def _set_sync(primary: Node, password: str, application_name: str | None,
-              timeout: float) -> None:
-    conn = admin.connect(primary.management_address or "", password, timeout=timeout)
+              timeout: float, *, ca_pem: str | None) -> None:
+    conn = admin.connect(primary.management_address or "", password, timeout=timeout,
+                         ca_pem=ca_pem)
     try:
         admin.set_synchronous_standby(conn, application_name)
     finally:

@@ -67,12 +67,23 @@ class BindResult:
 
 
 def credentials(host: str, username: str, password: str,
-                database: str = admin.APP_DATABASE, port: int = PORT) -> dict[str, Any]:
-    """What apps parse (java-cfenv, Spring, cfenv): uri, jdbcUrl, host(name), port, ..."""
+                database: str = admin.APP_DATABASE, port: int = PORT, *,
+                ca_pem: str | None = None) -> dict[str, Any]:
+    """What apps parse (java-cfenv, Spring, cfenv): uri, jdbcUrl, host(name), port, ...
+
+    With the instance's CA, both URLs ask for TLS with the host verified
+    (`verify-full`: the service address is in every node's certificate), and the CA
+    comes as PEM in `ca_certificate`. libpq and pgjdbc read the CA from a FILE: an app
+    writes it to `~/.postgresql/root.crt` (both drivers' default) or names its file
+    with `sslrootcert` (PGSSLROOTCERT for libpq)."""
     user_q, pw_q = quote(username, safe=""), quote(password, safe="")
-    return {
-        "uri": f"postgresql://{user_q}:{pw_q}@{host}:{port}/{database}",
-        "jdbcUrl": f"jdbc:postgresql://{host}:{port}/{database}?user={user_q}&password={pw_q}",
+    uri_tls = jdbc_tls = ""
+    if ca_pem is not None:
+        uri_tls, jdbc_tls = "?sslmode=verify-full", "&ssl=true&sslmode=verify-full"
+    out: dict[str, Any] = {
+        "uri": f"postgresql://{user_q}:{pw_q}@{host}:{port}/{database}{uri_tls}",
+        "jdbcUrl": f"jdbc:postgresql://{host}:{port}/{database}?user={user_q}&password={pw_q}"
+                   f"{jdbc_tls}",
         "hostname": host,
         "host": host,
         "port": port,
@@ -81,6 +92,9 @@ def credentials(host: str, username: str, password: str,
         "username": username,
         "password": password,
     }
+    if ca_pem is not None:
+        out.update(sslmode="verify-full", ca_certificate=ca_pem)
+    return out
 
 
 def _live_instance(runtime: Runtime, instance_id: str) -> Instance:
@@ -124,8 +138,10 @@ def _same(binding: Binding, app_guid: str | None, bind_resource: dict[str, Any],
 def _credentials_of(runtime: Runtime, inst: Instance, binding: Binding) -> dict[str, Any]:
     if not inst.service_address:
         raise InstanceNotReady("the instance has no service address yet")
+    primary = inst.primary()
     return credentials(inst.service_address, binding.role_name,
-                       runtime.vault.decrypt(binding.password_enc))
+                       runtime.vault.decrypt(binding.password_enc),
+                       ca_pem=inst.ca_for(primary) if primary is not None else None)
 
 
 def create_binding(runtime: Runtime, instance_id: str, binding_id: str, *,
@@ -173,7 +189,7 @@ def create_binding(runtime: Runtime, instance_id: str, binding_id: str, *,
     password = runtime.vault.decrypt(password_enc)
     try:
         conn = admin.connect(primary.management_address or "", runtime.vault.decrypt(
-            inst.admin_password_enc))
+            inst.admin_password_enc), ca_pem=inst.ca_for(primary))
     except psycopg2.OperationalError:
         # The row stays `creating`: a repeated PUT finishes it, a DELETE removes it.
         raise InstanceNotReady("the instance's primary does not answer right now; "
@@ -189,7 +205,8 @@ def create_binding(runtime: Runtime, instance_id: str, binding_id: str, *,
         assert row is not None
         row.state = BINDING_CREATED
     log.info("binding %s created on instance %s (role %s)", binding_id, instance_id, role)
-    return BindResult(credentials(inst.service_address or "", role, password), created=True)
+    return BindResult(credentials(inst.service_address or "", role, password,
+                                  ca_pem=inst.ca_for(primary)), created=True)
 
 
 def _upgrade_tenant_model(runtime: Runtime, inst: Instance, primary: Node,
@@ -202,7 +219,8 @@ def _upgrade_tenant_model(runtime: Runtime, inst: Instance, primary: Node,
         if node.id == primary.id or not node.management_address:
             continue
         try:
-            standby = admin.connect(node.management_address, password, timeout=3)
+            standby = admin.connect(node.management_address, password, timeout=3,
+                                    ca_pem=inst.ca_for(node))
         except psycopg2.OperationalError:
             log.warning("instance %s: node %s unreachable; its pg_hba keeps the old "
                         "read-only group", inst.id, node.id)
@@ -241,13 +259,14 @@ def delete_binding(runtime: Runtime, instance_id: str, binding_id: str) -> bool:
         inst = s.get(Instance, instance_id)
         primary = inst.primary() if inst is not None else None
         admin_password_enc = inst.admin_password_enc if inst is not None else None
+        ca_pem = inst.ca_for(primary) if inst is not None and primary is not None else None
         gone = inst is None or inst.deleted_at is not None or inst.state == DEPROVISIONED
     if not gone and primary is not None and primary.management_address and admin_password_enc:
         # The primary unreachable → 422 ConcurrencyError: the platform retries the
         # DELETE, and the role must not outlive its binding.
         try:
             conn = admin.connect(primary.management_address, runtime.vault.decrypt(
-                admin_password_enc))
+                admin_password_enc), ca_pem=ca_pem)
         except psycopg2.OperationalError:
             raise InstanceNotReady("the instance's primary does not answer right now; "
                                    "unbind again shortly") from None

@@ -46,7 +46,7 @@ from broker.cloud.base import (
 )
 from broker.guest.bootstrap import GuestConfig
 from broker.operations.engine import Context, RetryLater, StepFailed
-from broker.pg import admin
+from broker.pg import admin, tls
 from broker.store.models import (
     NODE_CREATING,
     NODE_DELETED,
@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 # database may take much longer than that.
 NODE_READY_DEADLINE = timedelta(minutes=10)
 STREAMING_DEADLINE = timedelta(minutes=60)
+# A new instance gets its CA while provisioning; an older one through `rotate-certs`.
+PROVISION = "provision"
 # One blocking wait inside a step; after that the step is retried (RetryLater), so
 # a worker is never stuck on one operation for long.
 WAIT_SLICE = 30.0
@@ -173,15 +175,24 @@ def admin_password(ctx: Context, inst: Instance | None = None) -> str:
 @contextmanager
 def admin_connection(ctx: Context, node: Node, *, dbname: str = "postgres",
                      timeout: float = 5.0) -> Iterator[Connection]:
-    """The broker's superuser connection to one node, over its management address."""
+    """The broker's superuser connection to one node, over its management address,
+    verifying the node's certificate once it has one."""
     if not node.management_address:
         raise StepFailed(f"node {node.id} has no management address yet")
     conn = admin.connect(node.management_address, admin_password(ctx), dbname=dbname,
-                         timeout=timeout)
+                         timeout=timeout, ca_pem=node_ca(ctx, node.id))
     try:
         yield conn
     finally:
         conn.close()
+
+
+def node_ca(ctx: Context, node_id: str) -> str | None:
+    """The CA to verify a node with, from the store as it is now (the caller's row may
+    predate the node's first certificate)."""
+    inst = ctx.instance()
+    node = next((n for n in inst.nodes if n.id == node_id), None)
+    return inst.ca_for(node) if node is not None else None
 
 
 def primary_node(ctx: Context) -> Node:
@@ -238,7 +249,7 @@ def refresh_hba(ctx: Context, node_id: str, *, timeout: float = 5.0) -> None:
     admin_cidrs, app_cidrs = access_cidrs(ctx, target_plan(ctx))
     lines = admin.render_hba(admin_cidrs=list(admin_cidrs),
                              peer_addresses=list(peer_addresses(inst, node_id)),
-                             app_cidrs=list(app_cidrs))
+                             app_cidrs=list(app_cidrs), tls=bool(node.tls_cert))
     with admin_connection(ctx, node, timeout=timeout) as conn:
         if node.role == PRIMARY and not admin.tenant_model_in_place(conn):
             # Made by an earlier version: its read-only roles join the group that the
@@ -303,9 +314,56 @@ def ensure_volume(ctx: Context, node_id: str) -> str:
     return volume.id
 
 
+def node_certificate(ctx: Context, node_id: str) -> tls.Issued | None:
+    """The node's certificate for the instance's service address and the node's own
+    address, issued once (a retried boot gets the same one); None on an instance
+    without a CA (made before TLS: `instances rotate-certs` gives it one)."""
+    inst = ctx.instance()
+    node = get_node(ctx, node_id)
+    if not inst.tls_ca_cert and ctx.kind == PROVISION and not any(n.server_id for n in inst.nodes):
+        inst = ensure_ca(ctx)
+    if not inst.tls_ca_cert or not inst.tls_ca_key_enc:
+        return None
+    if not inst.service_address or not node.management_address:
+        raise StepFailed("a node's certificate names the service address and the node's "
+                         "address: both must exist before it boots")
+    wanted = {inst.service_address, node.management_address}
+    if node.tls_cert and node.tls_key_enc and node.tls_issued_at \
+            and tls.addresses(node.tls_cert) == wanted:
+        return tls.Issued(node.tls_cert, ctx.vault.decrypt(node.tls_key_enc),
+                          aware(node.tls_expires_at) or tls.expires_at(node.tls_cert),
+                          node.tls_issued_at)
+    issued = tls.issue_node_cert(inst.tls_ca_cert, ctx.vault.decrypt(inst.tls_ca_key_enc),
+                                 node_id=node_id, addresses=sorted(wanted),
+                                 days=ctx.settings.tls.cert_days,
+                                 previous_issued_at=node.tls_issued_at or 0)
+    record_certificate(ctx, node_id, issued)
+    return issued
+
+
+def ensure_ca(ctx: Context) -> Instance:
+    """The instance's CA, made once (long-lived; its key stored encrypted)."""
+    with ctx.store.session() as s:
+        inst = s.get(Instance, ctx.instance_id)
+        if inst is None:
+            raise StepFailed(f"instance {ctx.instance_id} is not in the state store")
+        if not inst.tls_ca_cert:
+            ca = tls.new_ca(inst.id)
+            inst.tls_ca_cert, inst.tls_ca_expires_at = ca.cert_pem, ca.expires_at
+            inst.tls_ca_key_enc = ctx.vault.encrypt(ca.key_pem)
+    return ctx.instance()
+
+
+def record_certificate(ctx: Context, node_id: str, issued: tls.Issued) -> None:
+    update_node(ctx, node_id, tls_cert=issued.cert_pem,
+                tls_key_enc=ctx.vault.encrypt(issued.key_pem),
+                tls_expires_at=issued.expires_at, tls_issued_at=issued.issued_at)
+
+
 def guest_config(ctx: Context, node_id: str) -> GuestConfig:
     """What the node's guest bootstrap makes of it: a primary, or a standby of the
     current primary (base backup over the primary's management address)."""
+    cert = node_certificate(ctx, node_id)
     inst = ctx.instance()
     node = next((n for n in inst.live_nodes() if n.id == node_id), None)
     if node is None:
@@ -331,6 +389,10 @@ def guest_config(ctx: Context, node_id: str) -> GuestConfig:
         admin_cidrs=admin_cidrs,
         peer_addresses=peer_addresses(inst, node.id),
         app_cidrs=app_cidrs,
+        tls_ca_cert=(inst.tls_ca_cert or "") if cert is not None else "",
+        tls_cert=cert.cert_pem if cert is not None else "",
+        tls_key=cert.key_pem if cert is not None else "",
+        tls_issued_at=cert.issued_at if cert is not None else 0,
     )
 
 
@@ -388,7 +450,8 @@ def wait_node_ready(ctx: Context, node_id: str, *, timeout: float = WAIT_SLICE) 
     if not node.management_address:
         raise StepFailed(f"node {node_id} has no management address")
     try:
-        admin.wait_ready(node.management_address, admin_password(ctx), timeout=timeout)
+        admin.wait_ready(node.management_address, admin_password(ctx), timeout=timeout,
+                         ca_pem=node_ca(ctx, node_id))
     except admin.PgNotReady:
         raise _give_up_or_retry(ctx, NODE_READY_DEADLINE,
                                 f"PostgreSQL on node {node_id} to start") from None

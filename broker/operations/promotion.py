@@ -139,12 +139,14 @@ def probe_node(ctx: Context, node: Node, *, timeout: float = 3.0, tries: int = 3
     """The node's replication state; a few tries, because one lost SYN is not death."""
     if not node.management_address:
         raise StepFailed(f"node {node.id} has no management address")
-    result = health.probe(node.management_address, password(ctx), timeout=timeout)
+    ca_pem = nodes.node_ca(ctx, node.id)
+    result = health.probe(node.management_address, password(ctx), timeout=timeout, ca_pem=ca_pem)
     for _ in range(tries - 1):
         if result.ok:
             break
         time.sleep(0.3)
-        result = health.probe(node.management_address, password(ctx), timeout=timeout)
+        result = health.probe(node.management_address, password(ctx), timeout=timeout,
+                              ca_pem=ca_pem)
     return result
 
 
@@ -301,9 +303,10 @@ def enable_sync(ctx: Context, standby_id: str, *, timeout: float = SYNC_WAIT_SLI
     deadline = time.monotonic() + timeout
     mark: int | None = None
     pw = password(ctx)
+    ca_pem = nodes.node_ca(ctx, primary.id)
     assert primary.management_address is not None
     while time.monotonic() < deadline:
-        seen = health.probe(primary.management_address, pw, timeout=3.0)
+        seen = health.probe(primary.management_address, pw, timeout=3.0, ca_pem=ca_pem)
         replica = seen.replica(name) if seen.ok else None
         if replica is not None and replica.state == "streaming" and replica.sync_state == "sync":
             if mark is None:

@@ -111,7 +111,8 @@ def _hba(ctx: Context, node_id: str, *, apps: bool) -> list[str]:
     admin_cidrs, app_cidrs = nodes.access_cidrs(ctx, ctx.plan())
     return admin.render_hba(admin_cidrs=list(admin_cidrs),
                             peer_addresses=list(nodes.peer_addresses(ctx.instance(), node_id)),
-                            app_cidrs=list(app_cidrs) if apps else [])
+                            app_cidrs=list(app_cidrs) if apps else [],
+                            tls=nodes.node_ca(ctx, node_id) is not None)
 
 
 # --- steps ---------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import posixpath
+import shlex
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import encrypt_password
 
 from broker.guest import bootstrap
+from broker.pg import tls
 
 ADMIN_USER = "postgres"
 REPLICATION_USER = "pgha_replicator"
@@ -82,26 +85,42 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def ssl_params(ca_pem: str | None, *, bind_channel: bool = False) -> dict[str, Any]:
+    """libpq's TLS parameters: verify the node's certificate and address against the
+    instance's CA; without one (a node made before TLS) TLS when the server offers it.
+    `bind_channel` (a node whose certificate expired, which nothing can verify): TLS,
+    the server proven instead by SCRAM channel binding, i.e. by knowing the password's
+    verifier; a man in the middle cannot relay that exchange."""
+    if bind_channel:
+        return {"sslmode": "require", "channel_binding": "require"}
+    if ca_pem is None:
+        return {"sslmode": "prefer"}
+    return {"sslmode": "verify-full", "sslrootcert": tls.ca_file(ca_pem)}
+
+
 def connect(host: str, password: str, *, dbname: str = "postgres", port: int = 5432,
-            timeout: float = 5.0) -> Connection:
-    conn = psycopg2.connect(
+            timeout: float = 5.0, ca_pem: str | None = None,
+            bind_channel: bool = False) -> Connection:
+    conn: Connection = psycopg2.connect(
         host=host, port=port, user=ADMIN_USER, password=password, dbname=dbname,
-        # libpq takes whole seconds (NOTES §3: a black-holed node costs all of it).
+        # libpq takes whole seconds, and a black-holed node costs all of them.
         connect_timeout=max(1, math.ceil(timeout)), application_name=APPLICATION_NAME,
-        sslmode="prefer", options=SESSION_OPTIONS,
+        **ssl_params(ca_pem, bind_channel=bind_channel), options=SESSION_OPTIONS,
     )
     conn.autocommit = True
     return conn
 
 
-def wait_ready(host: str, password: str, *, timeout: float = 60.0, port: int = 5432) -> None:
+def wait_ready(host: str, password: str, *, timeout: float = 60.0, port: int = 5432,
+               ca_pem: str | None = None) -> None:
     """Until a connection and `SELECT 1` work; PgNotReady after `timeout`."""
     deadline = time.monotonic() + timeout
     last = "no attempt"
     while True:
         remaining = deadline - time.monotonic()
         try:
-            conn = connect(host, password, port=port, timeout=min(max(remaining, 1), 5))
+            conn = connect(host, password, port=port, timeout=min(max(remaining, 1), 5),
+                           ca_pem=ca_pem)
             try:
                 with conn.cursor() as cur:
                     cur.execute("SELECT 1")
@@ -117,12 +136,13 @@ def wait_ready(host: str, password: str, *, timeout: float = 60.0, port: int = 5
 
 
 def render_hba(*, admin_cidrs: list[str], peer_addresses: list[str], app_cidrs: list[str],
-               database: str = APP_DATABASE) -> list[str]:
+               database: str = APP_DATABASE, tls: bool = True) -> list[str]:
     """pg_hba.conf lines: admin only from the broker, replication only between the
-    instance's nodes, app roles (members of app_owner/app_reader) only to `database`."""
+    instance's nodes, app roles (members of app_owner/app_reader) only to `database`;
+    with `tls`, over TLS only."""
     try:
         return bootstrap.render_hba(admin_cidrs=admin_cidrs, peer_addresses=peer_addresses,
-                                    app_cidrs=app_cidrs, database=database)
+                                    app_cidrs=app_cidrs, database=database, tls=tls)
     except bootstrap.BootstrapError as exc:
         raise ValueError(str(exc)) from None
 
@@ -165,6 +185,72 @@ def _write_server_file(conn: Connection, path: str, lines: list[str]) -> None:
     # COPY's text format escapes only backslashes, tabs and newlines, refused above.
     _execute(conn, sql.SQL("COPY (SELECT pg_catalog.unnest(%s::pg_catalog.text[])) TO {}")
              .format(sql.Literal(path)), (lines,))
+
+
+def install_tls(conn: Connection, *, ca_pem: str, cert_pem: str, key_pem: str,
+                issued_at: int) -> str:
+    """Write the node's TLS files through its own server and serve them: no restart.
+
+    The files go beside the data directory (where the guest bootstrap keeps them, with
+    their issue number, so a reboot keeps the newer ones); a node bootstrapped before
+    TLS has no such directory and PostgreSQL cannot make one, so there they go into the
+    data directory and `ssl` is switched on with ALTER SYSTEM. Returns the CA file's
+    path on the node."""
+    for pem in (ca_pem, cert_pem, key_pem):
+        if "\\" in pem or "\t" in pem:
+            raise ValueError("PEM text must not contain tabs or backslashes")
+    data = str(_fetch_one(conn, "SELECT current_setting('data_directory')"))
+    beside = posixpath.join(posixpath.dirname(data), bootstrap.TLS_DIR)
+    if _fetch_one(conn, "SELECT (pg_stat_file(%s, true)).isdir", (beside,)):
+        directory, prefix = beside, ""
+    else:
+        directory, prefix = data, bootstrap.LEGACY_TLS_PREFIX
+    texts = {bootstrap.TLS_CA_FILE: ca_pem, bootstrap.TLS_CERT_FILE: cert_pem,
+             bootstrap.TLS_KEY_FILE: key_pem, bootstrap.TLS_ISSUED_FILE: str(issued_at)}
+    for name, text in texts.items():  # the issue number last: it vouches for the others
+        _write_private_server_file(conn, posixpath.join(directory, prefix + name),
+                                   text.strip("\n").split("\n"))
+    for name, value in bootstrap.tls_settings(directory, prefix).items():
+        if _fetch_one(conn, "SELECT setting FROM pg_settings WHERE name = %s", (name,)) != value:
+            _execute(conn, sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                sql.Identifier(name), sql.Literal(value)))
+    _execute(conn, "SELECT pg_reload_conf()")
+    _wait_setting(conn, "ssl", "on")
+    return posixpath.join(directory, prefix + bootstrap.TLS_CA_FILE)
+
+
+def verify_replication(conn: Connection, ca_path: str) -> None:
+    """A standby made before TLS: its replication connection verifies the primary too."""
+    if not _fetch_one(conn, "SELECT pg_is_in_recovery()"):
+        return
+    conninfo = str(_fetch_one(conn, "SELECT current_setting('primary_conninfo')") or "")
+    if not conninfo or "sslmode=verify-full" in conninfo:
+        return
+    wanted = f"{conninfo} sslmode=verify-full sslrootcert={ca_path}"
+    _execute(conn, sql.SQL("ALTER SYSTEM SET primary_conninfo = {}").format(
+        sql.Literal(wanted)))
+    _execute(conn, "SELECT pg_reload_conf()")
+    _wait_setting(conn, "primary_conninfo", wanted)
+
+
+def _wait_setting(conn: Connection, name: str, wanted: str, timeout: float = 5.0) -> None:
+    """A reload is a signal: wait until this backend runs with the new value."""
+    deadline = time.monotonic() + timeout
+    while _fetch_one(conn, "SELECT current_setting(%s)", (name,)) != wanted:
+        if time.monotonic() > deadline:
+            raise PgNotReady(f"{name} was not applied within {timeout:.0f} s")
+        time.sleep(0.01)
+
+
+def _write_private_server_file(conn: Connection, path: str, lines: list[str]) -> None:
+    """Like _write_server_file, but 0600 and replaced atomically: COPY TO a file creates
+    it world-readable (PostgreSQL then refuses a key file), so the server's own user
+    writes it through a shell with a private umask and renames it into place."""
+    temporary = path + ".new"
+    command = (f"umask 077 && cat > {shlex.quote(temporary)} && "
+               f"mv -f {shlex.quote(temporary)} {shlex.quote(path)}")
+    _execute(conn, sql.SQL("COPY (SELECT unnest(%s::text[])) TO PROGRAM {}").format(
+        sql.Literal(command)), (lines,))
 
 
 def _role_exists(conn: Connection, role: str) -> bool:
@@ -580,9 +666,13 @@ def _sibling(conn: Connection, dbname: str) -> Connection:
     """Another connection like `conn`, to another database."""
     info = conn.info
     params = info.dsn_parameters
+    ca_pem = None
+    if params.get("sslmode") == "verify-full" and params.get("sslrootcert"):
+        with open(params["sslrootcert"]) as f:
+            ca_pem = f.read()
     return connect(params.get("host", "localhost"), info.password or "", dbname=dbname,
                    port=int(params.get("port", 5432)),
-                   timeout=float(params.get("connect_timeout") or 5))
+                   timeout=float(params.get("connect_timeout") or 5), ca_pem=ca_pem)
 
 
 def drop_binding_role(conn: Connection, role: str) -> None:

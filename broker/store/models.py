@@ -79,6 +79,12 @@ class Instance(Base):
     admin_password_enc: Mapped[str] = mapped_column(Text)
     replication_password_enc: Mapped[str] = mapped_column(Text)
 
+    # The instance's own CA (broker/pg/tls.py); none on instances made before TLS until
+    # `instances rotate-certs` gives them one.
+    tls_ca_cert: Mapped[str | None] = mapped_column(Text)
+    tls_ca_key_enc: Mapped[str | None] = mapped_column(Text)
+    tls_ca_expires_at: Mapped[datetime | None] = mapped_column()
+
     # Replication facts the monitor keeps, like Patroni's sync key.
     sync_standby_node_id: Mapped[str | None] = mapped_column(String(64))
     last_lag_bytes: Mapped[int | None] = mapped_column(BigInteger)
@@ -100,6 +106,11 @@ class Instance(Base):
 
     def standby(self) -> Node | None:
         return next((n for n in self.live_nodes() if n.role == STANDBY), None)
+
+    def ca_for(self, node: Node) -> str | None:
+        """The CA PEM to verify `node` with, None while the node serves no certificate
+        of ours (an instance made before TLS, until its certificates are rotated)."""
+        return self.tls_ca_cert if self.tls_ca_cert and node.tls_cert else None
 
 
 # Node roles and states
@@ -129,6 +140,12 @@ class Node(Base):
     management_port_id: Mapped[str | None] = mapped_column(String(128))
     management_address: Mapped[str | None] = mapped_column(String(64))
     slot_name: Mapped[str | None] = mapped_column(String(64))  # its slot on the primary
+    # The certificate the node serves (public), its key (encrypted), when it expires,
+    # and its issue number (milliseconds) that the guest bootstrap compares.
+    tls_cert: Mapped[str | None] = mapped_column(Text)
+    tls_key_enc: Mapped[str | None] = mapped_column(Text)
+    tls_expires_at: Mapped[datetime | None] = mapped_column()
+    tls_issued_at: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
