@@ -54,12 +54,16 @@ typecheck: python-env
 test: setup lint typecheck
 	$(VENV)/bin/pytest -n 2 -p no:cacheprovider $(PYTEST_ARGS)
 
-# Figures go into benchmarks/BENCHMARKS.md by hand, with the machine and the date.
+# The failover and TLS-cost scripts rewrite their own sections of BENCHMARKS.md; the
+# provisioning and API figures are copied there from what their scripts print.
+# TLS_BASE: the last commit before TLS, which tls_cost.py measures against.
+TLS_BASE ?= f04a4e7
 benchmark: setup
 	@command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk
 	$(PY) benchmarks/provision.py --runs 5
 	$(PY) benchmarks/api_throughput.py
 	$(PY) benchmarks/failover.py --rounds 10 --write BENCHMARKS.md
+	$(PY) benchmarks/tls_cost.py --base $(TLS_BASE) --write BENCHMARKS.md
 
 # Remove every namespace, interface and data directory of the dev broker's local cloud.
 clean-local: python-env
