@@ -14,18 +14,8 @@ from http import HTTPStatus
 
 from flask import Response, jsonify
 
-from broker.operations.refusals import (
-    AlreadyGone,
-    AsyncRequired,
-    Busy,
-    Conflict,
-    InvalidRequest,
-    MaintenanceMismatch,
-    NotAllowed,
-    NotFound,
-    Refused,
-    UnknownInstance,
-)
+from broker.operations import refusals
+from broker.operations.refusals import Refused
 
 # Error codes the OSB spec defines; the platform acts on these.
 ASYNC_REQUIRED = "AsyncRequired"
@@ -52,15 +42,15 @@ _GENERIC = {
 # a change or bind of an unknown instance is 422 (the spec lists no 404 for them); a
 # provision of an id that was deprovisioned or failed is 409 (ids are never reused).
 REFUSALS: dict[type[Refused], tuple[int, str]] = {
-    InvalidRequest: (400, "BadRequest"),
-    NotFound: (404, "NotFound"),
-    Conflict: (409, "Conflict"),
-    AlreadyGone: (410, "Gone"),
-    UnknownInstance: (422, "UnprocessableEntity"),
-    NotAllowed: (422, "UnprocessableEntity"),
-    Busy: (422, CONCURRENCY_ERROR),
-    MaintenanceMismatch: (422, MAINTENANCE_INFO_CONFLICT),
-    AsyncRequired: (422, ASYNC_REQUIRED),
+    refusals.InvalidRequest: (400, "BadRequest"),
+    refusals.NotFound: (404, "NotFound"),
+    refusals.Conflict: (409, "Conflict"),
+    refusals.AlreadyGone: (410, "Gone"),
+    refusals.UnknownInstance: (422, "UnprocessableEntity"),
+    refusals.NotAllowed: (422, "UnprocessableEntity"),
+    refusals.Busy: (422, CONCURRENCY_ERROR),
+    refusals.MaintenanceMismatch: (422, MAINTENANCE_INFO_CONFLICT),
+    refusals.AsyncRequired: (422, ASYNC_REQUIRED),
 }
 
 
