@@ -7,7 +7,7 @@ import pytest
 
 from broker.operations import workflows  # noqa: F401 - registers every workflow
 from broker.operations.failover import start_switchover
-from broker.operations.switchover import SwitchoverRefused
+from broker.operations.refusals import NotAllowed
 from broker.store.models import NODE_DELETED, READY
 from tests.failover_support import (
     Writer,
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.e2e
 def test_standalone_resurrect_keeps_the_data() -> None:
     with failover_env() as env:
         instance_id = provision(env.runtime, env.engine, "standalone")
-        with pytest.raises(SwitchoverRefused, match="no standby"):
+        with pytest.raises(NotAllowed, match="no standby"):
             start_switchover(env.runtime.store, instance_id)
         before = instance(env.runtime, instance_id)
         old = before.primary()

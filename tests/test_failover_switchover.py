@@ -11,7 +11,7 @@ import pytest
 
 from broker.operations import workflows  # noqa: F401 - registers every workflow
 from broker.operations.failover import start_switchover
-from broker.operations.switchover import SwitchoverRefused
+from broker.operations.refusals import Busy
 from broker.store.models import READY
 from tests.failover_support import (
     ROOT,
@@ -48,7 +48,7 @@ def test_switchover_ha_loses_no_acknowledged_write() -> None:
                     cwd=ROOT, env=env.worker_env(), capture_output=True, text=True, timeout=60)
                 assert cli.returncode == 0, cli.stderr
                 assert "switchover queued" in cli.stdout
-                with pytest.raises(SwitchoverRefused):  # one at a time
+                with pytest.raises(Busy):  # one at a time
                     start_switchover(env.runtime.store, instance_id)
                 asked_at = writer.acked[-1][1]
                 eventually(lambda: settled(env, instance_id) and

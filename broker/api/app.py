@@ -13,6 +13,7 @@ from openbrokerapi.response import CatalogResponse
 from sqlalchemy import text
 
 from broker.api import hooks
+from broker.api.responses import install_views
 from broker.api.service_broker import PgHaServiceBroker
 from broker.runtime import Runtime
 
@@ -37,6 +38,8 @@ def create_app(runtime: Runtime, *, on_enqueue: Callable[[], None] | None = None
     hooks.install(app, blueprint, runtime)
     app.register_blueprint(blueprint)
     _render_catalog_once(app, service_broker)
+    install_views(app, last_operation=service_broker.operation_status,
+                  get_instance=service_broker.instance_details)
 
     @app.get("/health")
     def health() -> tuple[Response, int]:

@@ -9,8 +9,7 @@ blueprint's own filters):
    object)` → else 400;
 4. body, ids and catalog references checked → 400 naming the field; a body over
    the app's MAX_CONTENT_LENGTH → 413.
-After the view: echo X-Broker-API-Request-Identity, add Retry-After and the
-fields the library's response classes lack, and log one line per request with
+After the view: echo X-Broker-API-Request-Identity and log one line per request with
 the decoded originating identity (never the Authorization header): at INFO for
 changes, requests that carry an identity and failures; at DEBUG for routine
 polls without one (catalog, last_operation), which the access log also has.
@@ -31,8 +30,9 @@ from flask import Blueprint, Flask, Response, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from broker.api import jsonbody
-from broker.api.errors import ApiError, api_error_response, error_response
+from broker.api.errors import ApiError, api_error_response, error_response, refusal_error
 from broker.api.validation import check_request
+from broker.operations.refusals import Refused
 from broker.runtime import Runtime
 
 log = logging.getLogger("broker.api")
@@ -120,15 +120,6 @@ def describe_identity(header: str | None) -> str:
     return f"{platform} {text[:_MAX_LOGGED]}"
 
 
-def _merge_body(response: Response, extra: dict[str, Any]) -> None:
-    if not response.is_json:
-        return
-    body = response.get_json(silent=True)
-    if isinstance(body, dict):
-        body.update(extra)
-        response.set_data(json.dumps(body))
-
-
 def install(app: Flask, blueprint: Blueprint, runtime: Runtime) -> None:
     """Register the hooks on `app` (before it registers `blueprint`) and on `blueprint`."""
     auth = BasicAuth(runtime.settings.username, runtime.settings.password)
@@ -159,12 +150,6 @@ def install(app: Flask, blueprint: Blueprint, runtime: Runtime) -> None:
         # raises): such an id is not echoed.
         if request_id and request_id.isprintable():
             response.headers[REQUEST_ID_HEADER] = request_id
-        retry_after = g.get("retry_after")
-        if retry_after is not None:
-            response.headers["Retry-After"] = str(retry_after)
-        extra = g.get("extra_body")
-        if extra and response.status_code < 300:
-            _merge_body(response, extra)
         if request.endpoint in _UNAUTHENTICATED:
             return response
         identity = request.headers.get(IDENTITY_HEADER)
@@ -188,6 +173,9 @@ def install(app: Flask, blueprint: Blueprint, runtime: Runtime) -> None:
             log.error("%s %s: %s", request.method, request.path, exc.description)
         return api_error_response(exc)
 
+    def handle_refusal(exc: Refused) -> tuple[Response, int]:
+        return api_error_response(refusal_error(exc))
+
     def handle_http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
         description = exc.description or "request failed"
@@ -208,6 +196,7 @@ def install(app: Flask, blueprint: Blueprint, runtime: Runtime) -> None:
 
     for target in (blueprint, app):
         target.register_error_handler(ApiError, handle_api_error)
+        target.register_error_handler(Refused, handle_refusal)
         target.register_error_handler(HTTPException, handle_http_error)
         # Replaces the library's catch-all, whose body has no `error` field.
         target.register_error_handler(Exception, handle_unexpected)

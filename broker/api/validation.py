@@ -17,14 +17,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from broker.api import jsonbody
 from broker.api.errors import bad_request
 from broker.catalog import Catalog, Plan
-
-# Column sizes of the state store (instances.id, bindings.id, guids).
-MAX_ID_LENGTH = 128
-
-
-def plausible_id(value: str | None, max_length: int = MAX_ID_LENGTH) -> bool:
-    """Could this string be an id we stored? (Never query with NULs or huge strings.)"""
-    return value is not None and 0 < len(value) <= max_length and value.isprintable()
+from broker.operations.requests import MAX_ID_LENGTH, plausible_id
 
 
 def current_body() -> dict[str, Any]:

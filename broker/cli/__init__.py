@@ -108,11 +108,12 @@ def _dispatch(args: argparse.Namespace, settings: object) -> int:
             return instances.show_instance(runtime, args.instance_id, args.json)
         if args.action == "rotate-certs":
             return instances.rotate_certs(runtime, args.instance_id)
-        from broker.operations.failover import SwitchoverRefused, switchover_instance
+        from broker.operations.refusals import Refused
+        from broker.operations.switchover import start_switchover
 
         try:
-            op_id = switchover_instance(runtime, args.instance_id)
-        except SwitchoverRefused as exc:
+            op_id = start_switchover(runtime.store, args.instance_id)
+        except Refused as exc:
             print(f"broker: switchover refused: {exc}", file=sys.stderr)
             return 1
         print(f"switchover queued as operation {op_id}; follow it with "

@@ -24,6 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from broker.crypto import new_password
+from broker.operations.refusals import Busy, Conflict, UnknownInstance
 from broker.pg import admin
 from broker.runtime import Runtime
 from broker.store.models import (
@@ -48,15 +49,15 @@ PORT = 5432
 _BIND_SAFE_KINDS = ("rebuild",)
 
 
-class BindingConflict(Exception):
-    """The binding id exists with other attributes (→ 409)."""
+class BindingConflict(Conflict):
+    """The binding id exists with other attributes."""
 
 
-class InstanceNotReady(Exception):
-    """The instance has an operation in progress or is not ready (→ 422 ConcurrencyError)."""
+class InstanceNotReady(Busy):
+    """The instance has an operation in progress, or no primary that answers."""
 
 
-class InstanceUnknown(Exception):
+class InstanceUnknown(UnknownInstance):
     """No such (live) instance."""
 
 

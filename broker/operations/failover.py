@@ -40,11 +40,7 @@ from broker.operations.engine import Context, Step, Workflow, new_operation, reg
 from broker.operations.rebuild import KIND as REBUILD_KIND
 from broker.operations.resurrect import KIND as RESURRECT_KIND
 from broker.operations.switchover import KIND as SWITCHOVER_KIND
-from broker.operations.switchover import (
-    SwitchoverRefused,
-    start_switchover,
-    switchover_instance,
-)
+from broker.operations.switchover import start_switchover
 from broker.store.db import Store
 from broker.store.models import DEGRADED, Failover, utcnow
 
@@ -55,10 +51,8 @@ __all__ = [
     "REBUILD_KIND",
     "RESURRECT_KIND",
     "SWITCHOVER_KIND",
-    "SwitchoverRefused",
     "queue_failover",
     "start_switchover",
-    "switchover_instance",
 ]
 
 

@@ -1,7 +1,8 @@
 """Planned switchover: promote the standby with no acknowledged commit lost, even in ha.
 
 Queued by the API on ``{"switchover": true}`` and by
-``python -m broker instances switchover ID`` (`switchover_instance`). Steps:
+``python -m broker instances switchover ID`` (`start_switchover`), with the same
+preconditions (`requests.queue_switchover`). Steps:
 
     record → check → stop_writes → wait_replay → fence → clear_sync → attach_port
     → promote → rebuild_queued
@@ -24,21 +25,12 @@ import time
 
 from psycopg2.extensions import connection as Connection
 
-from broker.operations import nodes, promotion
-from broker.operations.engine import Context, Step, StepFailed, Workflow, new_operation, register
+from broker.operations import nodes, promotion, requests
+from broker.operations.engine import Context, Step, StepFailed, Workflow, register
+from broker.operations.refusals import UnknownInstance
 from broker.pg import admin
-from broker.runtime import Runtime
 from broker.store.db import Store
-from broker.store.models import (
-    DEGRADED,
-    NODE_FENCED,
-    NODE_RUNNING,
-    PRIMARY,
-    READY,
-    UNFINISHED,
-    Instance,
-    Operation,
-)
+from broker.store.models import DEGRADED, NODE_FENCED, NODE_RUNNING, PRIMARY, READY
 
 log = logging.getLogger(__name__)
 
@@ -46,33 +38,14 @@ KIND = "switchover"
 REPLAY_TIMEOUT = 60.0
 
 
-class SwitchoverRefused(Exception):
-    """The instance cannot switch over now; the message says why."""
-
-
 def start_switchover(store: Store, instance_id: str) -> str:
-    """Queue a switchover; returns the operation id (SwitchoverRefused if not possible)."""
+    """Queue a switchover (a worker runs it); returns the operation id. Raises a
+    `Refused` when the preconditions, the same as the API's, do not hold."""
     with store.session() as s:
-        inst = s.get(Instance, instance_id)
-        if inst is None or inst.deleted_at is not None:
-            raise SwitchoverRefused(f"no instance {instance_id}")
-        if promotion.standby_of(inst) is None or inst.primary() is None:
-            raise SwitchoverRefused(f"instance {instance_id} has no standby to switch over to")
-        if inst.state not in (READY, DEGRADED):
-            raise SwitchoverRefused(f"instance {instance_id} is {inst.state}")
-        busy = s.query(Operation).filter(Operation.instance_id == instance_id,
-                                         Operation.state.in_(UNFINISHED)).first()
-        if busy is not None:
-            raise SwitchoverRefused(f"instance {instance_id} has an operation in progress "
-                                    f"({busy.kind}: {busy.description})")
-        op = new_operation(instance_id, KIND, description="queued: switchover")
-        s.add(op)
-        return op.id
-
-
-def switchover_instance(runtime: Runtime, instance_id: str) -> str:
-    """For the CLI: queue a switchover (a worker runs it); returns the operation id."""
-    return start_switchover(runtime.store, instance_id)
+        inst = requests.live_instance(s, instance_id)
+        if inst is None:
+            raise UnknownInstance(f"instance {instance_id} does not exist")
+        return requests.queue_switchover(s, inst).id
 
 
 # --- SQL on the old primary ---------------------------------------------------------

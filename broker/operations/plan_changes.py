@@ -1,4 +1,4 @@
-"""Which plan changes an instance supports, and why the others are refused (→ 422)."""
+"""Which plan changes an instance supports, and why the others are not allowed."""
 
 from __future__ import annotations
 
