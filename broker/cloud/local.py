@@ -57,6 +57,7 @@ from broker.config import ConfigError
 from broker.guest import bootstrap
 
 if TYPE_CHECKING:
+    from broker.catalog import Plan
     from broker.config import Settings
 
 log = logging.getLogger(__name__)
@@ -285,6 +286,13 @@ class LocalCloud(Cloud):
     def broker_address(self) -> str:
         """The bridge's address: where the broker's connections to nodes come from."""
         return str(next(self.network.hosts()))
+
+    def admin_cidrs(self) -> tuple[str, ...]:
+        return (f"{self.broker_address}/32",)
+
+    def app_cidrs(self, plan: Plan) -> tuple[str, ...]:
+        """Apps reach the nodes from anywhere on the bridge's network, whatever the plan."""
+        return (str(self.network),)
 
     @staticmethod
     def namespace(server_id: str) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar
 
 from openstack import exceptions as os_exc
 
-from broker.catalog import Catalog, NetworkSettings
+from broker.catalog import Catalog, NetworkSettings, Plan
 from broker.cloud.base import (
     TAG_INSTANCE,
     TAG_MANAGED,
@@ -57,6 +57,7 @@ from broker.cloud.openstack.userdata import (
     encode_user_data,
     render_user_data,
 )
+from broker.config import Settings
 
 log = logging.getLogger("broker.cloud.openstack")
 
@@ -102,12 +103,14 @@ class OpenStackCloud(Cloud):
     name = "openstack"
 
     def __init__(self, conn: Any, catalog: Catalog, options: OpenStackOptions, *,
-                 admin_conn: Any = None, admin_cidr: str | None = None) -> None:
+                 admin_conn: Any = None, admin_cidr: str | None = None,
+                 app_cidr: str | None = None) -> None:
         self.conn = conn
         self.admin_conn = admin_conn          # None: admin-only steps use `conn`
         self.catalog = catalog
         self.options = options
         self.admin_cidr = admin_cidr
+        self.app_cidr = app_cidr              # for plans that name no app_cidrs
         self.policy = RetryPolicy(options.retry_budget, options.retry_base_delay,
                                   options.retry_max_delay)
         self._lock = threading.Lock()
@@ -120,7 +123,7 @@ class OpenStackCloud(Cloud):
 
     # --- construction ------------------------------------------------------------------
     @classmethod
-    def from_settings(cls, settings: Any, catalog: Catalog, *,
+    def from_settings(cls, settings: Settings, catalog: Catalog, *,
                       validate: bool = True) -> OpenStackCloud:
         """Connect with openstacksdk's conventions and check the catalog against the cloud.
 
@@ -131,7 +134,7 @@ class OpenStackCloud(Cloud):
         options = OpenStackOptions.from_env()
         conn, admin_conn = connect_from_env(options)
         cloud = cls(conn, catalog, options, admin_conn=admin_conn,
-                    admin_cidr=getattr(settings, "admin_cidr", None))
+                    admin_cidr=settings.admin_cidr, app_cidr=settings.app_cidr)
         if validate:
             from broker.cloud.openstack.checks import blocking
 
@@ -152,6 +155,15 @@ class OpenStackCloud(Cloud):
                     conn.close()
                 except Exception:  # closing is best effort
                     log.debug("closing an OpenStack connection failed", exc_info=False)
+
+    # --- addresses -----------------------------------------------------------------------
+    def admin_cidrs(self) -> tuple[str, ...]:
+        return (self.admin_cidr,) if self.admin_cidr else ()
+
+    def app_cidrs(self, plan: Plan) -> tuple[str, ...]:
+        if plan.cloud.network.app_cidrs:
+            return tuple(plan.cloud.network.app_cidrs)
+        return (self.app_cidr,) if self.app_cidr else ()
 
     # --- small helpers ---------------------------------------------------------------------
     def call(self, what: str, fn: Callable[[], T], *, secrets: tuple[str, ...] = (),
@@ -728,6 +740,8 @@ class OpenStackCloud(Cloud):
             if owner and (instance_id is None or owner == instance_id):
                 out.append(resource("server_group", g.id, g.name,
                                     {TAG_INSTANCE: owner, TAG_MANAGED: "true"}))
+        out += [resource("security_group", g.id, g.name, g.tags)
+                for g in self.find_security_groups(instance_id)]
         return out
 
     def reporting(self, progress: Callable[[str], None]) -> contextlib.AbstractContextManager[None]:
