@@ -20,7 +20,7 @@ class Runtime:
     catalog: Catalog
     store: Store
     vault: Vault
-    _cloud: Cloud | None = field(default=None, repr=False)
+    _cloud: Cloud | None = field(default=None, init=False, repr=False)
 
     @property
     def cloud(self) -> Cloud:
@@ -30,6 +30,11 @@ class Runtime:
 
             self._cloud = make_cloud(self.settings, self.catalog)
         return self._cloud
+
+    @cloud.setter
+    def cloud(self, cloud: Cloud) -> None:
+        """Use this driver instead of the configured one (tests, tools)."""
+        self._cloud = cloud
 
 
 def build_runtime(settings: Settings, *, upgrade: bool = True) -> Runtime:

@@ -102,13 +102,13 @@ def test_ha_sync_refuses_an_unrecorded_standby_and_a_silent_cloud() -> None:
         # Recorded synchronous again, but the cloud API is down: still no failover.
         with env.runtime.store.session() as s:
             s.get(Instance, instance_id).sync_standby_node_id = standby.id  # type: ignore[union-attr]
-        env.runtime._cloud = CloudApiDown(env.cloud)  # type: ignore[assignment]
+        env.runtime.cloud = CloudApiDown(env.cloud)  # type: ignore[assignment]
         status = _decide(monitor, instance_id)
         assert "cloud API unreachable" in status and "not failing over" in status
         assert operations(env, instance_id, "failover") == []
 
         # The cloud answers but cannot confirm the old primary stopped: nothing promoted.
-        env.runtime._cloud = CannotStop(env.cloud)  # type: ignore[assignment]
+        env.runtime.cloud = CannotStop(env.cloud)  # type: ignore[assignment]
         status = _decide(monitor, instance_id)
         assert status.startswith("failover queued"), status
         [op_id] = _pending(monitor, instance_id)
@@ -121,7 +121,7 @@ def test_ha_sync_refuses_an_unrecorded_standby_and_a_silent_cloud() -> None:
         assert event.outcome == "refused" and event.promoted_at is None
 
         # The cloud works again: after the anti-flapping gap, the same monitor fails over.
-        env.runtime._cloud = env.cloud
+        env.runtime.cloud = env.cloud
         monitor._runner = None
         status = _decide(monitor, instance_id)
         assert "last failover" in status and "waiting" in status, status

@@ -29,7 +29,7 @@ def runtime(openstack_env: Path, pg_state_url: str, tmp_path: Path) -> Iterator[
         "BROKER_CLOUD": "openstack", "BROKER_ADMIN_CIDR": ADMIN_CIDR,
     }, require_auth=False)
     rt = build_runtime(settings)
-    rt._cloud = make_cloud(rt.catalog)
+    rt.cloud = make_cloud(rt.catalog)
     try:
         yield rt
     finally:
@@ -109,3 +109,29 @@ def test_cloud_check_prints_problems_and_sets_the_exit_code(
     out = capsys.readouterr().out
     assert "plan 'standalone': availability zone 'az1' is not a volume zone" in out
     assert "problem(s)" in out
+
+
+def test_orphans_finds_a_security_group_whose_ports_are_gone(
+        runtime: Runtime, fake_openstack: FakeOpenStack,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    cloud = runtime.cloud
+    assert isinstance(cloud, OpenStackCloud)
+    add_instance(runtime, GONE, deleted=True)
+    tags = {TAG_INSTANCE: GONE, "pgha-managed": "true"}
+    port = cloud.create_port(f"pgha-{GONE}-service", "service", tags)
+    cloud.conn.network.delete_port(port.id)  # deleted by hand: its group stays
+    assert names(fake_openstack, GONE) == [f"pgha-{GONE}-service"]
+
+    assert cloud_cli.orphans(runtime, delete=False, assume_yes=False) == 0
+    out = capsys.readouterr().out
+    assert f"security_group  {fake_security_group_id(fake_openstack, GONE)}" in out
+    assert "1 orphan(s)" in out
+    assert cloud_cli.orphans(runtime, delete=True, assume_yes=True) == 0
+    assert f"deleted security_group pgha-{GONE}-service" in capsys.readouterr().out
+    assert names(fake_openstack, GONE) == []
+
+
+def fake_security_group_id(fake: FakeOpenStack, instance_id: str) -> str:
+    with fake.state.lock:
+        return next(g.id for g in fake.state.security_groups.values()
+                    if instance_id in g.name)

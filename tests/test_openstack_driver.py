@@ -58,11 +58,9 @@ def leftovers(fake: FakeOpenStack) -> list[str]:
 
 def cleanup(cloud: OpenStackCloud, instance_id: str = INSTANCE) -> None:
     """What deprovisioning does: everything tagged, servers first."""
-    order = {"server": 0, "port": 1, "volume": 2, "server_group": 3}
+    order = {"server": 0, "port": 1, "volume": 2, "server_group": 3, "security_group": 4}
     for res in sorted(cloud.find_resources(instance_id), key=lambda r: order[r.kind]):
-        {"server": cloud.delete_server, "port": cloud.delete_port,
-         "volume": cloud.delete_volume, "server_group": cloud.delete_server_group}[res.kind](
-            res.id)
+        cloud.delete_resource(res)
 
 
 def decoded_user_data(fake: FakeOpenStack) -> tuple[str, dict[str, object]]:
@@ -76,7 +74,7 @@ def decoded_user_data(fake: FakeOpenStack) -> tuple[str, dict[str, object]]:
 def test_from_settings_connects_with_os_cloud_and_accepts_a_fitting_catalog(
         openstack_env: Path, catalog: Catalog, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BROKER_OPENSTACK_API_TIMEOUT", "5")
-    settings = type("S", (), {"admin_cidr": ADMIN_CIDR})()
+    settings = type("S", (), {"admin_cidr": ADMIN_CIDR, "app_cidr": None})()
     cloud = OpenStackCloud.from_settings(settings, catalog)
     try:
         assert cloud.check() == []
@@ -88,7 +86,7 @@ def test_from_settings_connects_with_os_cloud_and_accepts_a_fitting_catalog(
 def test_unreachable_or_refused_cloud_fails_at_start_with_a_plain_sentence(
         openstack_env: Path, catalog: Catalog, monkeypatch: pytest.MonkeyPatch,
         fake_openstack: FakeOpenStack, tmp_path: Path) -> None:
-    settings = type("S", (), {"admin_cidr": ADMIN_CIDR})()
+    settings = type("S", (), {"admin_cidr": ADMIN_CIDR, "app_cidr": None})()
     doc = yaml.safe_load(openstack_env.read_text())
     doc["clouds"]["fake"]["auth"]["password"] = "wrong-password-123"
     bad = tmp_path / "bad.yaml"
@@ -111,7 +109,7 @@ def test_a_plan_naming_missing_things_stops_the_start(
     with fake_openstack.state.lock:
         fake_openstack.state.images.clear()
         fake_openstack.state.zones.remove("az2")
-    settings = type("S", (), {"admin_cidr": ADMIN_CIDR})()
+    settings = type("S", (), {"admin_cidr": ADMIN_CIDR, "app_cidr": None})()
     with pytest.raises(ConfigError) as exc:
         OpenStackCloud.from_settings(settings, catalog)
     text = str(exc.value)
@@ -210,7 +208,9 @@ def test_a_node_is_built_with_zone_anti_affinity_fixed_ip_security_groups_and_ta
     assert kinds == sorted([
         ("server", f"pgha-{INSTANCE}-a1b2c3d4"), ("volume", f"pgha-{INSTANCE}-a1b2c3d4"),
         ("port", f"pgha-{INSTANCE}-a1b2c3d4"), ("port", f"pgha-{INSTANCE}-service"),
-        ("server_group", f"pgha-{INSTANCE}")])
+        ("server_group", f"pgha-{INSTANCE}"),
+        ("security_group", f"pgha-{INSTANCE}-nodes"),
+        ("security_group", f"pgha-{INSTANCE}-service")])
     assert cloud.find_resources("another-instance") == []
 
     cleanup(cloud)
@@ -385,7 +385,8 @@ def test_an_untagged_port_left_by_a_crash_is_found_and_healed(
     fake_openstack.fail("PUT", r"/ports/.*/tags$", status=500, times=None)
     with pytest.raises(TransientCloudError):
         cloud.create_port(f"pgha-{INSTANCE}-service", "service", instance_tags())
-    assert [r.name for r in cloud.find_resources(INSTANCE)] == [f"pgha-{INSTANCE}-service"]
+    assert sorted((r.kind, r.name) for r in cloud.find_resources(INSTANCE)) == [
+        ("port", f"pgha-{INSTANCE}-service"), ("security_group", f"pgha-{INSTANCE}-service")]
     fake_openstack.clear_faults()
     port = cloud.create_port(f"pgha-{INSTANCE}-service", "service", instance_tags())
     assert port.tags[TAG_INSTANCE] == INSTANCE

@@ -75,7 +75,7 @@ def openstack_on_namespaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(fake.write_clouds_yaml(tmp_path)))
             monkeypatch.setenv("OS_CLOUD", "fake")
             catalog = load_catalog(DEFAULT_CATALOG)
-            cloud = make_cloud(catalog, **E2E_OPTIONS)
+            cloud = make_cloud(catalog, admin_cidr=f"{local.broker_address}/32", **E2E_OPTIONS)
             url = f"sqlite:///{tmp_path / 'broker.sqlite3'}"
             settings = load_settings({
                 "BROKER_USERNAME": "u", "BROKER_PASSWORD": "p", "DATABASE_URL": url,
@@ -85,7 +85,8 @@ def openstack_on_namespaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             store = Store(url)
             store.upgrade()
             runtime = Runtime(settings=settings, catalog=catalog, store=store,
-                              vault=Vault(Fernet.generate_key().decode()), _cloud=cloud)
+                              vault=Vault(Fernet.generate_key().decode()))
+            runtime.cloud = cloud
             try:
                 yield OpenStackEnv(fake, backend, cloud, runtime, make_engine(runtime))
             finally:

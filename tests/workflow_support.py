@@ -43,8 +43,10 @@ def make_runtime(state_url: str, key: str, cloud: LocalCloud) -> Runtime:
     })
     store = Store(state_url)
     store.upgrade()
-    return Runtime(settings=settings, catalog=load_catalog(DEFAULT_CATALOG), store=store,
-                   vault=Vault(key), _cloud=cloud)
+    runtime = Runtime(settings=settings, catalog=load_catalog(DEFAULT_CATALOG), store=store,
+                      vault=Vault(key))
+    runtime.cloud = cloud
+    return runtime
 
 
 def make_engine(runtime: Runtime) -> Engine:

@@ -17,9 +17,12 @@ import contextlib
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from broker.guest.bootstrap import GuestConfig
+
+if TYPE_CHECKING:
+    from broker.catalog import Plan
 
 TAG_INSTANCE = "pgha-instance"
 TAG_NODE = "pgha-node"
@@ -95,11 +98,14 @@ class ServerSpec:
     tags: dict[str, str] = field(default_factory=dict)
 
 
+ResourceKind = Literal["server", "volume", "port", "server_group", "security_group"]
+
+
 @dataclass(frozen=True)
 class CloudResource:
     """Anything the broker made, for cleanup and the orphan sweeper."""
 
-    kind: Literal["server", "volume", "port", "server_group"]
+    kind: ResourceKind
     id: str
     name: str
     tags: dict[str, str]
@@ -109,6 +115,16 @@ class Cloud(abc.ABC):
     """Servers in zones, volumes, a movable service port, stop/fence and delete."""
 
     name: str = "abstract"
+
+    # --- addresses ----------------------------------------------------------------------
+    @abc.abstractmethod
+    def admin_cidrs(self) -> tuple[str, ...]:
+        """Where the broker's connections to nodes come from (pg_hba for the admin role);
+        empty when the driver does not know."""
+
+    @abc.abstractmethod
+    def app_cidrs(self, plan: Plan) -> tuple[str, ...]:
+        """Where applications reach nodes of `plan` from; empty when nobody said."""
 
     # --- ports -----------------------------------------------------------------
     @abc.abstractmethod
@@ -175,10 +191,30 @@ class Cloud(abc.ABC):
         """Delete the server. Its ports are unbound and kept (they are deleted on
         their own), its volumes are detached and kept."""
 
+    # --- security groups -------------------------------------------------------
+    def delete_security_group(self, group_id: str, *, if_unused: bool = False) -> None:
+        """Delete one of the broker's security groups; `if_unused`: keep one that a port
+        still uses instead of failing. Clouds without security groups have none."""
+        raise CloudError(f"this cloud has no security groups (asked for {group_id})")
+
     # --- housekeeping ----------------------------------------------------------
     @abc.abstractmethod
     def find_resources(self, instance_id: str | None = None) -> list[CloudResource]:
-        """Everything tagged as the broker's (for one instance, or all)."""
+        """Everything tagged as the broker's (for one instance, or all), of every kind
+        `delete_resource` removes."""
+
+    def delete_resource(self, resource: CloudResource) -> None:
+        """Delete what `find_resources` found (a security group only once unused)."""
+        if resource.kind == "server":
+            self.delete_server(resource.id)
+        elif resource.kind == "port":
+            self.delete_port(resource.id)
+        elif resource.kind == "volume":
+            self.delete_volume(resource.id)
+        elif resource.kind == "server_group":
+            self.delete_server_group(resource.id)
+        else:
+            self.delete_security_group(resource.id, if_unused=True)
 
     def reporting(self, progress: Callable[[str], None]) -> contextlib.AbstractContextManager[None]:
         """While in this context, tell `progress` what the driver waits for (the

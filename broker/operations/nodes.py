@@ -22,7 +22,6 @@ of the instance (found by rows and by tags).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import uuid
 from collections.abc import Callable, Iterator
@@ -204,23 +203,12 @@ def primary_node(ctx: Context) -> Node:
 
 def access_cidrs(ctx: Context, plan: Plan) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(admin_cidrs, app_cidrs) for pg_hba: who is the broker, where apps come from."""
-    cloud: Any = ctx.cloud
-    broker_address = getattr(cloud, "broker_address", None)
-    if ctx.cloud.name == "local" and broker_address:
-        admin_cidrs: tuple[str, ...] = (f"{broker_address}/32",)
-    elif ctx.settings.admin_cidr:
-        admin_cidrs = (ctx.settings.admin_cidr,)
-    else:
+    admin_cidrs = ctx.cloud.admin_cidrs()
+    if not admin_cidrs:
         raise StepFailed("BROKER_ADMIN_CIDR is not set: the nodes must know the broker's "
                          "address to let it administer PostgreSQL")
-    if ctx.cloud.name == "local":
-        network = getattr(cloud, "network", None) or ctx.settings.local_network
-        app_cidrs: tuple[str, ...] = (str(ipaddress.ip_network(str(network), strict=False)),)
-    elif plan.cloud.network.app_cidrs:
-        app_cidrs = tuple(plan.cloud.network.app_cidrs)
-    elif ctx.settings.app_cidr:
-        app_cidrs = (ctx.settings.app_cidr,)
-    else:
+    app_cidrs = ctx.cloud.app_cidrs(plan)
+    if not app_cidrs:
         raise StepFailed(f"plan {plan.name} has no network.app_cidrs and BROKER_APP_CIDR is "
                          "not set: apps could not reach the database")
     return admin_cidrs, app_cidrs

@@ -359,13 +359,13 @@ class Fencer:
     # --- volumes ----------------------------------------------------------------------------
     def detach_volume(self, volume_id: str, server_id: str, *, force: bool) -> None:
         cloud = self.cloud
-        volume = cloud._raw_volume(volume_id)
+        volume = cloud.raw_volume(volume_id)
         if volume is None:
             return
         name = volume.name or volume_id
 
         def attachments() -> list[dict[str, Any]]:
-            current = cloud._raw_volume(volume_id)
+            current = cloud.raw_volume(volume_id)
             if current is None:
                 return []
             return [a for a in current.attachments or [] if a.get("server_id") == server_id]

@@ -15,6 +15,7 @@ from broker.cloud.base import (
     TAG_MANAGED,
     CloudResource,
     Port,
+    ResourceKind,
     Server,
     ServerStatus,
     Volume,
@@ -136,5 +137,6 @@ def server_record(server: Any) -> Server:
                   details=details)
 
 
-def resource(kind: str, item_id: str, name: str | None, tags: dict[str, str]) -> CloudResource:
-    return CloudResource(kind=kind, id=item_id, name=name or "", tags=tags)  # type: ignore[arg-type]
+def resource(kind: ResourceKind, item_id: str, name: str | None,
+             tags: dict[str, str]) -> CloudResource:
+    return CloudResource(kind=kind, id=item_id, name=name or "", tags=tags)

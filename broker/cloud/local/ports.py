@@ -1,0 +1,92 @@
+"""The local cloud's ports: records plus veth pairs on the bridge (plumbing.py)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Literal
+
+from broker.cloud.base import CloudError, Port, ServerStatus
+from broker.cloud.local.netns import ip, link_exists, live_status, namespace, ns_exists
+from broker.cloud.local.plumbing import Plumbing, veth_names
+from broker.cloud.local.records import PortRecord, RecordStore, by_name
+
+
+class LocalPorts:
+    """Ports of the LocalCloud (mixed into it)."""
+
+    records: RecordStore
+    plumbing: Plumbing
+
+    @staticmethod
+    def _port(rec: PortRecord) -> Port:
+        return Port(id=rec.id, name=rec.name, address=rec.address, device_id=rec.device_id,
+                    tags=dict(rec.tags))
+
+    def create_port(self, name: str, purpose: Literal["management", "service"],
+                    tags: dict[str, str]) -> Port:
+        self.plumbing.ensure_bridge()
+        with self.records.locked() as st:
+            rec = by_name(st.ports, name)
+            if rec is None:
+                rec = PortRecord(id=uuid.uuid4().hex[:10], name=name, purpose=purpose,
+                                 address=self.plumbing.allocate_address(st), tags=dict(tags))
+                st.ports[rec.id] = rec
+                self.records.save(st)
+            if rec.purpose == "service" and rec.device_id is None:
+                self.plumbing.ensure_service_veth(rec)
+            return self._port(rec)
+
+    def get_port(self, port_id: str) -> Port | None:
+        rec = self.records.read().ports.get(port_id)
+        return None if rec is None else self._port(rec)
+
+    def attach_port(self, port_id: str, server_id: str) -> None:
+        with self.records.locked() as st:
+            port = st.ports.get(port_id)
+            server = st.servers.get(server_id)
+            if port is None:
+                raise CloudError(f"port {port_id} does not exist")
+            if server is None:
+                raise CloudError(f"server {server_id} does not exist")
+            bound = port.device_id
+            if bound not in (None, server_id):
+                raise CloudError(f"port {port.name} is attached to server {bound}; "
+                                 "detach it first")
+            if port.purpose == "management":
+                if bound == server_id:
+                    return
+                raise CloudError("management ports are attached when their server boots")
+            if not ns_exists(namespace(server_id)):
+                raise CloudError(f"server {server.name} has no namespace (deleted?)")
+            # Record the binding first: a crash mid-move is then finished by a retry.
+            port.device_id = server_id
+            self.records.save(st)
+            self.plumbing.move_in(port, server_id,
+                                  up=live_status(server) == ServerStatus.ACTIVE)
+
+    def detach_port(self, port_id: str, server_id: str) -> None:
+        with self.records.locked() as st:
+            port = st.ports.get(port_id)
+            if port is None or port.device_id not in (None, server_id):
+                return
+            if port.purpose == "management":
+                raise CloudError("a management port stays with its server until deleted")
+            self.plumbing.move_out(port, server_id)
+            port.device_id = None
+
+    def delete_port(self, port_id: str) -> None:
+        with self.records.locked() as st:
+            port = st.ports.get(port_id)
+            if port is None:
+                return
+            bound = port.device_id
+            if bound is not None and bound in st.servers:
+                if port.purpose == "management":
+                    raise CloudError(f"port {port.name} belongs to server "
+                                     f"{st.servers[bound].name}: delete the server first")
+                self.plumbing.move_out(port, bound)
+            host, _guest = veth_names(port)
+            if link_exists(host):
+                ip("link", "del", host)  # takes its peer with it, wherever it is
+            del st.ports[port_id]
+
