@@ -12,7 +12,8 @@ from pathlib import Path
 from cryptography.fernet import Fernet
 from sqlalchemy import inspect, select
 
-from broker.operations.engine import CRASH_AFTER_STEP_ENV, new_operation
+from broker.operations.engine import CRASH_AFTER_STEP_ENV
+from broker.operations.queue import new_operation
 from broker.store import Store
 from broker.store.models import OP_FAILED, SUCCEEDED, Instance, Operation
 from tests.toy_workflow import make_engine

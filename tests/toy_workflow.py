@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from ipaddress import IPv4Network
 from pathlib import Path
+from typing import Any
 
 from broker.catalog import load_catalog
 from broker.cloud.local import LocalCloud
@@ -30,25 +31,27 @@ def _fail(ctx: Context) -> None:
     raise StepFailed("the quota for volumes is exhausted")
 
 
-register(Workflow(
+TOY = Workflow(
     kind="toy",
     steps=lambda ctx: [_step("first"), _step("second"), _step("third")],
     done="toy done",
-))
-register(Workflow(
+)
+TOY_FAILING = Workflow(
     kind="toy-failing",
     steps=lambda ctx: [_step("first"), Step("boom", "making a volume", _fail), _step("never")],
     cleanup=lambda ctx, reason: _journal(ctx, f"cleanup: {reason}"),
-))
+)
 
 
-def make_engine(url: str, key: str) -> Engine:
+def make_engine(url: str, key: str, **options: Any) -> Engine:
+    register(TOY)
+    register(TOY_FAILING)
     settings = load_settings({"BROKER_USERNAME": "u", "BROKER_PASSWORD": "p",
                               "BROKER_STATE_DIR": "/nonexistent", "DATABASE_URL": url})
     # The toy steps never touch the cloud: a local cloud that is never used.
     cloud = LocalCloud(Path("/nonexistent/pgha-toy"), IPv4Network("10.214.255.0/28"), "pghatoy")
     return Engine(Store(url), cloud, Vault(key), load_catalog(DEFAULT_CATALOG),
-                  settings, poll_interval=0.05)
+                  settings, poll_interval=0.05, **options)
 
 
 if __name__ == "__main__":

@@ -58,8 +58,7 @@ from broker.api.fastquery import CompiledSelect
 from broker.api.plans import plan_change_refusal
 from broker.api.validation import current_body, plausible_id, requested_maintenance_version
 from broker.catalog import Plan, validate_parameters
-from broker.operations import bindings
-from broker.operations.engine import new_operation
+from broker.operations import bindings, queue
 from broker.runtime import Runtime
 from broker.store.models import (
     BINDING_CREATED,
@@ -71,7 +70,6 @@ from broker.store.models import (
     PROVISIONING,
     READY,
     SUCCEEDED,
-    UNFINISHED,
     UPDATING,
     Instance,
     Operation,
@@ -103,14 +101,6 @@ _LATEST_PLATFORM_OPERATION = (select(Operation.instance_id, Operation.kind, Oper
                               .limit(1))
 _INSTANCE_EXISTS = select(Instance.id).where(Instance.id == bindparam("instance_id"))
 _INSTANCE_STATE = select(Instance.state).where(Instance.id == bindparam("instance_id"))
-
-
-def _unfinished(session: Session, instance_id: str) -> list[Operation]:
-    query = (select(Operation)
-             .where(Operation.instance_id == instance_id)
-             .where(Operation.state.in_(UNFINISHED))
-             .order_by(Operation.created_at))
-    return list(session.scalars(query))
 
 
 def _latest(session: Session, instance_id: str, kinds: tuple[str, ...]) -> Operation | None:
@@ -212,7 +202,7 @@ class PgHaServiceBroker(ServiceBroker):  # type: ignore[misc]
             )
             s.add(inst)
             s.flush()  # the instance row first: operations reference it
-            op = new_operation(instance_id, "provision", description="queued: provisioning")
+            op = queue.new_operation(instance_id, "provision", description="queued: provisioning")
             s.add(op)
             op_id = op.id
         log.info("instance %s: provision queued (plan %s, operation %s)", instance_id,
@@ -234,7 +224,7 @@ class PgHaServiceBroker(ServiceBroker):  # type: ignore[misc]
         if inst.state == DEPROVISIONING:
             raise ApiError(409, f"instance {inst.id} is being deprovisioned")
         provision = _latest(s, inst.id, ("provision",))
-        if provision is not None and provision.state in UNFINISHED:
+        if provision is not None and queue.is_unfinished(provision.state):
             if not async_allowed:
                 raise async_required("provisioning")
             return ProvisionedServiceSpec(ProvisionState.IS_ASYNC, operation=provision.id)
@@ -255,7 +245,7 @@ class PgHaServiceBroker(ServiceBroker):  # type: ignore[misc]
             if details.service_id != inst.service_id:
                 raise bad_request(f"service_id {details.service_id!r} is not the service of "
                                   f"instance {instance_id}")
-            unfinished = _unfinished(s, instance_id)
+            unfinished = queue.unfinished_for(s, instance_id)
             if unfinished:
                 raise _busy(unfinished[0])
             if inst.state not in (READY, DEGRADED):
@@ -305,7 +295,7 @@ class PgHaServiceBroker(ServiceBroker):  # type: ignore[misc]
                                               else "") + "; try again once it is rebuilt")
             if not async_allowed:
                 raise async_required("a switchover")
-            return new_operation(inst.id, "switchover", description="queued: switchover")
+            return queue.new_operation(inst.id, "switchover", description="queued: switchover")
         refusal = plan_change_refusal(current, target)
         if refusal:
             raise ApiError(422, refusal)
@@ -318,7 +308,7 @@ class PgHaServiceBroker(ServiceBroker):  # type: ignore[misc]
             return None
         if not async_allowed:
             raise async_required("an update")
-        return new_operation(inst.id, "update", description="queued: update", params={
+        return queue.new_operation(inst.id, "update", description="queued: update", params={
             "plan_id": target.id, "parameters": changes, "maintenance_version": new_version,
         })
 
@@ -330,7 +320,7 @@ class PgHaServiceBroker(ServiceBroker):  # type: ignore[misc]
             if inst is None:
                 raise ApiError(410, f"instance {instance_id} does not exist (or was "
                                "deprovisioned)")
-            unfinished = _unfinished(s, instance_id)
+            unfinished = queue.unfinished_for(s, instance_id)
             running = next((op for op in unfinished if op.kind == "deprovision"), None)
             if running is not None:
                 if not async_allowed:
@@ -340,7 +330,8 @@ class PgHaServiceBroker(ServiceBroker):  # type: ignore[misc]
                 raise _busy(unfinished[0])
             if not async_allowed:
                 raise async_required("deprovisioning")
-            op = new_operation(instance_id, "deprovision", description="queued: deprovisioning")
+            op = queue.new_operation(instance_id, "deprovision",
+                                     description="queued: deprovisioning")
             s.add(op)
             op_id = op.id
         log.info("instance %s: deprovision queued (operation %s)", instance_id, op_id)
@@ -407,7 +398,7 @@ class PgHaServiceBroker(ServiceBroker):  # type: ignore[misc]
             if inst is None or inst.state in (PROVISIONING, FAILED):
                 raise ApiError(404, f"instance {instance_id} does not exist (or is still "
                                "being provisioned)")
-            platform_ops = [op for op in _unfinished(s, instance_id)
+            platform_ops = [op for op in queue.unfinished_for(s, instance_id)
                             if op.kind in PLATFORM_KINDS]
             if platform_ops:
                 raise _busy(platform_ops[0])
@@ -438,7 +429,7 @@ class PgHaServiceBroker(ServiceBroker):  # type: ignore[misc]
             inst = _live_instance(s, instance_id)
             if inst is None:
                 raise ApiError(422, f"instance {instance_id} does not exist")
-            platform_ops = [op for op in _unfinished(s, instance_id)
+            platform_ops = [op for op in queue.unfinished_for(s, instance_id)
                             if op.kind in PLATFORM_KINDS]
             if platform_ops:
                 raise _busy(platform_ops[0])
@@ -480,7 +471,7 @@ class PgHaServiceBroker(ServiceBroker):  # type: ignore[misc]
             inst = _live_instance(s, instance_id)
             if inst is None or not plausible_id(binding_id):
                 raise gone
-            platform_ops = [op for op in _unfinished(s, instance_id)
+            platform_ops = [op for op in queue.unfinished_for(s, instance_id)
                             if op.kind in PLATFORM_KINDS]
             if platform_ops:
                 raise _busy(platform_ops[0])

@@ -28,15 +28,15 @@ decided, the old primary, the standby and the primary's last LSN. Steps:
 - rebuild_queued: a `rebuild` operation makes a new standby in the old primary's
   zone (rebuild.py); the instance stays `degraded` until it streams.
 
-Importing this module also registers switchover, rebuild and resurrect.
+switchover.py, rebuild.py and resurrect.py hold the other workflows this module starts.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from broker.operations import promotion
-from broker.operations.engine import Context, Step, Workflow, new_operation, register
+from broker.operations import promotion, queue
+from broker.operations.engine import Context, Step, Workflow
 from broker.operations.rebuild import KIND as REBUILD_KIND
 from broker.operations.resurrect import KIND as RESURRECT_KIND
 from broker.operations.switchover import KIND as SWITCHOVER_KIND
@@ -69,14 +69,13 @@ def queue_failover(store: Store, instance_id: str, *, kind: str, cause: str,
     """Queue a failover (or, with kind "resurrect", a resurrect); returns its id.
 
     The caller (the monitor) has checked that no operation is unfinished. With
-    `owner`, the row is born claimed by that engine (see promotion.preclaim)."""
+    `owner`, the row is born claimed by that engine (pre-claimed, see queue.py)."""
     with store.session() as s:
-        op = new_operation(instance_id, kind, params={
+        op = queue.new_operation(instance_id, kind, owner=owner, params={
             "cause": cause, "old_primary_id": old_primary_id, "standby_id": standby_id,
             "detected_at": detected_at.isoformat(), "last_primary_lsn": last_primary_lsn,
             "detail": detail,
         }, description=f"queued: {kind} ({cause})")
-        promotion.preclaim(op, owner)
         s.add(op)
         return op.id
 
@@ -137,6 +136,6 @@ def cleanup(ctx: Context, reason: str) -> None:
         promotion.set_state(ctx, DEGRADED, f"{inst.state_reason}; failover failed: {reason}")
 
 
-WORKFLOW = register(Workflow(kind=KIND, steps=steps, cleanup=cleanup,
-                             done="failed over; a standby is being rebuilt"))
+WORKFLOW = Workflow(kind=KIND, steps=steps, cleanup=cleanup,
+                    done="failed over; a standby is being rebuilt")
 

@@ -18,15 +18,15 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import psycopg2
 
 from broker.cloud.base import FenceError, ServerStatus
 from broker.monitor import health
-from broker.operations import nodes
-from broker.operations.engine import Context, RetryLater, StepFailed, new_operation
+from broker.operations import nodes, queue
+from broker.operations.engine import Context, RetryLater, StepFailed
 from broker.pg import admin
 from broker.store.models import (
     DEGRADED,
@@ -35,11 +35,9 @@ from broker.store.models import (
     OLD_PRIMARY,
     PRIMARY,
     STANDBY,
-    UNFINISHED,
     Failover,
     Instance,
     Node,
-    Operation,
     utcnow,
 )
 
@@ -330,48 +328,15 @@ def derived_node_id(operation_id: str) -> str:
     return hashlib.sha256(f"node:{operation_id}".encode()).hexdigest()[:8]
 
 
-def has_unfinished(ctx: Context, kind: str) -> bool:
-    with ctx.store.session() as s:
-        return s.query(Operation).filter(
-            Operation.instance_id == ctx.instance_id, Operation.kind == kind,
-            Operation.state.in_(UNFINISHED), Operation.id != ctx.operation_id,
-        ).first() is not None
-
-
-PRECLAIM_SECONDS = 15.0
-# The owner ids of the monitor's own engines contain this (see Monitor.runner).
-RUNNER_ROLE = "monitor-runner"
-
-
-def preclaim(op: Operation, owner: str | None) -> None:
-    """Give a new operation row to `owner` (an engine's owner id) from birth.
-
-    The monitor runs what it queues at once with its own engine; a row born
-    unclaimed could be claimed by that engine and by the worker's engine loop at
-    the same time (on SQLite the loop's claim is not a compare-and-set). Another
-    engine takes it over only if the owner dies or lets the lease expire."""
-    if owner:
-        op.owner = owner
-        op.lease_expires_at = utcnow() + timedelta(seconds=PRECLAIM_SECONDS)
-
-
 def queue_rebuild(ctx: Context, replace_node_id: str, cause: str) -> str:
     """Queue the rebuild of a standby in `replace_node_id`'s zone (once per operation);
-    it runs when this operation has finished. When the monitor runs this operation, it
-    runs the rebuild next, so the row is born claimed by the monitor's engine."""
+    it runs when this operation has finished (next, when a monitor runner runs this)."""
     op_id = derived_id(ctx.operation_id, REBUILD)
     zone = node_row(ctx, replace_node_id).availability_zone
     with ctx.store.session() as s:
-        if s.get(Operation, op_id) is None:
-            current = s.get(Operation, ctx.operation_id)
-            op = new_operation(ctx.instance_id, REBUILD, params={
-                "replace_node_id": replace_node_id, "cause": cause,
-                "failover_id": event_id(ctx),
-            }, description=f"queued: rebuilding a standby in {zone}")
-            op.id = op_id
-            owner = current.owner if current is not None else None
-            preclaim(op, owner if owner and f":{RUNNER_ROLE}-" in owner else None)
-            s.add(op)
+        queue.enqueue_follow_up(s, ctx.operation_id, op_id, ctx.instance_id, REBUILD, params={
+            "replace_node_id": replace_node_id, "cause": cause, "failover_id": event_id(ctx),
+        }, description=f"queued: rebuilding a standby in {zone}")
     return op_id
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 
 from broker.operations import nodes, promotion
-from broker.operations.engine import Context, Step, StepFailed, Workflow, register
+from broker.operations.engine import Context, Step, StepFailed, Workflow
 from broker.pg import admin
 from broker.store.models import (
     DEGRADED,
@@ -157,5 +157,5 @@ def cleanup(ctx: Context, reason: str) -> None:
     promotion.set_state(ctx, DEGRADED, f"no standby: rebuilding one failed ({reason})")
 
 
-WORKFLOW = register(Workflow(kind=KIND, steps=steps, cleanup=cleanup,
-                             done="standby rebuilt and streaming"))
+WORKFLOW = Workflow(kind=KIND, steps=steps, cleanup=cleanup,
+                    done="standby rebuilt and streaming")

@@ -24,7 +24,7 @@ from datetime import datetime
 
 from broker.cloud.base import CloudError, FenceError
 from broker.operations import nodes, promotion
-from broker.operations.engine import Context, Step, StepFailed, Workflow, register
+from broker.operations.engine import Context, Step, StepFailed, Workflow
 from broker.store.models import (
     DEGRADED,
     NODE_CREATING,
@@ -150,5 +150,5 @@ def cleanup(ctx: Context, reason: str) -> None:
     promotion.set_state(ctx, DEGRADED, f"resurrect failed: {reason}")
 
 
-WORKFLOW = register(Workflow(kind=KIND, steps=steps, cleanup=cleanup,
-                             done="resurrected on a new server"))
+WORKFLOW = Workflow(kind=KIND, steps=steps, cleanup=cleanup,
+                    done="resurrected on a new server")

@@ -24,8 +24,8 @@ import time
 
 from psycopg2.extensions import connection as Connection
 
-from broker.operations import nodes, promotion
-from broker.operations.engine import Context, Step, StepFailed, Workflow, new_operation, register
+from broker.operations import nodes, promotion, queue
+from broker.operations.engine import Context, Step, StepFailed, Workflow
 from broker.pg import admin
 from broker.runtime import Runtime
 from broker.store.db import Store
@@ -35,9 +35,7 @@ from broker.store.models import (
     NODE_RUNNING,
     PRIMARY,
     READY,
-    UNFINISHED,
     Instance,
-    Operation,
 )
 
 log = logging.getLogger(__name__)
@@ -60,12 +58,11 @@ def start_switchover(store: Store, instance_id: str) -> str:
             raise SwitchoverRefused(f"instance {instance_id} has no standby to switch over to")
         if inst.state not in (READY, DEGRADED):
             raise SwitchoverRefused(f"instance {instance_id} is {inst.state}")
-        busy = s.query(Operation).filter(Operation.instance_id == instance_id,
-                                         Operation.state.in_(UNFINISHED)).first()
+        busy = queue.busy_with(s, instance_id)
         if busy is not None:
             raise SwitchoverRefused(f"instance {instance_id} has an operation in progress "
                                     f"({busy.kind}: {busy.description})")
-        op = new_operation(instance_id, KIND, description="queued: switchover")
+        op = queue.new_operation(instance_id, KIND, description="queued: switchover")
         s.add(op)
         return op.id
 
@@ -216,5 +213,5 @@ def cleanup(ctx: Context, reason: str) -> None:
     promotion.set_state(ctx, READY, None)
 
 
-WORKFLOW = register(Workflow(kind=KIND, steps=steps, cleanup=cleanup,
-                             done="switched over; a standby is being rebuilt"))
+WORKFLOW = Workflow(kind=KIND, steps=steps, cleanup=cleanup,
+                    done="switched over; a standby is being rebuilt")

@@ -22,7 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 from broker.operations import nodes, promotion
-from broker.operations.engine import Context, Step, StepFailed, Workflow, new_operation, register
+from broker.operations.engine import Context, Step, StepFailed, Workflow
+from broker.operations.queue import new_operation
 from broker.store.db import Store
 from broker.store.models import (
     DEGRADED,
@@ -195,4 +196,4 @@ def cleanup(ctx: Context, reason: str) -> None:
     nodes.update_instance(ctx, state=state, state_reason=why)
 
 
-WORKFLOW = register(Workflow(kind=KIND, steps=steps, cleanup=cleanup, done="updated"))
+WORKFLOW = Workflow(kind=KIND, steps=steps, cleanup=cleanup, done="updated")
