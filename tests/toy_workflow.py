@@ -6,6 +6,7 @@ Run as a script it drives one engine pass (used to SIGKILL a worker mid-operatio
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,17 @@ from broker.cloud.local import LocalCloud
 from broker.config import DEFAULT_CATALOG, load_settings
 from broker.crypto import Vault
 from broker.operations.engine import Context, Engine, Step, StepFailed, Workflow, register
+from broker.operations.params import Params
 from broker.store import Store
 
 
+@dataclass(frozen=True)
+class ToyParams(Params):
+    journal: str
+
+
 def _journal(ctx: Context, entry: str) -> None:
-    with Path(ctx.params["journal"]).open("a") as handle:
+    with Path(ctx.params_of(ToyParams).journal).open("a") as handle:
         handle.write(entry + "\n")
 
 
@@ -35,11 +42,13 @@ TOY = Workflow(
     kind="toy",
     steps=lambda ctx: [_step("first"), _step("second"), _step("third")],
     done="toy done",
+    params=ToyParams,
 )
 TOY_FAILING = Workflow(
     kind="toy-failing",
     steps=lambda ctx: [_step("first"), Step("boom", "making a volume", _fail), _step("never")],
     cleanup=lambda ctx, reason: _journal(ctx, f"cleanup: {reason}"),
+    params=ToyParams,
 )
 
 

@@ -59,6 +59,7 @@ from broker.api.plans import plan_change_refusal
 from broker.api.validation import current_body, plausible_id, requested_maintenance_version
 from broker.catalog import Plan, validate_parameters
 from broker.operations import bindings, queue
+from broker.operations.params import UpdateParams
 from broker.runtime import Runtime
 from broker.store.models import (
     BINDING_CREATED,
@@ -308,9 +309,9 @@ class PgHaServiceBroker(ServiceBroker):  # type: ignore[misc]
             return None
         if not async_allowed:
             raise async_required("an update")
-        return queue.new_operation(inst.id, "update", description="queued: update", params={
-            "plan_id": target.id, "parameters": changes, "maintenance_version": new_version,
-        })
+        return queue.new_operation(inst.id, "update", description="queued: update",
+                                   params=UpdateParams(plan_id=target.id, parameters=changes,
+                                                       maintenance_version=new_version))
 
     # --- deprovision -------------------------------------------------------------
     def deprovision(self, instance_id: str, details: DeprovisionDetails, async_allowed: bool,

@@ -68,6 +68,7 @@ from broker.monitor.leases import WORKER_PREFIX, Leases, monitor_lease_name
 from broker.operations import certs, queue, workflows
 from broker.operations import failover as failover_ops
 from broker.operations.engine import Engine
+from broker.operations.params import RebuildParams
 from broker.operations.promotion import REBUILD, derived_id, standby_of
 from broker.operations.resurrect import KIND as RESURRECT
 from broker.pg import admin, tls
@@ -608,9 +609,10 @@ class Monitor:
         with self.runtime.store.session() as s:
             if queue.busy_with(s, inst.id) is not None:
                 return "operation in progress: not acting"
-            op = queue.new_operation(inst.id, REBUILD, params={
-                "replace_node_id": replace_node_id, "cause": cause, "failover_id": None,
-            }, description=f"queued: rebuilding the standby ({cause})", owner=self.runner().owner)
+            params = RebuildParams(replace_node_id=replace_node_id, cause=cause)
+            op = queue.new_operation(
+                inst.id, REBUILD, params=params, owner=self.runner().owner,
+                description=f"queued: rebuilding the standby ({cause})")
             s.add(op)
             op_id = op.id
         status = f"{cause}: rebuild queued"

@@ -22,6 +22,7 @@ import logging
 
 from broker.operations import nodes, queue
 from broker.operations.engine import Context, Step, StepFailed, Workflow
+from broker.operations.params import RotationParams
 from broker.pg import admin, tls
 from broker.store.db import Store
 from broker.store.models import (
@@ -59,7 +60,7 @@ def queue_rotation(store: Store, instance_id: str, *, cause: str,
         if busy is not None:
             raise RotationRefused(f"instance {instance_id} has an operation in progress "
                                   f"({busy.kind}: {busy.description})")
-        op = queue.new_operation(instance_id, KIND, params={"cause": cause}, owner=owner,
+        op = queue.new_operation(instance_id, KIND, params=RotationParams(cause=cause), owner=owner,
                            description=f"queued: rotating certificates ({cause})")
         s.add(op)
         return op.id
@@ -123,4 +124,5 @@ def steps(ctx: Context) -> list[Step]:
     ]
 
 
-WORKFLOW = Workflow(kind=KIND, steps=steps, done="certificates rotated")
+WORKFLOW = Workflow(kind=KIND, steps=steps, done="certificates rotated",
+                    params=RotationParams)

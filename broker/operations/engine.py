@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg2
 import sqlalchemy.exc
@@ -31,6 +31,7 @@ from broker.cloud.base import Cloud, TransientCloudError
 from broker.config import Settings
 from broker.crypto import Vault
 from broker.operations import queue
+from broker.operations.params import Params, ParamsError
 from broker.store.db import Store
 from broker.store.models import (
     IN_PROGRESS,
@@ -41,6 +42,8 @@ from broker.store.models import (
 )
 
 log = logging.getLogger(__name__)
+
+P = TypeVar("P", bound=Params)
 
 MAX_ATTEMPTS = 5
 # Test hook: "kind:step" makes the process SIGKILL itself right after that step ran
@@ -67,7 +70,7 @@ class Context:
     operation_id: str
     instance_id: str
     kind: str
-    params: dict[str, Any]
+    params: Params
     store: Store
     cloud: Cloud
     vault: Vault
@@ -75,6 +78,12 @@ class Context:
     settings: Settings
     attempt: int = 0
     scratch: dict[str, Any] = field(default_factory=dict)
+
+    def params_of(self, kind: type[P]) -> P:
+        """The parameters, as the workflow declared them."""
+        if not isinstance(self.params, kind):
+            raise StepFailed(f"a {self.kind} operation has no {kind.__name__}")
+        return self.params
 
     def instance(self) -> Instance:
         with self.store.session() as s:
@@ -114,6 +123,7 @@ class Workflow:
     steps: Callable[[Context], list[Step]]  # must be the same list every time for one op
     cleanup: Callable[[Context, str], None] | None = None  # after a permanent failure
     done: str = "done"                      # description once succeeded
+    params: type[Params] = Params           # what the operation's `params` column holds
 
 
 _REGISTRY: dict[str, Workflow] = {}
@@ -183,9 +193,19 @@ class Engine:
             op = s.get(Operation, op_id)
             if op is None:
                 return OP_FAILED
+            workflow: Workflow | None = None
+            params, problem = Params(), None
+            try:
+                workflow = workflow_for(op.kind)
+                params = workflow.params.load(op.params)
+            except ParamsError as exc:
+                problem = StepFailed(f"the parameters of this {op.kind} operation are "
+                                     f"invalid: {exc}")
+            except StepFailed as exc:
+                problem = exc
             ctx = Context(
                 operation_id=op.id, instance_id=op.instance_id, kind=op.kind,
-                params=dict(op.params or {}), store=self.store, cloud=self.cloud,
+                params=params, store=self.store, cloud=self.cloud,
                 vault=self.vault, catalog=self.catalog, settings=self.settings,
                 attempt=op.attempts,
             )
@@ -195,13 +215,15 @@ class Engine:
         renewer = threading.Thread(target=self._renew, args=(op_id, stop), daemon=True)
         renewer.start()
         try:
-            return self._run_steps(ctx, start_index, recorded)
+            if workflow is None or problem is not None:
+                return self._fail(ctx, None, problem or StepFailed("no workflow"))
+            return self._run_steps(ctx, workflow, start_index, recorded)
         finally:
             stop.set()
 
-    def _run_steps(self, ctx: Context, start_index: int, recorded: list[str] | None) -> str:
+    def _run_steps(self, ctx: Context, workflow: Workflow, start_index: int,
+                   recorded: list[str] | None) -> str:
         try:
-            workflow = workflow_for(ctx.kind)
             steps = workflow.steps(ctx)
         except Exception as exc:
             return self._fail(ctx, None, exc)
@@ -217,8 +239,8 @@ class Engine:
             return self._fail(ctx, None, StepFailed(
                 f"the broker was upgraded while this operation ran: it started with the "
                 f"steps {', '.join(recorded)}, this version has {', '.join(names)}; nothing "
-                f"more was done. Look at the instance and run the operation again "
-                f"(the same cf command)"))
+                f"more was done. Check the instance (`instances show`), then repeat the "
+                f"request (the monitor queues its own operations again)"))
         crash_at = os.environ.get(CRASH_AFTER_STEP_ENV)
         for index in range(start_index, len(steps)):
             step = steps[index]

@@ -27,6 +27,7 @@ from broker.cloud.base import FenceError, ServerStatus
 from broker.monitor import health
 from broker.operations import nodes, queue
 from broker.operations.engine import Context, RetryLater, StepFailed
+from broker.operations.params import FailoverParams, RebuildParams
 from broker.pg import admin
 from broker.store.models import (
     DEGRADED,
@@ -56,7 +57,8 @@ SYNC_WAIT_SLICE = 30.0
 # --- the event row ------------------------------------------------------------
 def event_id(ctx: Context) -> str:
     """The Failover row of this operation (a rebuild points at its failover's)."""
-    return str(ctx.params.get("failover_id") or ctx.operation_id)
+    failover_id = ctx.params.failover_id if isinstance(ctx.params, RebuildParams) else None
+    return failover_id or ctx.operation_id
 
 
 def get_event(ctx: Context) -> Failover | None:
@@ -255,7 +257,8 @@ def check_eligible(ctx: Context, standby_id: str) -> None:
         return
     inst = ctx.instance()
     received = max(seen.receive_lsn or 0, seen.lsn or 0)
-    last_primary = ctx.params.get("last_primary_lsn")
+    last_primary = (ctx.params.last_primary_lsn if isinstance(ctx.params, FailoverParams)
+                    else None)
     lag: int | None = (max(0, int(last_primary) - received) if last_primary is not None
                        else inst.last_lag_bytes)
     limit = ctx.settings.monitor.maximum_lag_on_failover
@@ -334,9 +337,11 @@ def queue_rebuild(ctx: Context, replace_node_id: str, cause: str) -> str:
     op_id = derived_id(ctx.operation_id, REBUILD)
     zone = node_row(ctx, replace_node_id).availability_zone
     with ctx.store.session() as s:
-        queue.enqueue_follow_up(s, ctx.operation_id, op_id, ctx.instance_id, REBUILD, params={
-            "replace_node_id": replace_node_id, "cause": cause, "failover_id": event_id(ctx),
-        }, description=f"queued: rebuilding a standby in {zone}")
+        params = RebuildParams(replace_node_id=replace_node_id, cause=cause,
+                               failover_id=event_id(ctx))
+        queue.enqueue_follow_up(s, ctx.operation_id, op_id, ctx.instance_id, REBUILD,
+                                params=params,
+                                description=f"queued: rebuilding a standby in {zone}")
     return op_id
 
 

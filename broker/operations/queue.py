@@ -19,11 +19,11 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from broker.operations.params import Params
 from broker.store.db import Store
 from broker.store.models import (
     IN_PROGRESS,
@@ -83,7 +83,7 @@ def is_runner(owner: str | None) -> bool:
 
 
 # --- enqueue -----------------------------------------------------------------------------
-def new_operation(instance_id: str, kind: str, *, params: dict[str, Any] | None = None,
+def new_operation(instance_id: str, kind: str, *, params: Params | None = None,
                   binding_id: str | None = None, description: str = "queued",
                   op_id: str | None = None, owner: str | None = None) -> Operation:
     """A queued Operation row; the caller adds it in its own transaction. With `owner`
@@ -91,7 +91,8 @@ def new_operation(instance_id: str, kind: str, *, params: dict[str, Any] | None 
     engine takes it only when the owner dies or lets the lease expire."""
     op = Operation(
         id=op_id or str(uuid.uuid4()), instance_id=instance_id, binding_id=binding_id,
-        kind=kind, state=QUEUED, params=params or {}, description=description, step_index=0,
+        kind=kind, state=QUEUED, params=(params or Params()).dump(), description=description,
+        step_index=0,
     )
     if owner:
         op.owner = owner
@@ -100,7 +101,7 @@ def new_operation(instance_id: str, kind: str, *, params: dict[str, Any] | None 
 
 
 def enqueue_follow_up(session: Session, parent_id: str, op_id: str, instance_id: str,
-                      kind: str, *, params: dict[str, Any], description: str) -> None:
+                      kind: str, *, params: Params, description: str) -> None:
     """Queue `op_id` (derived from its parent, so once) to run after the parent. When a
     monitor runner runs the parent, the follow-up is born owned by it: it runs it next."""
     if session.get(Operation, op_id) is not None:
