@@ -11,7 +11,8 @@ row the winner wrote, so exactly one of two racing workers gets rowcount 1):
 - release: DELETE ... WHERE name = :n AND owner = me.
 
 A lease whose owner is a dead process on this host is taken over at once (the same
-rule as the operation engine); elsewhere it expires after `ttl` seconds. Times are
+rule as the operation queue, queue.owner_is_dead); elsewhere it expires after `ttl`
+seconds. Times are
 the workers' clocks (UTC): workers must keep them in sync (NTP) to well under `ttl`.
 """
 

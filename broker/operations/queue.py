@@ -41,7 +41,10 @@ RUNNER_ROLE = "monitor-runner"
 
 
 def host_identity() -> str:
-    return os.environ.get(HOST_IDENTITY_ENV) or socket.gethostname()
+    host = os.environ.get(HOST_IDENTITY_ENV) or socket.gethostname()
+    if not host or ":" in host or host.split() != [host]:
+        raise ValueError(f"{HOST_IDENTITY_ENV}: {host!r} is not a host name (no ':' or spaces)")
+    return host
 
 
 @dataclass(frozen=True)
