@@ -8,7 +8,7 @@
   given id also takes a row pre-claimed for the claimer (born owned by it).
 - Every claim is a compare-and-set on the owner and lease that were read; on
   PostgreSQL the candidates are also locked FOR UPDATE SKIP LOCKED, so workers
-  never wait on each other. Either way exactly one of two racing claimers wins.
+  never wait on each other. Either way two racing claimers never both win.
 """
 
 from __future__ import annotations
