@@ -38,7 +38,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from broker.cloud.local import LocalCloud
-from broker.operations import workflows  # noqa: F401 - registers every workflow
 from broker.store.models import Failover, aware
 from tests.failover_support import (
     FailoverEnv,

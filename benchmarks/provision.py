@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from broker.api.app import create_app
 from broker.api.server import ApiServer
-from broker.operations import workflows  # noqa: F401 - registers the workflows
+from broker.operations import workflows
 from broker.operations.engine import Engine
 from tests.fixtures.local import make_local_cloud
 from tests.fixtures.pg import free_port
@@ -70,6 +70,7 @@ def run(plans: list[str], runs: int) -> dict[str, Any]:
                                Fernet.generate_key().decode(), cloud)
         runtime.settings = dataclasses.replace(runtime.settings, username=USER,
                                                password=PASSWORD)
+        workflows.install()
         engine = Engine(runtime.store, cloud, runtime.vault, runtime.catalog, runtime.settings)
         stop = threading.Event()
         worker = threading.Thread(target=engine.loop, args=(stop,), daemon=True)

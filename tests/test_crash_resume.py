@@ -21,6 +21,7 @@ from broker.cloud.local import LocalCloud
 from broker.operations import deprovision, provision
 from broker.operations.deprovision import start_deprovision
 from broker.operations.engine import CRASH_AFTER_STEP_ENV, Context
+from broker.operations.params import Params
 from broker.pg import admin
 from broker.runtime import Runtime
 from broker.store.models import DEPROVISIONED, IN_PROGRESS, READY, Operation
@@ -55,7 +56,7 @@ def cloud() -> Iterator[LocalCloud]:
 
 
 def _context(runtime: Runtime, instance_id: str, kind: str) -> Context:
-    return Context(operation_id="-", instance_id=instance_id, kind=kind, params={},
+    return Context(operation_id="-", instance_id=instance_id, kind=kind, params=Params(),
                    store=runtime.store, cloud=runtime.cloud, vault=runtime.vault,
                    catalog=runtime.catalog, settings=runtime.settings)
 

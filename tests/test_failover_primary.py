@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 
 from broker.cloud.local import LocalCloud
-from broker.operations import workflows  # noqa: F401 - registers every workflow
 from broker.store.models import NODE_DELETED, OLD_PRIMARY, READY
 from tests.failover_support import (
     Writer,

@@ -21,7 +21,6 @@ import pytest
 from broker.cloud.base import FenceError, TransientCloudError
 from broker.cloud.local import LocalCloud, namespace_pids
 from broker.monitor.loop import Monitor
-from broker.operations import workflows  # noqa: F401 - registers every workflow
 from broker.pg import admin
 from broker.store.models import DEGRADED, OP_FAILED, SUCCEEDED, Failover, Instance
 from tests.failover_support import (

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from broker.operations import workflows  # noqa: F401 - registers every workflow
 from broker.store.models import IN_PROGRESS, READY
 from tests.failover_support import (
     Writer,

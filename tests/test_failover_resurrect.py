@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from broker.operations import workflows  # noqa: F401 - registers every workflow
 from broker.operations.failover import start_switchover
 from broker.operations.refusals import NotAllowed
 from broker.store.models import NODE_DELETED, READY

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 
-from broker.operations import workflows  # noqa: F401 - registers every workflow
 from broker.store.models import NODE_DELETED, READY
 from tests.failover_support import (
     Writer,

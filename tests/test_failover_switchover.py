@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-from broker.operations import workflows  # noqa: F401 - registers every workflow
 from broker.operations.failover import start_switchover
 from broker.operations.refusals import Busy
 from broker.store.models import READY

@@ -8,7 +8,6 @@ import signal
 
 import pytest
 
-from broker.operations import workflows  # noqa: F401 - registers every workflow
 from tests.failover_support import (
     FailoverEnv,
     Writer,

@@ -10,7 +10,8 @@ from datetime import timedelta
 
 from sqlalchemy import update
 
-from broker.monitor.leases import Leases, monitor_lease_name, new_owner_id
+from broker.monitor.leases import Leases, monitor_lease_name
+from broker.operations.queue import new_owner_id
 from broker.store.db import Store
 from broker.store.models import Lease, utcnow
 

@@ -23,7 +23,6 @@ from broker.catalog import load_catalog
 from broker.cloud.openstack import OpenStackCloud
 from broker.config import DEFAULT_CATALOG, load_settings
 from broker.crypto import Vault
-from broker.operations import workflows  # noqa: F401 - registers every workflow
 from broker.operations.engine import Engine
 from broker.runtime import Runtime
 from broker.store import Store

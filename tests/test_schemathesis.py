@@ -80,7 +80,7 @@ CHECKS = tuple(osb_status_code_conformance if c is status_code_conformance else 
 
 
 def _ready_instance(runtime: Runtime, instance_id: str, plan_name: str) -> None:
-    from broker.operations.engine import new_operation
+    from broker.operations.queue import new_operation
     from broker.store.models import Instance
 
     plan = runtime.catalog.plan_by_name(plan_name)

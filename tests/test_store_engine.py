@@ -12,10 +12,11 @@ from pathlib import Path
 from cryptography.fernet import Fernet
 from sqlalchemy import inspect, select
 
-from broker.operations.engine import CRASH_AFTER_STEP_ENV, new_operation
+from broker.operations.engine import CRASH_AFTER_STEP_ENV
+from broker.operations.queue import new_operation
 from broker.store import Store
 from broker.store.models import OP_FAILED, SUCCEEDED, Instance, Operation
-from tests.toy_workflow import make_engine
+from tests.toy_workflow import ToyParams, make_engine
 
 KEY = Fernet.generate_key().decode()
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ def _instance(store: Store, instance_id: str = "i-1") -> None:
 
 def _queue(store: Store, kind: str, journal: Path, instance_id: str = "i-1") -> str:
     with store.session() as s:
-        op = new_operation(instance_id, kind, params={"journal": str(journal)})
+        op = new_operation(instance_id, kind, params=ToyParams(journal=str(journal)))
         s.add(op)
         return op.id
 

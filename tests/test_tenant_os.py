@@ -28,7 +28,6 @@ from typing import Any
 import pytest
 
 from broker.cloud.local import LocalCloud
-from broker.operations import workflows  # noqa: F401 - registers every workflow
 from broker.pg import admin
 from broker.store.models import READY, Instance, Node
 from tests.failover_support import (

@@ -28,11 +28,7 @@ from cryptography import x509
 from broker.cli import instances as cli
 from broker.config import TlsSettings
 from broker.monitor import health
-from broker.operations import (
-    bindings,
-    nodes,
-    workflows,  # noqa: F401 - registers every workflow
-)
+from broker.operations import bindings, nodes
 from broker.operations.certs import KIND as ROTATE
 from broker.pg import admin, tls
 from broker.runtime import Runtime

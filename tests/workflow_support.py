@@ -24,7 +24,7 @@ from broker.catalog import load_catalog
 from broker.cloud.local import LocalCloud
 from broker.config import DEFAULT_CATALOG, load_settings
 from broker.crypto import Vault
-from broker.operations import workflows  # noqa: F401 - registers the workflows
+from broker.operations import workflows
 from broker.operations.deprovision import start_deprovision
 from broker.operations.engine import Engine
 from broker.operations.provision import start_provision
@@ -50,6 +50,7 @@ def make_runtime(state_url: str, key: str, cloud: LocalCloud) -> Runtime:
 
 
 def make_engine(runtime: Runtime) -> Engine:
+    workflows.install()
     return Engine(runtime.store, runtime.cloud, runtime.vault, runtime.catalog,
                   runtime.settings, poll_interval=0.05)
 

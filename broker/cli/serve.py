@@ -22,10 +22,11 @@ class Background:
 
     def __init__(self, runtime: Runtime) -> None:
         from broker.monitor.loop import Monitor
-        from broker.operations import workflows  # noqa: F401 - registers every workflow
+        from broker.operations import workflows
         from broker.operations.engine import Engine
 
         self.stop = threading.Event()
+        workflows.install()
         self.engine = Engine(runtime.store, runtime.cloud, runtime.vault, runtime.catalog,
                              runtime.settings)
         self.monitor = Monitor(runtime, self.engine)

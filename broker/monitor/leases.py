@@ -11,22 +11,20 @@ row the winner wrote, so exactly one of two racing workers gets rowcount 1):
 - release: DELETE ... WHERE name = :n AND owner = me.
 
 A lease whose owner is a dead process on this host is taken over at once (the same
-rule as the operation engine); elsewhere it expires after `ttl` seconds. Times are
+rule as the operation queue, queue.owner_is_dead); elsewhere it expires after `ttl`
+seconds. Times are
 the workers' clocks (UTC): workers must keep them in sync (NTP) to well under `ttl`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import uuid
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
-from broker.operations.engine import _owner_is_dead
+from broker.operations.queue import OwnerId, host_identity, owner_is_dead
 from broker.store.db import Store
 from broker.store.models import Lease, aware, utcnow
 
@@ -40,11 +38,6 @@ def monitor_lease_name(instance_id: str) -> str:
     return f"{MONITOR_PREFIX}{instance_id}"
 
 
-def new_owner_id(role: str = "monitor") -> str:
-    """`host:pid:role-xxxxxx`: the engine's format, so a dead owner is recognised."""
-    return f"{socket.gethostname()}:{os.getpid()}:{role}-{uuid.uuid4().hex[:6]}"
-
-
 class Leases:
     """Compare-and-set leases for one owner."""
 
@@ -52,6 +45,8 @@ class Leases:
         self.store = store
         self.owner = owner
         self.ttl = ttl
+        parsed = OwnerId.parse(owner)
+        self.host = parsed.host if parsed is not None else host_identity()
 
     def _expiry(self, now: datetime) -> datetime:
         return now + timedelta(seconds=self.ttl)
@@ -73,7 +68,7 @@ class Leases:
         if row is None:
             return self._insert(name, now)
         owner, expires = row
-        if owner != self.owner and _owner_is_dead(owner):
+        if owner != self.owner and owner_is_dead(owner, self.host):
             # Same host, process gone: no need to wait for the expiry.
             with self.store.session() as s:
                 result = s.execute(

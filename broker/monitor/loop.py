@@ -58,33 +58,26 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select
 
 from broker.catalog import Plan
 from broker.cloud.base import ServerStatus
 from broker.config import MonitorSettings
 from broker.monitor import health
-from broker.monitor.leases import WORKER_PREFIX, Leases, monitor_lease_name, new_owner_id
-from broker.operations import certs
+from broker.monitor.leases import WORKER_PREFIX, Leases, monitor_lease_name
+from broker.operations import certs, queue, workflows
 from broker.operations import failover as failover_ops
-from broker.operations.engine import Engine, _owner_is_dead, new_operation
-from broker.operations.promotion import (
-    REBUILD,
-    RUNNER_ROLE,
-    derived_id,
-    preclaim,
-    standby_of,
-)
+from broker.operations.engine import Engine
+from broker.operations.params import RebuildParams
+from broker.operations.promotion import REBUILD, derived_id, standby_of
 from broker.operations.resurrect import KIND as RESURRECT
 from broker.pg import admin, tls
 from broker.runtime import Runtime
 from broker.store.models import (
     DEGRADED,
-    IN_PROGRESS,
     OP_FAILED,
     READY,
     SUCCEEDED,
-    UNFINISHED,
     UPDATING,
     Failover,
     Instance,
@@ -141,7 +134,7 @@ class Monitor:
         self.runtime = runtime
         self.engine = engine
         self.settings: MonitorSettings = runtime.settings.monitor
-        self.owner = owner or new_owner_id("monitor")
+        self.owner = owner or queue.new_owner_id("monitor")
         self.leases = Leases(runtime.store, self.owner, self.settings.lease_seconds)
         self.recheck = max(0.05, min(0.2, self.settings.check_interval / 5))
         self._held: dict[str, float] = {}         # instance id → lease good until (monotonic)
@@ -287,9 +280,7 @@ class Monitor:
             if inst is None or inst.deleted_at is not None:
                 return "instance gone"
             _ = list(inst.nodes)
-            busy = s.scalars(select(Operation).where(Operation.instance_id == instance_id)
-                             .where(Operation.state.in_(UNFINISHED))
-                             .order_by(Operation.created_at).limit(1)).first()
+            busy = queue.busy_with(s, instance_id)
         if busy is not None:
             watch.reset_primary()
             watch.standby_failures = 0
@@ -467,11 +458,8 @@ class Monitor:
         if not self.leases.renew(monitor_lease_name(inst.id)):
             self._drop(inst.id, release=False)
             return "lease lost: not acting"
-        with self.runtime.store.session() as s:
-            busy = s.scalars(select(Operation.id).where(Operation.instance_id == inst.id)
-                             .where(Operation.state.in_(UNFINISHED)).limit(1)).first()
-            if busy is not None:
-                return "operation in progress: not acting"
+        if queue.busy_kind(self.runtime.store, inst.id) is not None:
+            return "operation in progress: not acting"
         op_id = failover_ops.queue_failover(
             self.runtime.store, inst.id, kind=kind, cause=cause, old_primary_id=primary.id,
             standby_id=standby.id if standby is not None else None, detected_at=utcnow(),
@@ -619,13 +607,12 @@ class Monitor:
             self._drop(inst.id, release=False)
             return "lease lost: not acting"
         with self.runtime.store.session() as s:
-            if s.scalars(select(Operation.id).where(Operation.instance_id == inst.id)
-                         .where(Operation.state.in_(UNFINISHED)).limit(1)).first():
+            if queue.busy_with(s, inst.id) is not None:
                 return "operation in progress: not acting"
-            op = new_operation(inst.id, REBUILD, params={
-                "replace_node_id": replace_node_id, "cause": cause, "failover_id": None,
-            }, description=f"queued: rebuilding the standby ({cause})")
-            preclaim(op, self.runner().owner)
+            params = RebuildParams(replace_node_id=replace_node_id, cause=cause)
+            op = queue.new_operation(
+                inst.id, REBUILD, params=params, owner=self.runner().owner,
+                description=f"queued: rebuilding the standby ({cause})")
             s.add(op)
             op_id = op.id
         status = f"{cause}: rebuild queued"
@@ -669,48 +656,16 @@ class Monitor:
         return status
 
     # --- running what was queued -------------------------------------------------------------
-    def _claim(self, op_id: str, owner: str) -> bool:
-        """Compare-and-set claim of one operation (free, expired, or its owner dead)."""
-        now = utcnow()
-        lease = now + timedelta(seconds=15)
-        with self.runtime.store.session() as s:
-            op = s.get(Operation, op_id)
-            if op is None or op.state not in UNFINISHED:
-                return False
-            not_before = aware(op.not_before)
-            if not_before is not None and not_before > now:
-                return False
-            older = s.scalar(select(Operation.id).where(Operation.instance_id == op.instance_id)
-                             .where(Operation.state.in_(UNFINISHED))
-                             .where(Operation.created_at < op.created_at).limit(1))
-            if older is not None:
-                return False
-            current_owner = op.owner
-        dead = current_owner is not None and _owner_is_dead(current_owner)
-        with self.runtime.store.session() as s:
-            query = (update(Operation).where(Operation.id == op_id)
-                     .where(Operation.state.in_(UNFINISHED)))
-            if dead:
-                query = query.where(Operation.owner == current_owner)
-            else:
-                query = query.where(or_(Operation.owner.is_(None), Operation.owner == owner,
-                                        Operation.lease_expires_at < now))
-            result = s.execute(query.values(owner=owner, lease_expires_at=lease,
-                                            state=IN_PROGRESS)
-                               .execution_options(synchronize_session=False))
-            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
-
     def _op_state(self, op_id: str) -> str | None:
-        with self.runtime.store.session() as s:
-            op = s.get(Operation, op_id)
-            return op.state if op is not None else None
+        return queue.state_of(self.runtime.store, op_id)
 
     def runner(self) -> Engine:
         """This monitor's own engine: runs what the monitor queued, at once."""
         if self._runner is None:
             rt = self.runtime
-            self._runner = Engine(rt.store, rt.cloud, rt.vault, rt.catalog, rt.settings)
-            self._runner.owner = new_owner_id(RUNNER_ROLE)
+            workflows.install()
+            self._runner = Engine(rt.store, rt.cloud, rt.vault, rt.catalog, rt.settings,
+                                  owner=queue.new_owner_id(queue.RUNNER_ROLE))
         return self._runner
 
     def drive(self, op_id: str, stop: threading.Event | None = None) -> str | None:
@@ -721,12 +676,12 @@ class Monitor:
             self.engine.wake()
         deadline = time.monotonic() + DRIVE_TIMEOUT
         state = self._op_state(op_id)
-        while state in UNFINISHED and time.monotonic() < deadline:
+        while queue.is_unfinished(state) and time.monotonic() < deadline:
             if stop is not None and stop.is_set():
                 return state
-            if self._claim(op_id, runner.owner):
+            if runner.claim(op_id) is not None:
                 state = runner.run(op_id)
-                if state in UNFINISHED and self.engine is not None:
+                if queue.is_unfinished(state) and self.engine is not None:
                     # Released to be retried later: from here the worker's engine runs it,
                     # so that only one claimer ever competes for the row.
                     self.engine.wake()
@@ -736,7 +691,7 @@ class Monitor:
             state = self._op_state(op_id)
         if state == SUCCEEDED:
             follow_up = derived_id(op_id, REBUILD)
-            if self._op_state(follow_up) in UNFINISHED:
+            if queue.is_unfinished(self._op_state(follow_up)):
                 return self.drive(follow_up, stop)
         return state
 

@@ -20,10 +20,10 @@ from urllib.parse import quote
 
 import psycopg2
 from psycopg2.extensions import connection as Connection
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from broker.crypto import new_password
+from broker.operations import queue
 from broker.operations.refusals import Busy, Conflict, UnknownInstance
 from broker.pg import admin
 from broker.runtime import Runtime
@@ -34,11 +34,9 @@ from broker.store.models import (
     DEGRADED,
     DEPROVISIONED,
     READY,
-    UNFINISHED,
     Binding,
     Instance,
     Node,
-    Operation,
     utcnow,
 )
 
@@ -110,14 +108,7 @@ def _live_instance(runtime: Runtime, instance_id: str) -> Instance:
 def _check_ready(runtime: Runtime, inst: Instance) -> None:
     if inst.state not in (READY, DEGRADED):
         raise InstanceNotReady(f"the instance is {inst.state}; bind again once it is ready")
-    with runtime.store.session() as s:
-        busy = s.scalar(
-            select(Operation.kind)
-            .where(Operation.instance_id == inst.id)
-            .where(Operation.state.in_(UNFINISHED))
-            .where(Operation.kind.not_in(_BIND_SAFE_KINDS))
-            .limit(1)
-        )
+    busy = queue.busy_kind(runtime.store, inst.id, except_kinds=_BIND_SAFE_KINDS)
     if busy is not None:
         raise InstanceNotReady(f"an operation ({busy}) is in progress on the instance; "
                                "bind again once it has finished")

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import select
-
-from broker.operations import nodes
-from broker.operations.engine import Context, Step, StepFailed, Workflow, new_operation, register
-from broker.operations.promotion import preclaim
+from broker.operations import nodes, queue
+from broker.operations.engine import Context, Step, StepFailed, Workflow
+from broker.operations.params import RotationParams
 from broker.pg import admin, tls
 from broker.store.db import Store
 from broker.store.models import (
@@ -32,10 +30,8 @@ from broker.store.models import (
     NODE_RUNNING,
     PRIMARY,
     READY,
-    UNFINISHED,
     Instance,
     Node,
-    Operation,
     aware,
     utcnow,
 )
@@ -60,14 +56,12 @@ def queue_rotation(store: Store, instance_id: str, *, cause: str,
             raise RotationRefused(f"no instance {instance_id}")
         if inst.state not in (READY, DEGRADED):
             raise RotationRefused(f"instance {instance_id} is {inst.state}")
-        busy = s.scalars(select(Operation).where(Operation.instance_id == instance_id)
-                         .where(Operation.state.in_(UNFINISHED)).limit(1)).first()
+        busy = queue.busy_with(s, instance_id)
         if busy is not None:
             raise RotationRefused(f"instance {instance_id} has an operation in progress "
                                   f"({busy.kind}: {busy.description})")
-        op = new_operation(instance_id, KIND, params={"cause": cause},
+        op = queue.new_operation(instance_id, KIND, params=RotationParams(cause=cause), owner=owner,
                            description=f"queued: rotating certificates ({cause})")
-        preclaim(op, owner)
         s.add(op)
         return op.id
 
@@ -130,4 +124,5 @@ def steps(ctx: Context) -> list[Step]:
     ]
 
 
-WORKFLOW = register(Workflow(kind=KIND, steps=steps, done="certificates rotated"))
+WORKFLOW = Workflow(kind=KIND, steps=steps, done="certificates rotated",
+                    params=RotationParams)

@@ -11,7 +11,8 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from broker.operations import nodes
-from broker.operations.engine import Context, Step, Workflow, new_operation, register
+from broker.operations.engine import Context, Step, Workflow
+from broker.operations.queue import new_operation
 from broker.store.db import Store
 from broker.store.models import (
     BINDING_DELETED,
@@ -66,4 +67,4 @@ def steps(ctx: Context) -> list[Step]:
     ]
 
 
-WORKFLOW = register(Workflow(kind=KIND, steps=steps, done="deprovisioned"))
+WORKFLOW = Workflow(kind=KIND, steps=steps, done="deprovisioned")

@@ -5,10 +5,10 @@ The Operation row is the source of truth (cloud.gov external-domain-broker style
 - A step is an idempotent function: re-running it after a crash adopts what it made
   (resources are named after the instance and node), so a SIGKILL at any point is
   followed by the same step again and then the rest.
-- Workers claim rows with a lease (`owner`, `lease_expires_at`); on PostgreSQL the
-  candidate rows are locked `FOR UPDATE SKIP LOCKED` so several workers share the
-  queue. A lease whose owner died is taken over once it expires (at once when the
-  owner is a dead process on this host).
+- Workers claim rows with a lease through the queue (queue.py), which holds the
+  claim rules; several workers share it.
+- The step names are stored when an operation is first run; a resume by a version
+  whose list differs fails the operation instead of running the wrong step.
 - A failing step is retried with backoff when the failure is transient; otherwise
   the workflow's `cleanup` runs and the operation ends `failed` with a plain reason.
 """
@@ -17,39 +17,34 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg2
 import sqlalchemy.exc
-from sqlalchemy import or_, select, update
 
 from broker.catalog import Catalog, Plan
 from broker.cloud.base import Cloud, TransientCloudError
 from broker.config import Settings
 from broker.crypto import Vault
+from broker.operations import queue
+from broker.operations.params import Params, ParamsError
 from broker.store.db import Store
 from broker.store.models import (
     IN_PROGRESS,
     OP_FAILED,
-    QUEUED,
     SUCCEEDED,
-    UNFINISHED,
     Instance,
     Operation,
-    aware,
-    utcnow,
 )
 
 log = logging.getLogger(__name__)
 
-LEASE_SECONDS = 15.0
+P = TypeVar("P", bound=Params)
+
 MAX_ATTEMPTS = 5
 # Test hook: "kind:step" makes the process SIGKILL itself right after that step ran
 # and before it was recorded, to prove that every step is safe to run again.
@@ -75,7 +70,7 @@ class Context:
     operation_id: str
     instance_id: str
     kind: str
-    params: dict[str, Any]
+    params: Params
     store: Store
     cloud: Cloud
     vault: Vault
@@ -83,6 +78,12 @@ class Context:
     settings: Settings
     attempt: int = 0
     scratch: dict[str, Any] = field(default_factory=dict)
+
+    def params_of(self, kind: type[P]) -> P:
+        """The parameters, as the workflow declared them."""
+        if not isinstance(self.params, kind):
+            raise StepFailed(f"a {self.kind} operation has no {kind.__name__}")
+        return self.params
 
     def instance(self) -> Instance:
         with self.store.session() as s:
@@ -122,6 +123,7 @@ class Workflow:
     steps: Callable[[Context], list[Step]]  # must be the same list every time for one op
     cleanup: Callable[[Context, str], None] | None = None  # after a permanent failure
     done: str = "done"                      # description once succeeded
+    params: type[Params] = Params           # what the operation's `params` column holds
 
 
 _REGISTRY: dict[str, Workflow] = {}
@@ -132,6 +134,10 @@ def register(workflow: Workflow) -> Workflow:
     return workflow
 
 
+def registered() -> dict[str, Workflow]:
+    return dict(_REGISTRY)
+
+
 def workflow_for(kind: str) -> Workflow:
     try:
         return _REGISTRY[kind]
@@ -139,45 +145,19 @@ def workflow_for(kind: str) -> Workflow:
         raise StepFailed(f"no workflow for operation kind {kind!r}") from None
 
 
-def new_operation(instance_id: str, kind: str, *, params: dict[str, Any] | None = None,
-                  binding_id: str | None = None, description: str = "queued") -> Operation:
-    """A queued Operation row; the caller adds it in its own transaction."""
-    return Operation(
-        id=str(uuid.uuid4()), instance_id=instance_id, binding_id=binding_id, kind=kind,
-        state=QUEUED, params=params or {}, description=description, step_index=0,
-    )
-
-
-def _owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-
-
-def _owner_is_dead(owner: str | None) -> bool:
-    """True when `owner` is a process of this host that no longer runs."""
-    if not owner:
-        return True
-    host, _, rest = owner.partition(":")
-    pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return any(line.startswith("State:") and "Z" in line.split()[1:2] for line in f)
-    except FileNotFoundError:
-        return True
-
-
 class Engine:
     """Runs queued operations. One per worker process; thread-safe `wake()`."""
 
     def __init__(self, store: Store, cloud: Cloud, vault: Vault, catalog: Catalog,
-                 settings: Settings, *, poll_interval: float = 0.25) -> None:
+                 settings: Settings, *, poll_interval: float = 0.25, owner: str | None = None,
+                 lease_seconds: float = queue.LEASE_SECONDS) -> None:
         self.store = store
         self.cloud = cloud
         self.vault = vault
         self.catalog = catalog
         self.settings = settings
-        self.owner = _owner_id()
+        self.owner = owner or queue.new_owner_id("engine")
+        self.queue = queue.Queue(store, self.owner, lease_seconds)
         self.poll_interval = poll_interval
         self._wake = threading.Event()
 
@@ -186,64 +166,23 @@ class Engine:
 
     # --- claiming --------------------------------------------------------------
     def claim_next(self) -> str | None:
+        return self.claim()
+
+    def claim(self, op_id: str | None = None) -> str | None:
+        """Claim `op_id` (or the next claimable operation); see queue.Queue.claim."""
         try:
-            return self._claim_next()
+            return self.queue.claim(op_id)
         except sqlalchemy.exc.OperationalError as exc:
             # SQLite: another connection wrote first ("database is locked"). Nothing
             # was claimed; the next poll tries again.
             log.debug("claim lost a race: %s", exc.orig)
             return None
 
-    def _claim_next(self) -> str | None:
-        now = utcnow()
-        with self.store.session() as s:
-            query = (
-                select(Operation)
-                .where(Operation.state.in_(UNFINISHED))
-                .where(or_(Operation.not_before.is_(None), Operation.not_before <= now))
-                .order_by(Operation.created_at)
-                .limit(20)
-                .with_for_update(skip_locked=True)
-            )
-            for op in s.scalars(query):
-                expires = aware(op.lease_expires_at)
-                if op.owner and expires and expires > now and not _owner_is_dead(op.owner):
-                    continue  # someone (maybe this worker) is running it
-                # One operation at a time per instance: the oldest goes first.
-                older = s.scalar(
-                    select(Operation.id)
-                    .where(Operation.instance_id == op.instance_id)
-                    .where(Operation.state.in_(UNFINISHED))
-                    .where(Operation.created_at < op.created_at)
-                    .limit(1)
-                )
-                if older is not None:
-                    continue
-                # Compare-and-set on the lease we read: on PostgreSQL the row lock
-                # already makes us the only claimer; SQLite has no row locks, and
-                # there this condition is what stops two workers taking one row.
-                claimed = s.execute(
-                    update(Operation)
-                    .where(Operation.id == op.id)
-                    .where(Operation.owner.is_not_distinct_from(op.owner))
-                    .where(Operation.lease_expires_at.is_not_distinct_from(op.lease_expires_at))
-                    .values(owner=self.owner,
-                            lease_expires_at=now + timedelta(seconds=LEASE_SECONDS),
-                            state=IN_PROGRESS)
-                    .execution_options(synchronize_session=False)
-                )
-                if getattr(claimed, "rowcount", 0) == 1:
-                    return op.id
-        return None
-
     def _renew(self, op_id: str, stop: threading.Event) -> None:
-        while not stop.wait(LEASE_SECONDS / 3):
+        while not stop.wait(self.queue.lease_seconds / 3):
             try:
-                with self.store.session() as s:
-                    op = s.get(Operation, op_id)
-                    if op is None or op.owner != self.owner:
-                        return
-                    op.lease_expires_at = utcnow() + timedelta(seconds=LEASE_SECONDS)
+                if not self.queue.renew(op_id):
+                    return
             except Exception:  # a blip in the store: the next renewal tries again
                 log.warning("could not renew the lease of operation %s", op_id)
 
@@ -254,27 +193,54 @@ class Engine:
             op = s.get(Operation, op_id)
             if op is None:
                 return OP_FAILED
+            workflow: Workflow | None = None
+            params, problem = Params(), None
+            try:
+                workflow = workflow_for(op.kind)
+                params = workflow.params.load(op.params)
+            except ParamsError as exc:
+                problem = StepFailed(f"the parameters of this {op.kind} operation are "
+                                     f"invalid: {exc}")
+            except StepFailed as exc:
+                problem = exc
             ctx = Context(
                 operation_id=op.id, instance_id=op.instance_id, kind=op.kind,
-                params=dict(op.params or {}), store=self.store, cloud=self.cloud,
+                params=params, store=self.store, cloud=self.cloud,
                 vault=self.vault, catalog=self.catalog, settings=self.settings,
                 attempt=op.attempts,
             )
             start_index = op.step_index
+            recorded = list(op.steps) if op.steps is not None else None
         stop = threading.Event()
         renewer = threading.Thread(target=self._renew, args=(op_id, stop), daemon=True)
         renewer.start()
         try:
-            return self._run_steps(ctx, start_index)
+            if workflow is None or problem is not None:
+                return self._fail(ctx, None, problem or StepFailed("no workflow"))
+            return self._run_steps(ctx, workflow, start_index, recorded)
         finally:
             stop.set()
 
-    def _run_steps(self, ctx: Context, start_index: int) -> str:
+    def _run_steps(self, ctx: Context, workflow: Workflow, start_index: int,
+                   recorded: list[str] | None) -> str:
         try:
-            workflow = workflow_for(ctx.kind)
             steps = workflow.steps(ctx)
         except Exception as exc:
             return self._fail(ctx, None, exc)
+        names = [step.name for step in steps]
+        if recorded is None:
+            with self.store.session() as s:
+                op = s.get(Operation, ctx.operation_id)
+                assert op is not None
+                op.steps = names
+        elif recorded != names:
+            # Running step N of another list would do the wrong thing; so would this
+            # version's cleanup, which assumes its own steps ran.
+            return self._fail(ctx, None, StepFailed(
+                f"the broker was upgraded while this operation ran: it started with the "
+                f"steps {', '.join(recorded)}, this version has {', '.join(names)}; nothing "
+                f"more was done. Check the instance (`instances show`), then repeat the "
+                f"request (the monitor queues its own operations again)"))
         crash_at = os.environ.get(CRASH_AFTER_STEP_ENV)
         for index in range(start_index, len(steps)):
             step = steps[index]
@@ -305,29 +271,13 @@ class Engine:
                 op.step_index = index + 1
                 op.attempts = 0
             ctx.attempt = 0
-        with self.store.session() as s:
-            op = s.get(Operation, ctx.operation_id)
-            assert op is not None
-            op.state = SUCCEEDED
-            op.step = None
-            op.description = workflow.done
-            op.finished_at = utcnow()
-            op.owner = None
-            op.lease_expires_at = None
+        self.queue.finish(ctx.operation_id, SUCCEEDED, workflow.done)
         log.info("operation %s (%s) succeeded", ctx.operation_id, ctx.kind)
         return SUCCEEDED
 
     def _retry(self, ctx: Context, reason: str, delay: float, *, count_attempt: bool = True) -> str:
-        with self.store.session() as s:
-            op = s.get(Operation, ctx.operation_id)
-            assert op is not None
-            if count_attempt:
-                op.attempts += 1
-            op.not_before = utcnow() + timedelta(seconds=delay)
-            op.owner = None
-            op.lease_expires_at = None
-            if count_attempt:
-                op.description = f"{op.description} (retrying: {reason})"
+        self.queue.release(ctx.operation_id, delay=delay,
+                           note=reason if count_attempt else None)
         log.info("operation %s (%s) will retry in %.1fs: %s", ctx.operation_id, ctx.kind,
                  delay, reason)
         return IN_PROGRESS
@@ -343,15 +293,7 @@ class Engine:
             except Exception as cleanup_exc:
                 log.exception("cleanup after operation %s failed", ctx.operation_id)
                 reason = f"{reason}; cleanup incomplete: {_plain(cleanup_exc)}"
-        with self.store.session() as s:
-            op = s.get(Operation, ctx.operation_id)
-            assert op is not None
-            op.state = OP_FAILED
-            op.error = reason
-            op.description = f"failed: {reason}"
-            op.finished_at = utcnow()
-            op.owner = None
-            op.lease_expires_at = None
+        self.queue.finish(ctx.operation_id, OP_FAILED, f"failed: {reason}", error=reason)
         return OP_FAILED
 
     # --- loop ------------------------------------------------------------------
@@ -378,7 +320,7 @@ class Engine:
                 if op is None:
                     raise StepFailed(f"no operation {operation_id}")
                 state = op.state
-            if state not in UNFINISHED:
+            if not queue.is_unfinished(state):
                 return state
             if time.monotonic() > deadline:
                 raise StepFailed(f"operation {operation_id} did not finish in {timeout:.0f}s")

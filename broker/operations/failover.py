@@ -28,15 +28,16 @@ decided, the old primary, the standby and the primary's last LSN. Steps:
 - rebuild_queued: a `rebuild` operation makes a new standby in the old primary's
   zone (rebuild.py); the instance stays `degraded` until it streams.
 
-Importing this module also registers switchover, rebuild and resurrect.
+switchover.py, rebuild.py and resurrect.py hold the other workflows this module starts.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from broker.operations import promotion
-from broker.operations.engine import Context, Step, Workflow, new_operation, register
+from broker.operations import promotion, queue
+from broker.operations.engine import Context, Step, Workflow
+from broker.operations.params import FailoverParams
 from broker.operations.rebuild import KIND as REBUILD_KIND
 from broker.operations.resurrect import KIND as RESURRECT_KIND
 from broker.operations.switchover import KIND as SWITCHOVER_KIND
@@ -63,30 +64,23 @@ def queue_failover(store: Store, instance_id: str, *, kind: str, cause: str,
     """Queue a failover (or, with kind "resurrect", a resurrect); returns its id.
 
     The caller (the monitor) has checked that no operation is unfinished. With
-    `owner`, the row is born claimed by that engine (see promotion.preclaim)."""
+    `owner`, the row is born claimed by that engine (pre-claimed, see queue.py)."""
     with store.session() as s:
-        op = new_operation(instance_id, kind, params={
-            "cause": cause, "old_primary_id": old_primary_id, "standby_id": standby_id,
-            "detected_at": detected_at.isoformat(), "last_primary_lsn": last_primary_lsn,
-            "detail": detail,
-        }, description=f"queued: {kind} ({cause})")
-        promotion.preclaim(op, owner)
+        params = FailoverParams(cause=cause, old_primary_id=old_primary_id,
+                                standby_id=standby_id, detected_at=detected_at.isoformat(),
+                                last_primary_lsn=last_primary_lsn, detail=detail)
+        op = queue.new_operation(instance_id, kind, owner=owner, params=params,
+                                 description=f"queued: {kind} ({cause})")
         s.add(op)
         return op.id
 
 
-def _detected_at(ctx: Context) -> datetime:
-    raw = ctx.params.get("detected_at")
-    return datetime.fromisoformat(raw) if raw else utcnow()
-
-
 def record(ctx: Context) -> None:
-    old = str(ctx.params["old_primary_id"])
-    standby = ctx.params.get("standby_id")
-    cause = str(ctx.params.get("cause") or "primary lost")
-    promotion.record_event(ctx, kind=KIND, cause=cause, old_node_id=old,
-                           new_node_id=standby, detected_at=_detected_at(ctx),
-                           detail=ctx.params.get("detail"))
+    params = ctx.params_of(FailoverParams)
+    cause = params.cause or "primary lost"
+    promotion.record_event(ctx, kind=KIND, cause=cause, old_node_id=params.old_primary_id,
+                           new_node_id=params.standby_id,
+                           detected_at=params.detected() or utcnow(), detail=params.detail)
     promotion.set_state(ctx, DEGRADED, f"failing over: {cause}")
 
 
@@ -131,6 +125,6 @@ def cleanup(ctx: Context, reason: str) -> None:
         promotion.set_state(ctx, DEGRADED, f"{inst.state_reason}; failover failed: {reason}")
 
 
-WORKFLOW = register(Workflow(kind=KIND, steps=steps, cleanup=cleanup,
-                             done="failed over; a standby is being rebuilt"))
+WORKFLOW = Workflow(kind=KIND, steps=steps, cleanup=cleanup, params=FailoverParams,
+                    done="failed over; a standby is being rebuilt")
 

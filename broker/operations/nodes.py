@@ -45,6 +45,7 @@ from broker.cloud.base import (
 )
 from broker.guest.bootstrap import GuestConfig
 from broker.operations.engine import Context, RetryLater, StepFailed
+from broker.operations.params import UpdateParams
 from broker.pg import admin, tls
 from broker.store.models import (
     NODE_CREATING,
@@ -110,7 +111,8 @@ def node_tags(instance_id: str, node_id: str, role: str) -> dict[str, str]:
 # --- reading and writing rows ----------------------------------------------
 def target_plan(ctx: Context) -> Plan:
     """The plan the instance is being built for: an update's new plan, else its own."""
-    return ctx.plan(ctx.params.get("plan_id") or None)
+    plan_id = ctx.params.plan_id if isinstance(ctx.params, UpdateParams) else None
+    return ctx.plan(plan_id or None)
 
 
 def get_node(ctx: Context, node_id: str) -> Node:

@@ -18,15 +18,16 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import psycopg2
 
 from broker.cloud.base import FenceError, ServerStatus
 from broker.monitor import health
-from broker.operations import nodes
-from broker.operations.engine import Context, RetryLater, StepFailed, new_operation
+from broker.operations import nodes, queue
+from broker.operations.engine import Context, RetryLater, StepFailed
+from broker.operations.params import FailoverParams, RebuildParams
 from broker.pg import admin
 from broker.store.models import (
     DEGRADED,
@@ -35,11 +36,9 @@ from broker.store.models import (
     OLD_PRIMARY,
     PRIMARY,
     STANDBY,
-    UNFINISHED,
     Failover,
     Instance,
     Node,
-    Operation,
     utcnow,
 )
 
@@ -58,7 +57,8 @@ SYNC_WAIT_SLICE = 30.0
 # --- the event row ------------------------------------------------------------
 def event_id(ctx: Context) -> str:
     """The Failover row of this operation (a rebuild points at its failover's)."""
-    return str(ctx.params.get("failover_id") or ctx.operation_id)
+    failover_id = ctx.params.failover_id if isinstance(ctx.params, RebuildParams) else None
+    return failover_id or ctx.operation_id
 
 
 def get_event(ctx: Context) -> Failover | None:
@@ -257,7 +257,8 @@ def check_eligible(ctx: Context, standby_id: str) -> None:
         return
     inst = ctx.instance()
     received = max(seen.receive_lsn or 0, seen.lsn or 0)
-    last_primary = ctx.params.get("last_primary_lsn")
+    last_primary = (ctx.params.last_primary_lsn if isinstance(ctx.params, FailoverParams)
+                    else None)
     lag: int | None = (max(0, int(last_primary) - received) if last_primary is not None
                        else inst.last_lag_bytes)
     limit = ctx.settings.monitor.maximum_lag_on_failover
@@ -330,48 +331,17 @@ def derived_node_id(operation_id: str) -> str:
     return hashlib.sha256(f"node:{operation_id}".encode()).hexdigest()[:8]
 
 
-def has_unfinished(ctx: Context, kind: str) -> bool:
-    with ctx.store.session() as s:
-        return s.query(Operation).filter(
-            Operation.instance_id == ctx.instance_id, Operation.kind == kind,
-            Operation.state.in_(UNFINISHED), Operation.id != ctx.operation_id,
-        ).first() is not None
-
-
-PRECLAIM_SECONDS = 15.0
-# The owner ids of the monitor's own engines contain this (see Monitor.runner).
-RUNNER_ROLE = "monitor-runner"
-
-
-def preclaim(op: Operation, owner: str | None) -> None:
-    """Give a new operation row to `owner` (an engine's owner id) from birth.
-
-    The monitor runs what it queues at once with its own engine; a row born
-    unclaimed could be claimed by that engine and by the worker's engine loop at
-    the same time (on SQLite the loop's claim is not a compare-and-set). Another
-    engine takes it over only if the owner dies or lets the lease expire."""
-    if owner:
-        op.owner = owner
-        op.lease_expires_at = utcnow() + timedelta(seconds=PRECLAIM_SECONDS)
-
-
 def queue_rebuild(ctx: Context, replace_node_id: str, cause: str) -> str:
     """Queue the rebuild of a standby in `replace_node_id`'s zone (once per operation);
-    it runs when this operation has finished. When the monitor runs this operation, it
-    runs the rebuild next, so the row is born claimed by the monitor's engine."""
+    it runs when this operation has finished (next, when a monitor runner runs this)."""
     op_id = derived_id(ctx.operation_id, REBUILD)
     zone = node_row(ctx, replace_node_id).availability_zone
     with ctx.store.session() as s:
-        if s.get(Operation, op_id) is None:
-            current = s.get(Operation, ctx.operation_id)
-            op = new_operation(ctx.instance_id, REBUILD, params={
-                "replace_node_id": replace_node_id, "cause": cause,
-                "failover_id": event_id(ctx),
-            }, description=f"queued: rebuilding a standby in {zone}")
-            op.id = op_id
-            owner = current.owner if current is not None else None
-            preclaim(op, owner if owner and f":{RUNNER_ROLE}-" in owner else None)
-            s.add(op)
+        params = RebuildParams(replace_node_id=replace_node_id, cause=cause,
+                               failover_id=event_id(ctx))
+        queue.enqueue_follow_up(s, ctx.operation_id, op_id, ctx.instance_id, REBUILD,
+                                params=params,
+                                description=f"queued: rebuilding a standby in {zone}")
     return op_id
 
 

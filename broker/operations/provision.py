@@ -21,7 +21,8 @@ from typing import Any
 from broker.catalog import Plan
 from broker.crypto import Vault, new_password
 from broker.operations import nodes
-from broker.operations.engine import Context, Step, StepFailed, Workflow, new_operation, register
+from broker.operations.engine import Context, Step, StepFailed, Workflow
+from broker.operations.queue import new_operation
 from broker.pg import admin
 from broker.store.db import Store
 from broker.store.models import (
@@ -194,4 +195,4 @@ def cleanup(ctx: Context, reason: str) -> None:
     nodes.teardown_instance(ctx)
 
 
-WORKFLOW = register(Workflow(kind=KIND, steps=steps, cleanup=cleanup, done="ready"))
+WORKFLOW = Workflow(kind=KIND, steps=steps, cleanup=cleanup, done="ready")

@@ -25,7 +25,8 @@ from __future__ import annotations
 import logging
 
 from broker.operations import nodes, promotion
-from broker.operations.engine import Context, Step, StepFailed, Workflow, register
+from broker.operations.engine import Context, Step, StepFailed, Workflow
+from broker.operations.params import RebuildParams
 from broker.pg import admin
 from broker.store.models import (
     DEGRADED,
@@ -49,8 +50,8 @@ def _new_node_id(ctx: Context) -> str:
 
 
 def _replaced(ctx: Context) -> Node | None:
-    node_id = ctx.params.get("replace_node_id")
-    return promotion.node_row(ctx, str(node_id)) if node_id else None
+    node_id = ctx.params_of(RebuildParams).replace_node_id
+    return promotion.node_row(ctx, node_id) if node_id else None
 
 
 def _zone(ctx: Context) -> str:
@@ -79,7 +80,7 @@ def retire(ctx: Context) -> None:
         except Exception as exc:  # best effort: remove_old drops it again
             log.info("instance %s: slot %s not dropped yet (%s)", ctx.instance_id,
                      replaced.slot_name, exc.__class__.__name__)
-    reason = str(ctx.params.get("cause") or "rebuilding the standby")
+    reason = ctx.params_of(RebuildParams).cause or "rebuilding the standby"
     promotion.set_state(ctx, DEGRADED, f"{reason}: rebuilding a standby in {_zone(ctx)}")
 
 
@@ -157,5 +158,5 @@ def cleanup(ctx: Context, reason: str) -> None:
     promotion.set_state(ctx, DEGRADED, f"no standby: rebuilding one failed ({reason})")
 
 
-WORKFLOW = register(Workflow(kind=KIND, steps=steps, cleanup=cleanup,
-                             done="standby rebuilt and streaming"))
+WORKFLOW = Workflow(kind=KIND, steps=steps, cleanup=cleanup, params=RebuildParams,
+                    done="standby rebuilt and streaming")

@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session
 from broker import crypto
 from broker.catalog import Catalog, Plan, validate_parameters
 from broker.crypto import Vault
-from broker.operations.engine import new_operation
+from broker.operations import queue
+from broker.operations.params import UpdateParams
 from broker.operations.plan_changes import plan_change_refusal
 from broker.operations.refusals import (
     AlreadyGone,
@@ -43,7 +44,6 @@ from broker.store.models import (
     FAILED,
     PROVISIONING,
     READY,
-    UNFINISHED,
     Instance,
     Operation,
 )
@@ -97,13 +97,7 @@ def live_instance(session: Session, instance_id: str) -> Instance | None:
 
 def unfinished(session: Session, instance_id: str,
                kinds: tuple[str, ...] | None = None) -> list[Operation]:
-    query = (select(Operation)
-             .where(Operation.instance_id == instance_id)
-             .where(Operation.state.in_(UNFINISHED))
-             .order_by(Operation.created_at))
-    if kinds is not None:
-        query = query.where(Operation.kind.in_(kinds))
-    return list(session.scalars(query))
+    return queue.unfinished_for(session, instance_id, kinds=kinds)
 
 
 def _latest(session: Session, instance_id: str, kind: str) -> Operation | None:
@@ -160,7 +154,7 @@ def _provision(store: Store, vault: Vault, request: NewInstance,
             replication_password_enc=vault.encrypt(crypto.new_password()),
         ))
         s.flush()  # the instance row first: operations reference it
-        op = new_operation(request.id, "provision", description="queued: provisioning")
+        op = queue.new_operation(request.id, "provision", description="queued: provisioning")
         s.add(op)
         op_id = op.id
     log.info("instance %s: provision queued (plan %s, operation %s)", request.id,
@@ -182,7 +176,7 @@ def _provision_again(s: Session, inst: Instance, request: NewInstance,
     if inst.state == DEPROVISIONING:
         raise Conflict(f"instance {inst.id} is being deprovisioned")
     op = _latest(s, inst.id, "provision")
-    if op is not None and op.state in UNFINISHED:
+    if op is not None and queue.is_unfinished(op.state):
         if not accepts_incomplete:
             raise AsyncRequired("provisioning")
         return Accepted(op.id)
@@ -217,7 +211,7 @@ def queue_switchover(s: Session, inst: Instance) -> Operation:
     """The switchover's preconditions (the API's and the CLI's), then its operation."""
     _require_idle(s, inst, "switch over")
     _require_standby(inst)
-    op = new_operation(inst.id, "switchover", description="queued: switchover")
+    op = queue.new_operation(inst.id, "switchover", description="queued: switchover")
     s.add(op)
     return op
 
@@ -278,7 +272,7 @@ def _update_operation(s: Session, inst: Instance, current: Plan, target: Plan, c
         _require_standby(inst)
         if not accepts_incomplete:
             raise AsyncRequired("a switchover")
-        return new_operation(inst.id, "switchover", description="queued: switchover")
+        return queue.new_operation(inst.id, "switchover", description="queued: switchover")
     refusal = plan_change_refusal(current, target)
     if refusal:
         raise NotAllowed(refusal)
@@ -291,9 +285,9 @@ def _update_operation(s: Session, inst: Instance, current: Plan, target: Plan, c
         return None
     if not accepts_incomplete:
         raise AsyncRequired("an update")
-    return new_operation(inst.id, "update", description="queued: update", params={
-        "plan_id": target.id, "parameters": changes, "maintenance_version": new_version,
-    })
+    return queue.new_operation(inst.id, "update", description="queued: update",
+                               params=UpdateParams(plan_id=target.id, parameters=changes,
+                                                   maintenance_version=new_version))
 
 
 # --- deprovision -------------------------------------------------------------------------
@@ -313,7 +307,7 @@ def deprovision(store: Store, instance_id: str, accepts_incomplete: bool) -> Acc
             raise busy(ops[0])
         if not accepts_incomplete:
             raise AsyncRequired("deprovisioning")
-        op = new_operation(instance_id, "deprovision", description="queued: deprovisioning")
+        op = queue.new_operation(instance_id, "deprovision", description="queued: deprovisioning")
         s.add(op)
         op_id = op.id
     log.info("instance %s: deprovision queued (operation %s)", instance_id, op_id)

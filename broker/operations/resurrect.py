@@ -20,11 +20,11 @@ moves. Steps:
 from __future__ import annotations
 
 import logging
-from datetime import datetime
 
 from broker.cloud.base import CloudError, FenceError
 from broker.operations import nodes, promotion
-from broker.operations.engine import Context, Step, StepFailed, Workflow, register
+from broker.operations.engine import Context, Step, StepFailed, Workflow
+from broker.operations.params import FailoverParams
 from broker.store.models import (
     DEGRADED,
     NODE_CREATING,
@@ -48,13 +48,11 @@ def _new_node_id(ctx: Context) -> str:
 
 
 def record(ctx: Context) -> None:
-    raw = ctx.params.get("detected_at")
-    cause = str(ctx.params.get("cause") or "server lost")
-    promotion.record_event(ctx, kind=KIND, cause=cause,
-                           old_node_id=str(ctx.params["old_primary_id"]),
-                           new_node_id=_new_node_id(ctx),
-                           detected_at=datetime.fromisoformat(raw) if raw else None,
-                           detail=ctx.params.get("detail"))
+    params = ctx.params_of(FailoverParams)
+    cause = params.cause or "server lost"
+    promotion.record_event(ctx, kind=KIND, cause=cause, old_node_id=params.old_primary_id,
+                           new_node_id=_new_node_id(ctx), detected_at=params.detected(),
+                           detail=params.detail)
     promotion.set_state(ctx, DEGRADED, f"resurrecting: {cause}")
 
 
@@ -150,5 +148,5 @@ def cleanup(ctx: Context, reason: str) -> None:
     promotion.set_state(ctx, DEGRADED, f"resurrect failed: {reason}")
 
 
-WORKFLOW = register(Workflow(kind=KIND, steps=steps, cleanup=cleanup,
-                             done="resurrected on a new server"))
+WORKFLOW = Workflow(kind=KIND, steps=steps, cleanup=cleanup, params=FailoverParams,
+                    done="resurrected on a new server")

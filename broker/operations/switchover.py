@@ -26,7 +26,7 @@ import time
 from psycopg2.extensions import connection as Connection
 
 from broker.operations import nodes, promotion, requests
-from broker.operations.engine import Context, Step, StepFailed, Workflow, register
+from broker.operations.engine import Context, Step, StepFailed, Workflow
 from broker.operations.refusals import UnknownInstance
 from broker.pg import admin
 from broker.store.db import Store
@@ -189,5 +189,5 @@ def cleanup(ctx: Context, reason: str) -> None:
     promotion.set_state(ctx, READY, None)
 
 
-WORKFLOW = register(Workflow(kind=KIND, steps=steps, cleanup=cleanup,
-                             done="switched over; a standby is being rebuilt"))
+WORKFLOW = Workflow(kind=KIND, steps=steps, cleanup=cleanup,
+                    done="switched over; a standby is being rebuilt")

@@ -22,7 +22,9 @@ from collections.abc import Callable
 from typing import Any
 
 from broker.operations import nodes, promotion
-from broker.operations.engine import Context, Step, StepFailed, Workflow, new_operation, register
+from broker.operations.engine import Context, Step, StepFailed, Workflow
+from broker.operations.params import UpdateParams
+from broker.operations.queue import new_operation
 from broker.store.db import Store
 from broker.store.models import (
     DEGRADED,
@@ -44,10 +46,8 @@ def start_update(store: Store, instance_id: str, *, plan_id: str | None = None,
                  maintenance_version: str | None = None) -> str:
     """Queue an update operation; returns the operation id."""
     with store.session() as s:
-        op = new_operation(instance_id, KIND, description="queued: updating", params={
-            "plan_id": plan_id, "parameters": parameters or {},
-            "maintenance_version": maintenance_version,
-        })
+        op = new_operation(instance_id, KIND, description="queued: updating", params=UpdateParams(
+            plan_id=plan_id, parameters=parameters or {}, maintenance_version=maintenance_version))
         s.add(op)
         return op.id
 
@@ -122,21 +122,22 @@ def remove_standby(ctx: Context) -> None:
 
 
 def parameters(ctx: Context) -> None:
-    update = dict(ctx.params.get("parameters") or {})
+    update = ctx.params_of(UpdateParams).parameters
     if update:
         nodes.apply_parameters(ctx, merged_parameters(ctx.instance(), update))
 
 
 def finish(ctx: Context) -> None:
     plan = nodes.target_plan(ctx)
-    update = dict(ctx.params.get("parameters") or {})
+    params = ctx.params_of(UpdateParams)
+    update = params.parameters
     with ctx.store.session() as s:
         inst = s.get(Instance, ctx.instance_id)
         assert inst is not None
         inst.parameters = merged_parameters(inst, update)
         inst.plan_id = plan.id
         inst.replication = plan.cloud.replication
-        inst.maintenance_version = ctx.params.get("maintenance_version") or \
+        inst.maintenance_version = params.maintenance_version or \
             inst.maintenance_version or plan.maintenance_version
         inst.state = READY
         inst.state_reason = None
@@ -195,4 +196,5 @@ def cleanup(ctx: Context, reason: str) -> None:
     nodes.update_instance(ctx, state=state, state_reason=why)
 
 
-WORKFLOW = register(Workflow(kind=KIND, steps=steps, cleanup=cleanup, done="updated"))
+WORKFLOW = Workflow(kind=KIND, steps=steps, cleanup=cleanup, done="updated",
+                    params=UpdateParams)

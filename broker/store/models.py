@@ -201,6 +201,8 @@ class Operation(Base):
     state: Mapped[str] = mapped_column(String(16), default=QUEUED, index=True)
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     step_index: Mapped[int] = mapped_column(Integer, default=0)
+    # The step names, stored when first run: a resume checks its code has the same list.
+    steps: Mapped[list[str] | None] = mapped_column(JSON)
     step: Mapped[str | None] = mapped_column(String(64))
     description: Mapped[str] = mapped_column(Text, default="queued")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
