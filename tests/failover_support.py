@@ -29,7 +29,7 @@ import psycopg2
 from cryptography.fernet import Fernet
 
 from broker.cloud.local import LocalCloud, namespace_pids
-from broker.monitor.health import DeadlinePassed, wait_async
+from broker.pg.probe import DeadlinePassed, wait_async
 from broker.monitor.loop import Monitor
 from broker.operations import bindings
 from broker.operations.engine import Engine

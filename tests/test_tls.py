@@ -27,7 +27,7 @@ from cryptography import x509
 
 from broker.cli import instances as cli
 from broker.config import TlsSettings
-from broker.monitor import health
+from broker.pg import probe
 from broker.operations import (
     bindings,
     nodes,
@@ -182,9 +182,9 @@ def test_apps_verify_the_service_address_before_and_after_a_failover() -> None:
         # server is up (never a reason to fail over).
         password = env.runtime.vault.decrypt(inst.admin_password_enc)
         assert primary.management_address is not None
-        assert health.probe(primary.management_address, password, timeout=3,
+        assert probe.probe(primary.management_address, password, timeout=3,
                             ca_pem=inst.tls_ca_cert).ok
-        refused = health.probe(primary.management_address, password, timeout=3,
+        refused = probe.probe(primary.management_address, password, timeout=3,
                                ca_pem=other.tls_ca_cert)
         assert refused.outcome == "answering" and "certificate verify failed" in (
             refused.error or "")
@@ -372,7 +372,7 @@ def test_an_expired_certificate_is_replaced_by_the_monitor() -> None:
             row = s.get(Node, node.id)
             assert row is not None
             row.tls_cert, row.tls_expires_at = short.cert_pem, short.expires_at
-        assert eventually(lambda: health.probe(
+        assert eventually(lambda: probe.probe(
             node.management_address or "", password, timeout=3,
             ca_pem=inst.tls_ca_cert).outcome == "answering", "the certificate expiring", 15)
 
@@ -382,5 +382,5 @@ def test_an_expired_certificate_is_replaced_by_the_monitor() -> None:
         renewed = instance(env.runtime, instance_id).primary()
         assert renewed is not None and renewed.tls_cert and renewed.tls_expires_at
         assert serial(renewed.tls_cert) != serial(short.cert_pem)
-        assert health.probe(node.management_address, password, timeout=3,
+        assert probe.probe(node.management_address, password, timeout=3,
                             ca_pem=inst.tls_ca_cert).ok

@@ -63,7 +63,7 @@ from sqlalchemy import or_, select, update
 from broker.catalog import Plan
 from broker.cloud.base import ServerStatus
 from broker.config import MonitorSettings
-from broker.monitor import health
+from broker.pg import probe
 from broker.monitor.leases import WORKER_PREFIX, Leases, monitor_lease_name, new_owner_id
 from broker.operations import certs
 from broker.operations import failover as failover_ops
@@ -325,7 +325,7 @@ class Monitor:
 
     def _probe(self, watch: _Watch, inst: Instance, primary: Node, standby: Node | None,
                password: str
-               ) -> tuple[health.Probe, health.Probe | None, health.CloudState | None]:
+               ) -> tuple[probe.Probe, probe.Probe | None, probe.CloudState | None]:
         """Probe the primary (the remaining confirmations after a failure, `recheck`
         apart and overlapping) and the standby, concurrently; ask the cloud when failing."""
         timeout = self.settings.connect_timeout
@@ -336,11 +336,11 @@ class Monitor:
         assert primary.management_address is not None
         address = primary.management_address
 
-        def delayed(start: float) -> health.Probe:
+        def delayed(start: float) -> probe.Probe:
             pause = start - time.monotonic()
             if pause > 0:
                 time.sleep(pause)
-            return health.probe(address, password, timeout=timeout,
+            return probe.probe(address, password, timeout=timeout,
                                 ca_pem=inst.ca_for(primary))
 
         primary_futures = [self._pool.submit(delayed, first + k * self.recheck)
@@ -348,12 +348,12 @@ class Monitor:
         watch.last_probe_start = first + (rounds - 1) * self.recheck
         standby_future = None
         if standby is not None and standby.management_address:
-            standby_future = self._pool.submit(health.probe, standby.management_address,
+            standby_future = self._pool.submit(probe.probe, standby.management_address,
                                                password, timeout=timeout,
                                                ca_pem=inst.ca_for(standby))
         cloud_future = None
         if watch.primary_failures > 0:
-            cloud_future = self._pool.submit(health.cloud_state, self.runtime.cloud,
+            cloud_future = self._pool.submit(probe.cloud_state, self.runtime.cloud,
                                              primary.server_id)
         results = [f.result() for f in primary_futures]
         seen = results[-1]
@@ -371,16 +371,16 @@ class Monitor:
 
     # --- the primary is down -------------------------------------------------------------
     def _primary_down(self, inst: Instance, plan: Plan | None, watch: _Watch, primary: Node,
-                      standby: Node | None, seen: health.Probe,
-                      standby_seen: health.Probe | None,
-                      cloud: health.CloudState | None) -> str:
+                      standby: Node | None, seen: probe.Probe,
+                      standby_seen: probe.Probe | None,
+                      cloud: probe.CloudState | None) -> str:
         limit = self.settings.failures_before_acting
         if watch.primary_failures < limit:
             watch.urgent = True
             return f"primary unreachable {watch.primary_failures}/{limit}: {seen.error}"
         watch.urgent = False
         if cloud is None:
-            cloud = health.cloud_state(self.runtime.cloud, primary.server_id)
+            cloud = probe.cloud_state(self.runtime.cloud, primary.server_id)
         head = f"primary unreachable {limit}/{limit} ({seen.error})"
         if not cloud.reachable:
             self._degrade(inst, f"primary {primary.id} unreachable and the cloud API too: not "
@@ -414,7 +414,7 @@ class Monitor:
                            f"failover queued: {cause}", detail=detail)
 
     def _ineligible(self, inst: Instance, watch: _Watch, standby: Node,
-                    standby_seen: health.Probe) -> str | None:
+                    standby_seen: probe.Probe) -> str | None:
         """The same rules as the failover's own check, on what the monitor knows now:
         refusing here leaves the old primary untouched (it may come back)."""
         if inst.replication == "sync":
@@ -489,11 +489,11 @@ class Monitor:
         return self._queue_rebuild(inst, watch, None, "the standby is missing")
 
     def _with_standby(self, inst: Instance, watch: _Watch, primary: Node, standby: Node,
-                      password: str, seen: health.Probe, standby_seen: health.Probe | None,
+                      password: str, seen: probe.Probe, standby_seen: probe.Probe | None,
                       previous_lsn: int | None) -> str:
         limit = self.settings.failures_before_acting
         replica = seen.replica(standby.application_name)
-        lag = health.lag_bytes(seen, replica)
+        lag = probe.lag_bytes(seen, replica)
         sync_id = self._sync_fact(inst, watch, standby, seen, replica)
         self._record(inst, lag=lag, sync_id=sync_id)
         if standby_seen is not None and standby_seen.outcome == "down":
@@ -539,8 +539,8 @@ class Monitor:
             return status + "; not yet recorded synchronous"
         return self._healthy_again(inst, status)
 
-    def _sync_fact(self, inst: Instance, watch: _Watch, standby: Node, seen: health.Probe,
-                   replica: health.ReplicaInfo | None) -> str | None:
+    def _sync_fact(self, inst: Instance, watch: _Watch, standby: Node, seen: probe.Probe,
+                   replica: probe.ReplicaInfo | None) -> str | None:
         """Which standby holds every acknowledged commit (Patroni's sync key).
 
         True of a standby as long as synchronous_standby_names names it (commits wait
@@ -741,7 +741,7 @@ class Monitor:
         return state
 
 
-def _names(seen: health.Probe, standby: Node) -> bool:
+def _names(seen: probe.Probe, standby: Node) -> bool:
     """Does the primary's synchronous_standby_names name this standby?"""
     return standby.application_name in seen.synchronous_standby_names
 

@@ -24,10 +24,10 @@ from typing import Any
 import psycopg2
 
 from broker.cloud.base import FenceError, ServerStatus
-from broker.monitor import health
+from broker.pg import probe
 from broker.operations import nodes
 from broker.operations.engine import Context, RetryLater, StepFailed, new_operation
-from broker.pg import admin
+from broker.pg import admin, handover
 from broker.store.models import (
     DEGRADED,
     NODE_FENCED,
@@ -49,8 +49,6 @@ log = logging.getLogger(__name__)
 OLD_STANDBY = "old-standby"
 
 REBUILD = "rebuild"
-# A standby's pause between two attempts to reach its (gone) primary; see clear_sync_on.
-RETRY_INTERVAL = "100ms"
 # How long the sync step waits before giving the step back to the engine.
 SYNC_WAIT_SLICE = 30.0
 
@@ -135,17 +133,17 @@ def password(ctx: Context) -> str:
     return ctx.vault.decrypt(ctx.instance().admin_password_enc)
 
 
-def probe_node(ctx: Context, node: Node, *, timeout: float = 3.0, tries: int = 3) -> health.Probe:
+def probe_node(ctx: Context, node: Node, *, timeout: float = 3.0, tries: int = 3) -> probe.Probe:
     """The node's replication state; a few tries, because one lost SYN is not death."""
     if not node.management_address:
         raise StepFailed(f"node {node.id} has no management address")
     ca_pem = nodes.node_ca(ctx, node.id)
-    result = health.probe(node.management_address, password(ctx), timeout=timeout, ca_pem=ca_pem)
+    result = probe.probe(node.management_address, password(ctx), timeout=timeout, ca_pem=ca_pem)
     for _ in range(tries - 1):
         if result.ok:
             break
         time.sleep(0.3)
-        result = health.probe(node.management_address, password(ctx), timeout=timeout,
+        result = probe.probe(node.management_address, password(ctx), timeout=timeout,
                               ca_pem=ca_pem)
     return result
 
@@ -200,21 +198,11 @@ def fence_or_refuse(ctx: Context, node_id: str, what: str) -> None:
 
 # --- promote --------------------------------------------------------------------
 def clear_sync_on(ctx: Context, node: Node) -> None:
-    """Get the standby about to be promoted ready for it.
-
-    - Reset synchronous_standby_names: the standby copied postgresql.auto.conf from
-      its primary; left as is, the new primary would wait for a standby that does not
-      exist and every commit would hang (done again right after the promotion).
-    - wal_retrieve_retry_interval 100 ms (default 5 s): once its primary is gone, a
-      PostgreSQL 15 standby may handle a promote request and then still sleep out one
-      whole retry interval before it finishes recovery (measured here: 5.1 s instead
-      of 0.1 s, one promotion in three). The reload wakes it with the shorter interval.
-    ALTER SYSTEM writes a file, not WAL, so it works during recovery."""
+    """Get the standby about to be promoted ready for it (handover.prepare_for_promotion);
+    synchronous_standby_names is reset again right after the promotion."""
     try:
-        with nodes.admin_connection(ctx, node, timeout=3.0) as conn, conn.cursor() as cur:
-            cur.execute("ALTER SYSTEM RESET synchronous_standby_names")
-            cur.execute(f"ALTER SYSTEM SET wal_retrieve_retry_interval = '{RETRY_INTERVAL}'")
-            cur.execute("SELECT pg_catalog.pg_reload_conf()")
+        with nodes.admin_connection(ctx, node, timeout=3.0) as conn:
+            handover.prepare_for_promotion(conn)
     except psycopg2.Error as exc:
         log.info("instance %s: standby not prepared before promotion (%s); "
                  "synchronous_standby_names is reset right after", ctx.instance_id,
@@ -306,7 +294,7 @@ def enable_sync(ctx: Context, standby_id: str, *, timeout: float = SYNC_WAIT_SLI
     ca_pem = nodes.node_ca(ctx, primary.id)
     assert primary.management_address is not None
     while time.monotonic() < deadline:
-        seen = health.probe(primary.management_address, pw, timeout=3.0, ca_pem=ca_pem)
+        seen = probe.probe(primary.management_address, pw, timeout=3.0, ca_pem=ca_pem)
         replica = seen.replica(name) if seen.ok else None
         if replica is not None and replica.state == "streaming" and replica.sync_state == "sync":
             if mark is None:
