@@ -21,10 +21,10 @@ from cryptography.fernet import Fernet
 from psycopg2 import sql
 
 from broker.cloud.local import LocalCloud
-from broker.pg import probe as health
 from broker.operations import bindings
 from broker.operations.engine import Engine
 from broker.pg import admin
+from broker.pg import probe as health
 from broker.runtime import Runtime
 from tests.fixtures.local import make_local_cloud
 from tests.workflow_support import (

@@ -27,14 +27,13 @@ from cryptography import x509
 
 from broker.cli import instances as cli
 from broker.config import TlsSettings
-from broker.pg import probe
 from broker.operations import (
     bindings,
     nodes,
     workflows,  # noqa: F401 - registers every workflow
 )
 from broker.operations.certs import KIND as ROTATE
-from broker.pg import admin, tls
+from broker.pg import admin, probe, tls
 from broker.runtime import Runtime
 from broker.store.models import Instance, Node
 from tests.failover_support import (

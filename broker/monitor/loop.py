@@ -63,7 +63,6 @@ from sqlalchemy import or_, select, update
 from broker.catalog import Plan
 from broker.cloud.base import ServerStatus
 from broker.config import MonitorSettings
-from broker.pg import probe
 from broker.monitor.leases import WORKER_PREFIX, Leases, monitor_lease_name, new_owner_id
 from broker.operations import certs
 from broker.operations import failover as failover_ops
@@ -76,7 +75,7 @@ from broker.operations.promotion import (
     standby_of,
 )
 from broker.operations.resurrect import KIND as RESURRECT
-from broker.pg import admin, tls
+from broker.pg import admin, probe, tls
 from broker.runtime import Runtime
 from broker.store.models import (
     DEGRADED,

@@ -24,10 +24,9 @@ from typing import Any
 import psycopg2
 
 from broker.cloud.base import FenceError, ServerStatus
-from broker.pg import probe
 from broker.operations import nodes
 from broker.operations.engine import Context, RetryLater, StepFailed, new_operation
-from broker.pg import admin, handover
+from broker.pg import admin, handover, probe
 from broker.store.models import (
     DEGRADED,
     NODE_FENCED,
