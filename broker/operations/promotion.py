@@ -24,6 +24,7 @@ from typing import Any
 import psycopg2
 
 from broker.cloud.base import FenceError, ServerStatus
+from broker.ha import rules
 from broker.operations import nodes
 from broker.operations.engine import Context, RetryLater, StepFailed, new_operation
 from broker.pg import admin, handover, probe
@@ -243,66 +244,61 @@ def check_eligible(ctx: Context, standby_id: str) -> None:
     if not seen.in_recovery:
         return
     inst = ctx.instance()
-    received = max(seen.receive_lsn or 0, seen.lsn or 0)
     last_primary = ctx.params.get("last_primary_lsn")
-    lag: int | None = (max(0, int(last_primary) - received) if last_primary is not None
-                       else inst.last_lag_bytes)
-    limit = ctx.settings.monitor.maximum_lag_on_failover
-    if inst.replication == "sync":
-        if inst.sync_standby_node_id != standby_id:
-            raise refuse(ctx, f"failover refused: the standby {standby_id} was not known to be "
-                              "synchronous, so promoting it could lose acknowledged commits")
-    elif lag is None:
-        raise refuse(ctx, f"failover refused: the standby {standby_id}'s lag is unknown "
-                          "(it was never seen streaming)")
-    elif lag > limit:
-        raise refuse(ctx, f"failover refused: the standby {standby_id} is {lag} bytes behind, "
-                          f"more than maximum_lag_on_failover ({limit} bytes)")
+    lag = rules.lag_at_failover(int(last_primary) if last_primary is not None else None,
+                                seen.lsn, seen.receive_lsn, inst.last_lag_bytes)
+    refusal = rules.failover_refusal(
+        replication=inst.replication, standby_id=standby_id,
+        sync_standby_id=inst.sync_standby_node_id, lag=lag,
+        limit=ctx.settings.monitor.maximum_lag_on_failover)
+    if refusal is not None:
+        raise refuse(ctx, f"failover refused: {refusal}")
     stamp(ctx, lag_bytes_at_promotion=lag if lag is not None else 0)
 
 
 # --- synchronous replication ------------------------------------------------------
 def unsync(ctx: Context) -> None:
-    """Non-strict synchronous mode: forget the synchronous standby in the store FIRST,
-    then clear synchronous_standby_names on the primary so that it stays writable.
-    (In the other order a failover in between could promote a standby that no
-    longer receives every acknowledged commit.)"""
+    """Non-strict synchronous mode: the primary stops waiting for its standby, so that
+    it stays writable (rules.unsync: the store forgets the standby first)."""
     inst = ctx.instance()
-    if inst.sync_standby_node_id is not None:
-        nodes.update_instance(ctx, sync_standby_node_id=None)
     primary = inst.primary()
-    if inst.replication != "sync" or primary is None:
-        return
-    with nodes.admin_connection(ctx, primary, timeout=3.0) as conn:
-        admin.set_synchronous_standby(conn, None)
+
+    def forget() -> None:
+        if inst.sync_standby_node_id is not None:
+            nodes.update_instance(ctx, sync_standby_node_id=None)
+
+    def clear() -> None:
+        if inst.replication != rules.SYNC or primary is None:
+            return
+        with nodes.admin_connection(ctx, primary, timeout=3.0) as conn:
+            admin.set_synchronous_standby(conn, None)
+
+    rules.unsync(forget, clear)
 
 
 def enable_sync(ctx: Context, standby_id: str, *, timeout: float = SYNC_WAIT_SLICE) -> None:
     """Name the standby in synchronous_standby_names and record it as synchronous
-    once it is: seen `sync` twice, with its flush position at the second look past
-    the primary's position at the first (so it also holds every commit acknowledged
-    before synchronous replication was on)."""
+    once rules.confirm_sync says it holds every acknowledged commit."""
     primary = nodes.primary_node(ctx)
     standby = node_row(ctx, standby_id)
     name = standby.application_name
     with nodes.admin_connection(ctx, primary, timeout=5.0) as conn:
         admin.set_synchronous_standby(conn, name)
     deadline = time.monotonic() + timeout
-    mark: int | None = None
+    mark: rules.SyncMark | None = None
     pw = password(ctx)
     ca_pem = nodes.node_ca(ctx, primary.id)
     assert primary.management_address is not None
     while time.monotonic() < deadline:
         seen = probe.probe(primary.management_address, pw, timeout=3.0, ca_pem=ca_pem)
         replica = seen.replica(name) if seen.ok else None
-        if replica is not None and replica.state == "streaming" and replica.sync_state == "sync":
-            if mark is None:
-                mark = seen.lsn
-            elif mark is not None and replica.flush_lsn is not None and replica.flush_lsn >= mark:
-                nodes.update_instance(ctx, sync_standby_node_id=standby_id)
-                return
-        else:
-            mark = None
+        confirmed, mark = rules.confirm_sync(
+            mark, standby_id, streaming=replica is not None and replica.state == "streaming",
+            sync_state=replica.sync_state if replica is not None else "",
+            primary_lsn=seen.lsn, flush_lsn=replica.flush_lsn if replica is not None else None)
+        if confirmed:
+            nodes.update_instance(ctx, sync_standby_node_id=standby_id)
+            return
         time.sleep(0.1)
     raise RetryLater(f"standby {standby_id} is not synchronous yet", delay=1.0)
 
