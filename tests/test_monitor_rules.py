@@ -73,11 +73,11 @@ STANDALONE = replace(HA, plan_ha=False, standby=None, standby_seen=None,
                      primary_seen=primary_ok())
 
 
-def down(snap: Snapshot, failures: int = 3, cloud: CloudState | None = CLOUD_SHUTOFF,
-         **changes: object) -> Snapshot:
+def down(snap: Snapshot, failures: int = 3,
+         cloud: CloudState | None = CLOUD_SHUTOFF) -> Snapshot:
     """The primary has failed `failures` probes in a row."""
     watch = replace(snap.watch, primary_failures=failures, last_primary_lsn=LSN)
-    return replace(snap, watch=watch, primary_seen=DOWN, cloud=cloud, **changes)  # type: ignore[arg-type]
+    return replace(snap, watch=watch, primary_seen=DOWN, cloud=cloud)
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,8 @@ ROWS = [
     Row("primary failed the threshold: failover", down(HA),
         f"failover queued: {FAILOVER_CAUSE}",
         QueueFailover(FAILOVER_CAUSE, PRIMARY.id, STANDBY.id, LSN)),
-    Row("primary down, the cloud says it runs: failover with fencing", down(HA, cloud=CLOUD_ACTIVE),
+    Row("primary down, the cloud says it runs: failover with fencing",
+        down(HA, cloud=CLOUD_ACTIVE),
         "failover queued",
         QueueFailover("primary p1 unreachable (connection refused); server ACTIVE", PRIMARY.id,
                       STANDBY.id, LSN, detail="the cloud says the server runs: fenced through "
@@ -126,37 +127,38 @@ ROWS = [
         "within 5 s): not failing over (a partition cannot be told from a crash)",
         Degrade("primary p1 unreachable and the cloud API too: not failing over (a partition "
                 "cannot be told from a crash)")),
-    Row("recent failover within the anti-flapping gap", down(HA, last_failover_age=20.0),
+    Row("recent failover within the anti-flapping gap", replace(down(HA), last_failover_age=20.0),
         "primary unreachable 3/3 (connection refused); last failover 20 s ago, less than "
         "60 s: waiting"),
     Row("a failover longer ago than the gap does not hold back",
-        down(HA, last_failover_age=61.0), "failover queued",
+        replace(down(HA), last_failover_age=61.0), "failover queued",
         QueueFailover(FAILOVER_CAUSE, PRIMARY.id, STANDBY.id, LSN)),
     Row("standby lagging over the limit in ha",
-        down(HA, standby_seen=standby_ok(LSN - LIMIT - 1)),
+        replace(down(HA), standby_seen=standby_ok(LSN - LIMIT - 1)),
         f"primary p1 lost; failover refused: the standby s1 is {LIMIT + 1} bytes behind, "
         f"more than maximum_lag_on_failover ({LIMIT} bytes)",
         Degrade(f"primary p1 lost; failover refused: the standby s1 is {LIMIT + 1} bytes "
                 f"behind, more than maximum_lag_on_failover ({LIMIT} bytes)")),
-    Row("standby exactly at the limit in ha", down(HA, standby_seen=standby_ok(LSN - LIMIT)),
+    Row("standby exactly at the limit in ha",
+        replace(down(HA), standby_seen=standby_ok(LSN - LIMIT)),
         "failover queued", QueueFailover(FAILOVER_CAUSE, PRIMARY.id, STANDBY.id, LSN)),
     Row("ha-sync standby not confirmed sync", down(replace(SYNC, sync_standby_id=None)),
         "primary p1 lost; failover refused: the standby s1 was not known to be synchronous",
         Degrade("primary p1 lost; failover refused: the standby s1 was not known to be "
                 "synchronous, so promoting it could lose acknowledged commits")),
     Row("ha-sync standby confirmed sync, far behind: failover",
-        down(SYNC, standby_seen=standby_ok(0)), "failover queued",
+        replace(down(SYNC), standby_seen=standby_ok(0)), "failover queued",
         QueueFailover(FAILOVER_CAUSE, PRIMARY.id, STANDBY.id, LSN)),
     Row("no standby", down(replace(HA, standby=None, standby_seen=None)),
         "primary p1 lost and there is no standby",
         Degrade("primary p1 lost and there is no standby")),
-    Row("standby does not answer either", down(HA, standby_seen=STANDBY_DOWN),
+    Row("standby does not answer either", replace(down(HA), standby_seen=STANDBY_DOWN),
         "primary p1 lost and the standby s1 does not answer either (no answer within 1 s): "
         "nothing to promote",
         Degrade("primary p1 lost and the standby s1 does not answer either (no answer within "
                 "1 s): nothing to promote")),
-    Row("standby not in recovery", down(HA, standby_seen=replace(standby_ok(),
-                                                                  in_recovery=False)),
+    Row("standby not in recovery", replace(down(HA), standby_seen=replace(standby_ok(),
+                                                                        in_recovery=False)),
         "primary p1 lost and the standby s1 is not in recovery: not acting",
         Degrade("primary p1 lost and the standby s1 is not in recovery: not acting")),
     Row("standalone dead: resurrect", down(STANDALONE), f"resurrect queued: {FAILOVER_CAUSE}",
