@@ -29,11 +29,11 @@ import psycopg2
 from cryptography.fernet import Fernet
 
 from broker.cloud.local import LocalCloud, namespace_pids
-from broker.monitor.health import DeadlinePassed, wait_async
 from broker.monitor.loop import Monitor
 from broker.operations import bindings
 from broker.operations.engine import Engine
 from broker.pg import admin
+from broker.pg.probe import DeadlinePassed, wait_async
 from broker.runtime import Runtime
 from broker.store.models import (
     NODE_DELETED,

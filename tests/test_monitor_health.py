@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import socket
 
-from broker.monitor import health
+from broker.pg import probe
 from tests.fixtures.pg import StateServer, free_port
 
 
 def test_live_primary(pg_state_server: StateServer) -> None:
-    seen = health.probe("127.0.0.1", pg_state_server.password, port=pg_state_server.port,
+    seen = probe.probe("127.0.0.1", pg_state_server.password, port=pg_state_server.port,
                         timeout=3.0)
     assert seen.ok and seen.error is None
     assert seen.in_recovery is False
@@ -19,7 +19,7 @@ def test_live_primary(pg_state_server: StateServer) -> None:
 
 
 def test_refused_is_down() -> None:
-    seen = health.probe("127.0.0.1", "x", port=free_port(), timeout=1.0)
+    seen = probe.probe("127.0.0.1", "x", port=free_port(), timeout=1.0)
     assert (seen.outcome, seen.error) == ("down", "connection refused")
 
 
@@ -30,11 +30,11 @@ def test_a_server_that_never_answers_costs_the_deadline_only() -> None:
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
         port = listener.getsockname()[1]
-        seen = health.probe("127.0.0.1", "x", port=port, timeout=0.3)
+        seen = probe.probe("127.0.0.1", "x", port=port, timeout=0.3)
     assert (seen.outcome, seen.error) == ("down", "no answer within 0.3 s")
 
 
 def test_wrong_password_means_alive(pg_state_server: StateServer) -> None:
-    seen = health.probe("127.0.0.1", "wrong", port=pg_state_server.port, timeout=3.0)
+    seen = probe.probe("127.0.0.1", "wrong", port=pg_state_server.port, timeout=3.0)
     assert seen.outcome == "answering"
     assert "wrong" not in (seen.error or "")

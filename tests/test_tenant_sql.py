@@ -21,10 +21,10 @@ from cryptography.fernet import Fernet
 from psycopg2 import sql
 
 from broker.cloud.local import LocalCloud
-from broker.monitor import health
 from broker.operations import bindings
 from broker.operations.engine import Engine
 from broker.pg import admin
+from broker.pg import probe as health
 from broker.runtime import Runtime
 from tests.fixtures.local import make_local_cloud
 from tests.workflow_support import (
@@ -55,7 +55,7 @@ BROKER_CALLS = (
 TYPICAL_CALLS = ("format", "quote_ident", "quote_literal", "now", "lower",
                  "array_agg", "string_agg", "set_config", "version")
 SHADOW_SCHEMAS = ("public", "tenant_tools")
-BROKER_SQL = ("broker/pg/admin.py", "broker/monitor/health.py", "broker/operations")
+BROKER_SQL = ("broker/pg/admin.py", "broker/pg/probe.py", "broker/operations")
 
 
 @dataclass

@@ -27,10 +27,9 @@ from cryptography import x509
 
 from broker.cli import instances as cli
 from broker.config import TlsSettings
-from broker.monitor import health
 from broker.operations import bindings, nodes
 from broker.operations.certs import KIND as ROTATE
-from broker.pg import admin, tls
+from broker.pg import admin, probe, tls
 from broker.runtime import Runtime
 from broker.store.models import Instance, Node
 from tests.failover_support import (
@@ -178,9 +177,9 @@ def test_apps_verify_the_service_address_before_and_after_a_failover() -> None:
         # server is up (never a reason to fail over).
         password = env.runtime.vault.decrypt(inst.admin_password_enc)
         assert primary.management_address is not None
-        assert health.probe(primary.management_address, password, timeout=3,
+        assert probe.probe(primary.management_address, password, timeout=3,
                             ca_pem=inst.tls_ca_cert).ok
-        refused = health.probe(primary.management_address, password, timeout=3,
+        refused = probe.probe(primary.management_address, password, timeout=3,
                                ca_pem=other.tls_ca_cert)
         assert refused.outcome == "answering" and "certificate verify failed" in (
             refused.error or "")
@@ -368,7 +367,7 @@ def test_an_expired_certificate_is_replaced_by_the_monitor() -> None:
             row = s.get(Node, node.id)
             assert row is not None
             row.tls_cert, row.tls_expires_at = short.cert_pem, short.expires_at
-        assert eventually(lambda: health.probe(
+        assert eventually(lambda: probe.probe(
             node.management_address or "", password, timeout=3,
             ca_pem=inst.tls_ca_cert).outcome == "answering", "the certificate expiring", 15)
 
@@ -378,5 +377,5 @@ def test_an_expired_certificate_is_replaced_by_the_monitor() -> None:
         renewed = instance(env.runtime, instance_id).primary()
         assert renewed is not None and renewed.tls_cert and renewed.tls_expires_at
         assert serial(renewed.tls_cert) != serial(short.cert_pem)
-        assert health.probe(node.management_address, password, timeout=3,
+        assert probe.probe(node.management_address, password, timeout=3,
                             ca_pem=inst.tls_ca_cert).ok

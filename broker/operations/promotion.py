@@ -24,11 +24,11 @@ from typing import Any
 import psycopg2
 
 from broker.cloud.base import FenceError, ServerStatus
-from broker.monitor import health
+from broker.ha import rules
 from broker.operations import nodes, queue
 from broker.operations.engine import Context, RetryLater, StepFailed
 from broker.operations.params import FailoverParams, RebuildParams
-from broker.pg import admin
+from broker.pg import admin, handover, probe
 from broker.store.models import (
     DEGRADED,
     NODE_FENCED,
@@ -48,8 +48,6 @@ log = logging.getLogger(__name__)
 OLD_STANDBY = "old-standby"
 
 REBUILD = "rebuild"
-# A standby's pause between two attempts to reach its (gone) primary; see clear_sync_on.
-RETRY_INTERVAL = "100ms"
 # How long the sync step waits before giving the step back to the engine.
 SYNC_WAIT_SLICE = 30.0
 
@@ -135,17 +133,17 @@ def password(ctx: Context) -> str:
     return ctx.vault.decrypt(ctx.instance().admin_password_enc)
 
 
-def probe_node(ctx: Context, node: Node, *, timeout: float = 3.0, tries: int = 3) -> health.Probe:
+def probe_node(ctx: Context, node: Node, *, timeout: float = 3.0, tries: int = 3) -> probe.Probe:
     """The node's replication state; a few tries, because one lost SYN is not death."""
     if not node.management_address:
         raise StepFailed(f"node {node.id} has no management address")
     ca_pem = nodes.node_ca(ctx, node.id)
-    result = health.probe(node.management_address, password(ctx), timeout=timeout, ca_pem=ca_pem)
+    result = probe.probe(node.management_address, password(ctx), timeout=timeout, ca_pem=ca_pem)
     for _ in range(tries - 1):
         if result.ok:
             break
         time.sleep(0.3)
-        result = health.probe(node.management_address, password(ctx), timeout=timeout,
+        result = probe.probe(node.management_address, password(ctx), timeout=timeout,
                               ca_pem=ca_pem)
     return result
 
@@ -200,21 +198,11 @@ def fence_or_refuse(ctx: Context, node_id: str, what: str) -> None:
 
 # --- promote --------------------------------------------------------------------
 def clear_sync_on(ctx: Context, node: Node) -> None:
-    """Get the standby about to be promoted ready for it.
-
-    - Reset synchronous_standby_names: the standby copied postgresql.auto.conf from
-      its primary; left as is, the new primary would wait for a standby that does not
-      exist and every commit would hang (done again right after the promotion).
-    - wal_retrieve_retry_interval 100 ms (default 5 s): once its primary is gone, a
-      PostgreSQL 15 standby may handle a promote request and then still sleep out one
-      whole retry interval before it finishes recovery (measured here: 5.1 s instead
-      of 0.1 s, one promotion in three). The reload wakes it with the shorter interval.
-    ALTER SYSTEM writes a file, not WAL, so it works during recovery."""
+    """Get the standby about to be promoted ready for it (handover.prepare_for_promotion);
+    synchronous_standby_names is reset again right after the promotion."""
     try:
-        with nodes.admin_connection(ctx, node, timeout=3.0) as conn, conn.cursor() as cur:
-            cur.execute("ALTER SYSTEM RESET synchronous_standby_names")
-            cur.execute(f"ALTER SYSTEM SET wal_retrieve_retry_interval = '{RETRY_INTERVAL}'")
-            cur.execute("SELECT pg_catalog.pg_reload_conf()")
+        with nodes.admin_connection(ctx, node, timeout=3.0) as conn:
+            handover.prepare_for_promotion(conn)
     except psycopg2.Error as exc:
         log.info("instance %s: standby not prepared before promotion (%s); "
                  "synchronous_standby_names is reset right after", ctx.instance_id,
@@ -256,67 +244,62 @@ def check_eligible(ctx: Context, standby_id: str) -> None:
     if not seen.in_recovery:
         return
     inst = ctx.instance()
-    received = max(seen.receive_lsn or 0, seen.lsn or 0)
     last_primary = (ctx.params.last_primary_lsn if isinstance(ctx.params, FailoverParams)
                     else None)
-    lag: int | None = (max(0, int(last_primary) - received) if last_primary is not None
-                       else inst.last_lag_bytes)
-    limit = ctx.settings.monitor.maximum_lag_on_failover
-    if inst.replication == "sync":
-        if inst.sync_standby_node_id != standby_id:
-            raise refuse(ctx, f"failover refused: the standby {standby_id} was not known to be "
-                              "synchronous, so promoting it could lose acknowledged commits")
-    elif lag is None:
-        raise refuse(ctx, f"failover refused: the standby {standby_id}'s lag is unknown "
-                          "(it was never seen streaming)")
-    elif lag > limit:
-        raise refuse(ctx, f"failover refused: the standby {standby_id} is {lag} bytes behind, "
-                          f"more than maximum_lag_on_failover ({limit} bytes)")
+    lag = rules.lag_at_failover(int(last_primary) if last_primary is not None else None,
+                                seen.lsn, seen.receive_lsn, inst.last_lag_bytes)
+    refusal = rules.failover_refusal(
+        replication=inst.replication, standby_id=standby_id,
+        sync_standby_id=inst.sync_standby_node_id, lag=lag,
+        limit=ctx.settings.monitor.maximum_lag_on_failover)
+    if refusal is not None:
+        raise refuse(ctx, f"failover refused: {refusal}")
     stamp(ctx, lag_bytes_at_promotion=lag if lag is not None else 0)
 
 
 # --- synchronous replication ------------------------------------------------------
 def unsync(ctx: Context) -> None:
-    """Non-strict synchronous mode: forget the synchronous standby in the store FIRST,
-    then clear synchronous_standby_names on the primary so that it stays writable.
-    (In the other order a failover in between could promote a standby that no
-    longer receives every acknowledged commit.)"""
+    """Non-strict synchronous mode: the primary stops waiting for its standby, so that
+    it stays writable (rules.unsync: the store forgets the standby first)."""
     inst = ctx.instance()
-    if inst.sync_standby_node_id is not None:
-        nodes.update_instance(ctx, sync_standby_node_id=None)
     primary = inst.primary()
-    if inst.replication != "sync" or primary is None:
-        return
-    with nodes.admin_connection(ctx, primary, timeout=3.0) as conn:
-        admin.set_synchronous_standby(conn, None)
+
+    def forget() -> None:
+        if inst.sync_standby_node_id is not None:
+            nodes.update_instance(ctx, sync_standby_node_id=None)
+
+    def clear() -> None:
+        if inst.replication != rules.SYNC or primary is None:
+            return
+        with nodes.admin_connection(ctx, primary, timeout=3.0) as conn:
+            admin.set_synchronous_standby(conn, None)
+
+    rules.unsync(forget, clear)
 
 
 def enable_sync(ctx: Context, standby_id: str, *, timeout: float = SYNC_WAIT_SLICE) -> None:
     """Name the standby in synchronous_standby_names and record it as synchronous
-    once it is: seen `sync` twice, with its flush position at the second look past
-    the primary's position at the first (so it also holds every commit acknowledged
-    before synchronous replication was on)."""
+    once rules.confirm_sync says it holds every acknowledged commit."""
     primary = nodes.primary_node(ctx)
     standby = node_row(ctx, standby_id)
     name = standby.application_name
     with nodes.admin_connection(ctx, primary, timeout=5.0) as conn:
         admin.set_synchronous_standby(conn, name)
     deadline = time.monotonic() + timeout
-    mark: int | None = None
+    mark: rules.SyncMark | None = None
     pw = password(ctx)
     ca_pem = nodes.node_ca(ctx, primary.id)
     assert primary.management_address is not None
     while time.monotonic() < deadline:
-        seen = health.probe(primary.management_address, pw, timeout=3.0, ca_pem=ca_pem)
+        seen = probe.probe(primary.management_address, pw, timeout=3.0, ca_pem=ca_pem)
         replica = seen.replica(name) if seen.ok else None
-        if replica is not None and replica.state == "streaming" and replica.sync_state == "sync":
-            if mark is None:
-                mark = seen.lsn
-            elif mark is not None and replica.flush_lsn is not None and replica.flush_lsn >= mark:
-                nodes.update_instance(ctx, sync_standby_node_id=standby_id)
-                return
-        else:
-            mark = None
+        confirmed, mark = rules.confirm_sync(
+            mark, standby_id, streaming=replica is not None and replica.state == "streaming",
+            sync_state=replica.sync_state if replica is not None else "",
+            primary_lsn=seen.lsn, flush_lsn=replica.flush_lsn if replica is not None else None)
+        if confirmed:
+            nodes.update_instance(ctx, sync_standby_node_id=standby_id)
+            return
         time.sleep(0.1)
     raise RetryLater(f"standby {standby_id} is not synchronous yet", delay=1.0)
 

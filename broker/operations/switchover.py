@@ -23,12 +23,10 @@ from __future__ import annotations
 import logging
 import time
 
-from psycopg2.extensions import connection as Connection
-
 from broker.operations import nodes, promotion, requests
 from broker.operations.engine import Context, Step, StepFailed, Workflow
 from broker.operations.refusals import UnknownInstance
-from broker.pg import admin
+from broker.pg import admin, handover
 from broker.store.db import Store
 from broker.store.models import DEGRADED, NODE_FENCED, NODE_RUNNING, PRIMARY, READY
 
@@ -46,38 +44,6 @@ def start_switchover(store: Store, instance_id: str) -> str:
         if inst is None:
             raise UnknownInstance(f"instance {instance_id} does not exist")
         return requests.queue_switchover(s, inst).id
-
-
-# --- SQL on the old primary ---------------------------------------------------------
-def _end_client_sessions(conn: Connection, timeout: float = 10.0) -> None:
-    query = ("SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
-             "WHERE backend_type = 'client backend' AND pid <> pg_catalog.pg_backend_pid()")
-    deadline = time.monotonic() + timeout
-    with conn.cursor() as cur:
-        while True:
-            cur.execute(query)
-            if not cur.fetchall():
-                return
-            if time.monotonic() > deadline:
-                raise StepFailed("client sessions on the primary did not end")
-            time.sleep(0.05)
-
-
-def _read_only(conn: Connection, on: bool) -> None:
-    with conn.cursor() as cur:
-        if on:
-            cur.execute("ALTER SYSTEM SET default_transaction_read_only = on")
-        else:
-            cur.execute("ALTER SYSTEM RESET default_transaction_read_only")
-        cur.execute("SELECT pg_catalog.pg_reload_conf()")
-
-
-def _current_lsn(conn: Connection) -> int:
-    with conn.cursor() as cur:
-        cur.execute("SELECT (pg_catalog.pg_current_wal_lsn() - '0/0'::pg_catalog.pg_lsn)::bigint")
-        row = cur.fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 def _hba(ctx: Context, node_id: str, *, apps: bool) -> list[str]:
@@ -121,8 +87,9 @@ def stop_writes(ctx: Context) -> None:
     promotion.unplug_service_port(ctx, node.server_id)
     with nodes.admin_connection(ctx, node) as conn:
         admin.set_hba(conn, _hba(ctx, old, apps=False))
-        _read_only(conn, True)
-        _end_client_sessions(conn)
+        handover.set_read_only(conn, True)
+        if not handover.end_client_sessions(conn):
+            raise StepFailed("client sessions on the primary did not end")
     log.info("instance %s: switchover: writes stopped on %s", ctx.instance_id, old)
 
 
@@ -130,7 +97,7 @@ def wait_replay(ctx: Context) -> None:
     old, new = promotion.event_nodes(ctx)
     assert new is not None
     with nodes.admin_connection(ctx, promotion.node_row(ctx, old)) as conn:
-        final = _current_lsn(conn)
+        final = handover.current_lsn(conn)
     standby = promotion.node_row(ctx, new)
     deadline = time.monotonic() + REPLAY_TIMEOUT
     while True:
@@ -181,7 +148,7 @@ def cleanup(ctx: Context, reason: str) -> None:
         return
     with nodes.admin_connection(ctx, old) as conn:
         admin.set_hba(conn, _hba(ctx, old.id, apps=True))
-        _read_only(conn, False)
+        handover.set_read_only(conn, False)
     nodes.attach_service_port(ctx, old.id)
     if old.role != PRIMARY or old.state != NODE_RUNNING:
         nodes.update_node(ctx, old.id, role=PRIMARY, state=NODE_RUNNING)
