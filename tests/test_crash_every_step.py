@@ -14,14 +14,19 @@ Provision and deprovision alone are covered by test_crash_resume.py."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import psycopg2
 import pytest
+import requests
 
 from broker.cloud.local import namespace_pids
 from broker.operations import workflows  # noqa: F401 - registers every workflow
@@ -30,12 +35,17 @@ from broker.operations.deprovision import start_deprovision
 from broker.operations.engine import CRASH_AFTER_STEP_ENV, Context, workflow_for
 from broker.operations.failover import queue_failover, start_switchover
 from broker.operations.update import start_update
+from broker.pg.admin import binding_role_name
 from broker.store.models import (
+    BINDING_CREATED,
+    BINDING_CREATING,
+    BINDING_DELETED,
     DEPROVISIONED,
     IN_PROGRESS,
     READY,
     SUCCEEDED,
     UNFINISHED,
+    Binding,
     Operation,
     utcnow,
 )
@@ -43,13 +53,22 @@ from tests.failover_support import (
     FailoverEnv,
     app_credentials,
     failover_env,
+    freeze_server,
     kill_server,
     operations,
     settled,
     standby_streaming,
 )
 from tests.fixtures.local import postgres_processes_under
-from tests.workflow_support import cloud_json, connect_with, instance, provision, resource_counts
+from tests.fixtures.pg import free_port
+from tests.workflow_support import (
+    cloud_json,
+    connect_as_admin,
+    connect_with,
+    instance,
+    provision,
+    resource_counts,
+)
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,3 +295,128 @@ def test_standalone_resurrect_update_after_every_step() -> None:
         start_deprovision(env.runtime.store, instance_id)
         points += crash_after_every_step(env, instance_id)
         no_leaks(env, instance_id, {})
+
+
+# --- bind and unbind: synchronous API calls, so the API process is what dies ----------------
+API_USER, API_PASSWORD = "cc", "bind-test-Pa55word"
+
+
+def _start_api(env: FailoverEnv, port: int) -> subprocess.Popen[bytes]:
+    """`python -m broker serve`; its monitor never acts on a node frozen by the test."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker", "serve"], cwd=ROOT,
+        env=env.worker_env(BROKER_USERNAME=API_USER, BROKER_PASSWORD=API_PASSWORD,
+                           PORT=str(port), BROKER_MONITOR_FAILURES="1000"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
+                return proc
+        except requests.RequestException:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, "the API did not start"
+        time.sleep(0.1)
+
+
+def _kill_mid_call(env: FailoverEnv, api: subprocess.Popen[bytes], server_id: str,
+                   call: Callable[[], requests.Response],
+                   in_flight: Callable[[], bool]) -> None:
+    """Freeze the primary so that `call` hangs inside the broker, SIGKILL the API
+    process once `in_flight` holds, then thaw the primary."""
+    frozen = freeze_server(env.cloud, server_id)
+    outcome: list[object] = []
+    caller = threading.Thread(target=lambda: outcome.append(_try(call)), daemon=True)
+    caller.start()
+    try:
+        deadline = time.monotonic() + 4  # inside the broker's 5 s connect timeout
+        while not in_flight():
+            assert time.monotonic() < deadline, "the call never got under way"
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert caller.is_alive(), f"the call returned before the kill: {outcome}"
+        api.send_signal(signal.SIGKILL)
+        api.wait()
+        caller.join(timeout=10)
+        assert outcome and isinstance(outcome[0], requests.RequestException), outcome
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+def _try(call: Callable[[], requests.Response]) -> object:
+    try:
+        return call()
+    except requests.RequestException as exc:
+        return exc
+
+
+def _role_exists(env: FailoverEnv, instance_id: str, role: str) -> bool:
+    inst = instance(env.runtime, instance_id)
+    primary = inst.primary()
+    assert primary is not None and primary.management_address
+    conn = connect_as_admin(env.runtime, inst, primary.management_address, "postgres")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s", (role,))
+            return cur.fetchone() is not None
+    finally:
+        conn.close()
+
+
+def test_bind_and_unbind_converge_when_the_api_dies_mid_call() -> None:
+    with failover_env() as env:
+        instance_id = provision(env.runtime, env.engine, "standalone")
+        plan = env.runtime.catalog.plan_by_name("standalone")
+        server_id = instance(env.runtime, instance_id).primary().server_id  # type: ignore[union-attr]
+        assert server_id
+        port = free_port()
+        url = f"http://127.0.0.1:{port}/v2/service_instances/{instance_id}/service_bindings/b1"
+        auth = (API_USER, API_PASSWORD)
+        headers = {"X-Broker-API-Version": "2.17"}
+        body = {"service_id": plan.service_id, "plan_id": plan.id,
+                "bind_resource": {"app_guid": "app"}}
+        query = {"service_id": plan.service_id, "plan_id": plan.id}
+        role = binding_role_name("b1")
+
+        def put() -> requests.Response:
+            return requests.put(url, json=body, auth=auth, headers=headers, timeout=30)
+
+        def delete() -> requests.Response:
+            return requests.delete(url, params=query, auth=auth, headers=headers, timeout=30)
+
+        def binding_state() -> str | None:
+            with env.runtime.store.session() as s:
+                row = s.get(Binding, "b1")
+                return row.state if row is not None else None
+
+        # Bind: killed once the binding's row is written and the broker waits for the
+        # primary; the platform's repeated PUT then finishes the binding.
+        api = _start_api(env, port)
+        _kill_mid_call(env, api, server_id, put, lambda: binding_state() == BINDING_CREATING)
+        api = _start_api(env, port)
+        first = put()
+        assert first.status_code == 201, first.text
+        creds = first.json()["credentials"]
+        conn = connect_with(creds)
+        conn.close()
+        again = put()
+        assert again.status_code == 200 and again.json()["credentials"] == creds, again.text
+        assert binding_state() == BINDING_CREATED and _role_exists(env, instance_id, role)
+
+        # Unbind: killed while the broker waits for the primary to drop the role; the
+        # repeated DELETE drops it, and a third is still an answer the platform accepts.
+        started = time.monotonic()
+        _kill_mid_call(env, api, server_id, delete, lambda: time.monotonic() - started > 0.5)
+        assert binding_state() == BINDING_CREATED  # the kill came before the drop
+        api = _start_api(env, port)
+        gone = delete()
+        assert gone.status_code == 200, gone.text
+        assert binding_state() == BINDING_DELETED and not _role_exists(env, instance_id, role)
+        with pytest.raises(psycopg2.OperationalError):
+            connect_with(creds)
+        assert delete().status_code in (200, 410)
+        api.send_signal(signal.SIGTERM)
+        api.wait(timeout=20)
+        no_leaks(env, instance_id, STANDALONE)
