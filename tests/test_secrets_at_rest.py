@@ -9,6 +9,7 @@ import base64
 import hashlib
 import hmac
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import pytest
@@ -82,9 +83,11 @@ def test_no_plaintext_secret_in_the_sqlite_store_and_each_column_decrypts() -> N
         # address; the admin password logs in as the admin; the replication role's
         # verifier on the primary is the one of the decrypted password.
         assert binding_password == creds["password"]
-        conn = psycopg2.connect(host=creds["host"], port=creds["port"], user=creds["username"],
-                                password=binding_password, dbname=creds["name"],
-                                sslmode=creds["sslmode"], connect_timeout=5, **app_tls(creds))
+        login: dict[str, Any] = {
+            "host": creds["host"], "port": creds["port"], "user": creds["username"],
+            "password": binding_password, "dbname": creds["name"], "sslmode": creds["sslmode"],
+            "connect_timeout": 5, **app_tls(creds)}
+        conn = psycopg2.connect(**login)
         conn.close()
         primary = inst.primary()
         assert primary is not None and primary.management_address
