@@ -88,7 +88,7 @@ def _worker(env: FailoverEnv, instance_id: str, crash_at: str | None = None
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def _oldest_unfinished(env: FailoverEnv, instance_id: str) -> list[Operation]:
+def _unfinished_operations(env: FailoverEnv, instance_id: str) -> list[Operation]:
     with env.runtime.store.session() as s:
         return list(s.query(Operation).filter(Operation.instance_id == instance_id,
                                               Operation.state.in_(UNFINISHED))
@@ -138,7 +138,7 @@ def crash_after_every_step(env: FailoverEnv, instance_id: str, *,
     points: list[str] = []
     last_crash: dict[str, int] = {}
     while True:
-        pending = _oldest_unfinished(env, instance_id)
+        pending = _unfinished_operations(env, instance_id)
         target = None
         for op in pending:
             names = step_names(env, op)
