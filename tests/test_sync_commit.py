@@ -36,7 +36,7 @@ pytestmark = pytest.mark.e2e
 WRITERS = 4
 BLOCKED_AT_LEAST = 3.0    # s: on ha-sync no commit returns for this long after the cut
 RESUME_BOUND = 20.0       # s: writes resume in seconds, not wal_sender_timeout's old 60 s
-FLOWING_GAP = 1.0         # s: on ha no two commits are further apart than this
+FLOWING_GAP = 1.5         # s: on ha no two commits are further apart than this
 
 
 class UnpacedWriter(threading.Thread):
