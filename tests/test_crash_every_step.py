@@ -78,14 +78,20 @@ STANDALONE = {"server": 1, "volume": 1, "port": 2}
 
 # --- workers ---------------------------------------------------------------------------
 def _worker(env: FailoverEnv, instance_id: str, crash_at: str | None = None
-            ) -> subprocess.Popen[str]:
+            ) -> subprocess.Popen[bytes]:
+    """A worker process; its log goes to `crash-worker.log` in the state directory."""
     extra = {CRASH_AFTER_STEP_ENV: crash_at} if crash_at else {}
     child_env = {k: v for k, v in os.environ.items() if k != CRASH_AFTER_STEP_ENV}
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.crash_worker", env.state_url, env.key,
-         cloud_json(env.cloud), instance_id],
-        env={**child_env, **extra, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with open(env.base / "crash-worker.log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests.crash_worker", env.state_url, env.key,
+             cloud_json(env.cloud), instance_id],
+            env={**child_env, **extra, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=log)
+
+
+def _log_tail(env: FailoverEnv) -> str:
+    return env.worker_log("crash-worker")[-2000:]
 
 
 def _unfinished_operations(env: FailoverEnv, instance_id: str) -> list[Operation]:
@@ -119,7 +125,7 @@ def kill_in_the_middle(env: FailoverEnv, instance_id: str, op_id: str, step: str
         op = _operation(env, op_id)
         if op.step == step and op.state == IN_PROGRESS:
             break
-        assert child.poll() is None, f"the worker ended before {step}: {child.stderr}"
+        assert child.poll() is None, f"the worker ended before {step}: {_log_tail(env)}"
         assert time.monotonic() < deadline, f"{op_id} never reached {step}"
         time.sleep(0.02)
     time.sleep(0.3)
@@ -153,16 +159,16 @@ def crash_after_every_step(env: FailoverEnv, instance_id: str, *,
         if point == kill_inside:
             kill_in_the_middle(env, instance_id, op.id, names[index], index)
         child = _worker(env, instance_id, point)
-        _, err = child.communicate(timeout=180)
-        assert child.returncode == -signal.SIGKILL, f"{point}: {err[-2000:]}"
+        child.wait(timeout=180)
+        assert child.returncode == -signal.SIGKILL, f"{point}: {_log_tail(env)}"
         crashed = _operation(env, op.id)
         assert (crashed.state, crashed.step) == (IN_PROGRESS, names[index]), \
             f"{point}: {crashed.state} {crashed.description}"
         last_crash[op.id] = index
         points.append(point)
     child = _worker(env, instance_id)
-    _, err = child.communicate(timeout=180)
-    assert child.returncode == 0, err[-2000:]
+    child.wait(timeout=180)
+    assert child.returncode == 0, _log_tail(env)
     for op_id in last_crash:
         done = _operation(env, op_id)
         assert done.state == SUCCEEDED, f"{done.kind} {done.state}: {done.description}"
