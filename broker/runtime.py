@@ -20,7 +20,9 @@ class Runtime:
     catalog: Catalog
     store: Store
     vault: Vault
-    _cloud: Cloud | None = field(default=None, init=False, repr=False)
+    # A field (not init=False) so that dataclasses.replace() keeps the driver: a copy
+    # with other settings must not make a second cloud from those settings.
+    _cloud: Cloud | None = field(default=None, repr=False)
 
     @property
     def cloud(self) -> Cloud:

@@ -100,6 +100,10 @@ def _start(name: str, command: str, extra: dict[str, str],
             proc.wait()
         log.close()
         shutil.rmtree(root)
+        bridge = extra.get("BROKER_LOCAL_BRIDGE")
+        if bridge:  # serve made its local cloud's bridge at start: it goes with the test
+            subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
+            assert not Path("/sys/class/net", bridge).exists(), f"bridge {bridge} left behind"
 
 
 @pytest.fixture(scope="module")

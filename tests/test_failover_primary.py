@@ -34,6 +34,9 @@ from tests.failover_support import (
 from tests.workflow_support import deprovision, instance, provision, resource_counts
 
 pytestmark = pytest.mark.e2e
+# Seconds from the fault to the first acknowledged write: a loose bound (the failover
+# benchmark keeps the real figures), so that a slow failover fails the test.
+FIRST_WRITE_BOUND = 10.0
 
 
 def _hardware_outage(cloud: LocalCloud, server_id: str) -> None:
@@ -73,7 +76,10 @@ def test_primary_failure_ha_sync(fault: str) -> None:
             heal_partitions()
             writer.stop()
 
-        # Writes resumed on the same address, and every acknowledged one is there.
+        # Writes resumed on the same address within a loose bound, and every
+        # acknowledged one is there.
+        outage = writer.wait_recovery(outcome.kill_at) - outcome.kill_at
+        assert outage < FIRST_WRITE_BOUND, f"first write {outage:.1f} s after the fault"
         after = instance(env.runtime, instance_id)
         assert creds["host"] == after.service_address == before.service_address
         assert outcome.acked > 0 and not outcome.lost, f"acknowledged writes lost: {outcome}"

@@ -3,8 +3,11 @@ in the same zone on the same volume and moves the service address; the data surv
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
+from broker.cloud.local import LocalCloud
 from broker.operations.failover import start_switchover
 from broker.operations.refusals import NotAllowed
 from broker.store.models import NODE_DELETED, READY
@@ -20,6 +23,9 @@ from tests.failover_support import (
 from tests.workflow_support import deprovision, instance, provision, resource_counts
 
 pytestmark = pytest.mark.e2e
+# Seconds from the fault to the first acknowledged write: a loose bound (the failover
+# benchmark keeps the real figures), so that a slow resurrect fails the test.
+FIRST_WRITE_BOUND = 10.0
 
 
 def test_standalone_resurrect_keeps_the_data() -> None:
@@ -33,13 +39,21 @@ def test_standalone_resurrect_keeps_the_data() -> None:
         creds = app_credentials(env, instance_id)
         writer = Writer(creds)
         writer.start()
+        fault_at: list[float] = []
+
+        def outage(cloud: LocalCloud, server_id: str) -> None:
+            fault_at.append(time.monotonic())
+            kill_server(cloud, server_id, links_down=True)
+
         try:
             with background(env):
-                lost = fail_primary_standalone(
-                    env, instance_id, creds, writer,
-                    lambda cloud, server_id: kill_server(cloud, server_id, links_down=True))
+                lost = fail_primary_standalone(env, instance_id, creds, writer, outage)
         finally:
             writer.stop()
+
+        [killed] = fault_at
+        first_write = writer.wait_recovery(killed) - killed
+        assert first_write < FIRST_WRITE_BOUND, f"first write {first_write:.1f} s after the fault"
 
         assert not lost, f"acknowledged writes lost: {sorted(lost)[:10]}"
         after = instance(env.runtime, instance_id)

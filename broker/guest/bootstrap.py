@@ -209,6 +209,15 @@ def render_conf(config: GuestConfig, *, passfile: str, tls_dir: str | None = Non
         "wal_log_hints": True,  # lets pg_rewind bring an old primary back later
         "max_slot_wal_keep_size": "2GB",  # a dead standby's slot never fills the disk
         "wal_receiver_status_interval": "1s",  # the primary sees a standby's lag promptly
+        # A standby that answers probes but stopped receiving still shows as streaming
+        # until the walsender times out, and every synchronous commit waits that long
+        # before the monitor sees it and switches synchronous replication off (default
+        # 60 s). 5 s: above the monitor's 3 s to call a node dead (interval 1 s x 3
+        # failures), so that a standby that died is caught by the probes, and five
+        # status intervals, so that a standby slow for a moment is not cut off. The
+        # receiver's timeout matches it: a standby notices a vanished primary as soon.
+        "wal_sender_timeout": "5s",
+        "wal_receiver_timeout": "5s",
         # PostgreSQL 15 sleeps out this interval (5 s) between WAL retries, and a
         # promotion that lands in that sleep waits for it: keep it short.
         "wal_retrieve_retry_interval": "100ms",

@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
-from broker.operations.queue import OwnerId, host_identity, owner_is_dead
+from broker.operations.queue import host_identity, owner_is_dead
 from broker.store.db import Store
 from broker.store.models import Lease, aware, utcnow
 
@@ -45,8 +45,9 @@ class Leases:
         self.store = store
         self.owner = owner
         self.ttl = ttl
-        parsed = OwnerId.parse(owner)
-        self.host = parsed.host if parsed is not None else host_identity()
+        # Only this machine's processes can be looked up: an owner naming another host
+        # loses its lease by expiry alone, whatever host the owner id itself names.
+        self.host = host_identity()
 
     def _expiry(self, now: datetime) -> datetime:
         return now + timedelta(seconds=self.ttl)

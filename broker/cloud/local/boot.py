@@ -49,7 +49,9 @@ def boot(server_dir: Path, server_id: str, guest: bootstrap.GuestConfig) -> None
     with os.fdopen(open_private(config_path, os.O_WRONLY | os.O_TRUNC), "w") as f:
         f.write(guest.to_json())
     boot_log = server_dir / "bootstrap.log"
-    # One boot at a time per server, whichever process asks.
+    # One boot at a time per server, whichever process asks. The bootstrap holds
+    # the lock too (inherited): a worker killed mid-boot leaves its bootstrap
+    # running, as a VM would, and the next boot waits for it to finish.
     with os.fdopen(open_private(server_dir / "boot.lock", os.O_RDWR), "r+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -57,7 +59,7 @@ def boot(server_dir: Path, server_id: str, guest: bootstrap.GuestConfig) -> None
                 ["ip", "netns", "exec", namespace(server_id), sys.executable, "-I",
                  str(BOOTSTRAP_SCRIPT), str(config_path)],
                 capture_output=True, text=True, timeout=BOOT_TIMEOUT, check=False,
-                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, pass_fds=(lock.fileno(),))
         except subprocess.TimeoutExpired:
             raise CloudError(f"server {server_id}: guest bootstrap did not finish within "
                              f"{BOOT_TIMEOUT:.0f} s") from None
