@@ -58,13 +58,18 @@ _PARAMS: dict[str, Any] = {
     "properties": {"parameters": {"type": "object"}},
 }
 
+# A service and a plan are named alike: a uuid, a CLI-friendly name, a description.
+_IDENTITY: dict[str, Any] = {
+    "id": {"type": "string", "format": "uuid"},
+    "name": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9-]*$"},
+    "description": {"type": "string", "minLength": 1},
+}
+
 _PLAN_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["id", "name", "description", "maintenance_info", "cloud", "schemas"],
     "properties": {
-        "id": {"type": "string", "format": "uuid"},
-        "name": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9-]*$"},
-        "description": {"type": "string", "minLength": 1},
+        **_IDENTITY,
         "free": {"type": "boolean"},
         "bindable": {"type": "boolean"},
         "plan_updateable": {"type": "boolean"},
@@ -106,9 +111,7 @@ _CATALOG_SCHEMA: dict[str, Any] = {
                 "type": "object",
                 "required": ["id", "name", "description", "bindable", "plans"],
                 "properties": {
-                    "id": {"type": "string", "format": "uuid"},
-                    "name": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9-]*$"},
-                    "description": {"type": "string", "minLength": 1},
+                    **_IDENTITY,
                     "bindable": {"type": "boolean"},
                     "plan_updateable": {"type": "boolean"},
                     "instances_retrievable": {"type": "boolean"},

@@ -108,17 +108,7 @@ def _dispatch(args: argparse.Namespace, settings: object) -> int:
             return instances.show_instance(runtime, args.instance_id, args.json)
         if args.action == "rotate-certs":
             return instances.rotate_certs(runtime, args.instance_id)
-        from broker.operations.refusals import Refused
-        from broker.operations.switchover import start_switchover
-
-        try:
-            op_id = start_switchover(runtime.store, args.instance_id)
-        except Refused as exc:
-            print(f"broker: switchover refused: {exc}", file=sys.stderr)
-            return 1
-        print(f"switchover queued as operation {op_id}; follow it with "
-              f"`python -m broker instances show {args.instance_id}`")
-        return 0
+        return instances.switchover(runtime, args.instance_id)
     if args.command == "cloud":
         from broker.cli import cloud
 

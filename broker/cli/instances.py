@@ -1,5 +1,5 @@
-"""`python -m broker instances list|show ID [--json]|rotate-certs ID`: what the broker
-runs, for operators.
+"""`python -m broker instances list|show ID [--json]|rotate-certs ID|switchover ID`:
+what the broker runs, for operators.
 
 `show` asks the primary for live replication facts (state, sync state, lag); a
 node that does not answer is reported `unreachable`, never as an error. Certificate
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -234,15 +235,31 @@ def show_instance(runtime: Runtime, instance_id: str, as_json: bool) -> int:
     return 0
 
 
-def rotate_certs(runtime: Runtime, instance_id: str) -> int:
-    """Queue a certificate rotation (a worker runs it)."""
-    from broker.operations.certs import RotationRefused, queue_rotation
-
+def _queue(action: str, queued: str, instance_id: str, queue: Callable[[], str],
+           refusal: type[Exception]) -> int:
+    """Queue an operation (a worker runs it) and tell the operator how to follow it."""
     try:
-        op_id = queue_rotation(runtime.store, instance_id, cause="asked by an operator")
-    except RotationRefused as exc:
-        print(f"broker: rotate-certs refused: {exc}", file=sys.stderr)
+        op_id = queue()
+    except refusal as exc:
+        print(f"broker: {action} refused: {exc}", file=sys.stderr)
         return 1
-    print(f"certificate rotation queued as operation {op_id}; follow it with "
+    print(f"{queued} queued as operation {op_id}; follow it with "
           f"`python -m broker instances show {instance_id}`")
     return 0
+
+
+def rotate_certs(runtime: Runtime, instance_id: str) -> int:
+    from broker.operations.certs import RotationRefused, queue_rotation
+
+    return _queue("rotate-certs", "certificate rotation", instance_id,
+                  lambda: queue_rotation(runtime.store, instance_id,
+                                         cause="asked by an operator"),
+                  RotationRefused)
+
+
+def switchover(runtime: Runtime, instance_id: str) -> int:
+    from broker.operations.refusals import Refused
+    from broker.operations.switchover import start_switchover
+
+    return _queue("switchover", "switchover", instance_id,
+                  lambda: start_switchover(runtime.store, instance_id), Refused)

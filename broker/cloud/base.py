@@ -52,33 +52,33 @@ class ServerStatus(enum.StrEnum):
 
 
 @dataclass(frozen=True)
-class Port:
+class Resource:
+    """What every cloud resource has: its id, the name the broker gave it, its tags."""
+
     id: str
     name: str
-    address: str
-    device_id: str | None          # the server it is attached to, None when unbound
-    tags: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict, kw_only=True)
 
 
 @dataclass(frozen=True)
-class Volume:
-    id: str
-    name: str
+class Port(Resource):
+    address: str
+    device_id: str | None          # the server it is attached to, None when unbound
+
+
+@dataclass(frozen=True)
+class Volume(Resource):
     availability_zone: str
     size_gb: int
     status: str                    # available | in-use | ...
     attached_to: str | None        # server id
-    tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
-class Server:
-    id: str
-    name: str
+class Server(Resource):
     availability_zone: str
     status: ServerStatus
     management_address: str | None
-    tags: dict[str, str] = field(default_factory=dict)
     # Driver-specific facts for operators (e.g. {"netns": "pgha-1a2b"}).
     details: dict[str, str] = field(default_factory=dict)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import ColumnElement, delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from broker.operations.queue import host_identity, owner_is_dead
@@ -52,35 +52,33 @@ class Leases:
     def _expiry(self, now: datetime) -> datetime:
         return now + timedelta(seconds=self.ttl)
 
-    def acquire(self, name: str) -> bool:
-        """Take the lease if it is free, expired, ours or held by a dead process."""
-        now = utcnow()
+    def _compare_and_set(self, name: str, *conditions: ColumnElement[bool],
+                         now: datetime) -> bool:
+        """Make the lease ours until now + ttl where `conditions` hold; True if it did."""
         with self.store.session() as s:
             result = s.execute(
                 update(Lease)
-                .where(Lease.name == name)
-                .where((Lease.owner == self.owner) | (Lease.expires_at < now))
+                .where(Lease.name == name, *conditions)
                 .values(owner=self.owner, expires_at=self._expiry(now))
                 .execution_options(synchronize_session=False)
             )
-            if result.rowcount == 1:  # type: ignore[attr-defined]
-                return True
+            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    def acquire(self, name: str) -> bool:
+        """Take the lease if it is free, expired, ours or held by a dead process."""
+        now = utcnow()
+        if self._compare_and_set(name, (Lease.owner == self.owner) | (Lease.expires_at < now),
+                                 now=now):
+            return True
+        with self.store.session() as s:
             row = s.execute(select(Lease.owner, Lease.expires_at).where(Lease.name == name)).first()
         if row is None:
             return self._insert(name, now)
         owner, expires = row
         if owner != self.owner and owner_is_dead(owner, self.host):
             # Same host, process gone: no need to wait for the expiry.
-            with self.store.session() as s:
-                result = s.execute(
-                    update(Lease)
-                    .where(Lease.name == name)
-                    .where(Lease.owner == owner)
-                    .where(Lease.expires_at == expires)
-                    .values(owner=self.owner, expires_at=self._expiry(now))
-                    .execution_options(synchronize_session=False)
-                )
-                return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+            return self._compare_and_set(name, Lease.owner == owner,
+                                         Lease.expires_at == expires, now=now)
         return False
 
     def _insert(self, name: str, now: datetime) -> bool:
@@ -93,16 +91,7 @@ class Leases:
 
     def renew(self, name: str) -> bool:
         """Extend a lease we hold; False if it is no longer ours (then stop acting)."""
-        now = utcnow()
-        with self.store.session() as s:
-            result = s.execute(
-                update(Lease)
-                .where(Lease.name == name)
-                .where(Lease.owner == self.owner)
-                .values(expires_at=self._expiry(now))
-                .execution_options(synchronize_session=False)
-            )
-            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+        return self._compare_and_set(name, Lease.owner == self.owner, now=utcnow())
 
     def release(self, name: str) -> None:
         with self.store.session() as s:

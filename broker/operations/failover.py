@@ -100,15 +100,10 @@ def steps(ctx: Context) -> list[Step]:
     return [
         Step("record", "failover: recording the event", record),
         Step("check", "failover: checking that the standby may be promoted", check),
-        Step("clear_sync", "failover: clearing synchronous replication on the standby",
-             promotion.step_clear_sync),
+        promotion.clear_sync_step("failover"),
         Step("fence", "failover: fencing the old primary (stop, unplug the address)", fence),
-        Step("attach_port", "failover: moving the service address to the standby",
-             promotion.step_attach_port),
-        Step("promote", "failover: promoting the standby",
-             promotion.step_promote("failed over")),
-        Step("rebuild_queued", "failover: queueing the rebuild of a standby",
-             promotion.step_queue_rebuild("replacing the failed primary")),
+        *promotion.promotion_steps("failover", done="failed over",
+                                   rebuild_cause="replacing the failed primary"),
     ]
 
 

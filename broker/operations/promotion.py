@@ -26,7 +26,7 @@ import psycopg2
 from broker.cloud.base import FenceError, ServerStatus
 from broker.ha import rules
 from broker.operations import nodes, queue
-from broker.operations.engine import Context, RetryLater, StepFailed
+from broker.operations.engine import Context, RetryLater, Step, StepFailed
 from broker.operations.params import FailoverParams, RebuildParams
 from broker.pg import admin, handover, probe
 from broker.store.models import (
@@ -364,3 +364,19 @@ def step_queue_rebuild(cause: str) -> Callable[[Context], None]:
         queue_rebuild(ctx, old, cause)
         set_outcome(ctx, "succeeded")
     return run
+
+
+def clear_sync_step(kind: str) -> Step:
+    return Step("clear_sync", f"{kind}: clearing synchronous replication on the standby",
+                step_clear_sync)
+
+
+def promotion_steps(kind: str, *, done: str, rebuild_cause: str) -> list[Step]:
+    """The last steps of a failover or switchover, once the old primary is fenced."""
+    return [
+        Step("attach_port", f"{kind}: moving the service address to the standby",
+             step_attach_port),
+        Step("promote", f"{kind}: promoting the standby", step_promote(done)),
+        Step("rebuild_queued", f"{kind}: queueing the rebuild of a standby",
+             step_queue_rebuild(rebuild_cause)),
+    ]

@@ -16,6 +16,7 @@ with the reason; the platform's DELETE then finishes at once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from broker.catalog import Plan
@@ -77,6 +78,13 @@ def _node(ctx: Context, role: str) -> Node:
     return node
 
 
+def _on(role: str, action: Callable[[Context, str], object]) -> Callable[[Context], None]:
+    """A step that runs a node action on the instance's node of `role`."""
+    def run(ctx: Context) -> None:
+        action(ctx, _node(ctx, role).id)
+    return run
+
+
 def plan_nodes(ctx: Context) -> None:
     """The Node rows, once: primary in the plan's first zone, standby in another."""
     inst = ctx.instance()
@@ -99,18 +107,6 @@ def management_ports(ctx: Context) -> None:
         nodes.ensure_management_port(ctx, node.id)
 
 
-def primary_volume(ctx: Context) -> None:
-    nodes.ensure_volume(ctx, _node(ctx, PRIMARY).id)
-
-
-def primary_server(ctx: Context) -> None:
-    nodes.ensure_server(ctx, _node(ctx, PRIMARY).id)
-
-
-def primary_ready(ctx: Context) -> None:
-    nodes.wait_node_ready(ctx, _node(ctx, PRIMARY).id)
-
-
 def database(ctx: Context) -> None:
     inst = ctx.instance()
     primary = _node(ctx, PRIMARY)
@@ -118,26 +114,6 @@ def database(ctx: Context) -> None:
         admin.ensure_cluster_objects(
             conn, replication_password=ctx.vault.decrypt(inst.replication_password_enc))
     nodes.apply_parameters(ctx, inst.parameters or {})
-
-
-def service_address(ctx: Context) -> None:
-    nodes.attach_service_port(ctx, _node(ctx, PRIMARY).id)
-
-
-def standby_slot(ctx: Context) -> None:
-    nodes.prepare_primary_for(ctx, _node(ctx, STANDBY).id)
-
-
-def standby_volume(ctx: Context) -> None:
-    nodes.ensure_volume(ctx, _node(ctx, STANDBY).id)
-
-
-def standby_server(ctx: Context) -> None:
-    nodes.ensure_server(ctx, _node(ctx, STANDBY).id)
-
-
-def standby_streaming(ctx: Context) -> None:
-    nodes.wait_standby_streaming(ctx, _node(ctx, STANDBY).id)
 
 
 def synchronous(ctx: Context) -> None:
@@ -157,28 +133,29 @@ def ready(ctx: Context) -> None:
 def steps(ctx: Context) -> list[Step]:
     plan = ctx.plan()
     zones = plan.cloud.availability_zones
-    primary_zone = zones[0]
+    primary = f"creating primary in {zones[0]}"
     out = [
         Step("nodes", "planning the nodes", plan_nodes),
         Step("server_group", "creating the server group", nodes.ensure_server_group),
         Step("service_port", "creating the service port", nodes.ensure_service_port),
         Step("management_ports", "creating the management ports", management_ports),
-        Step("primary_volume", f"creating primary in {primary_zone}: volume", primary_volume),
-        Step("primary_server", f"creating primary in {primary_zone}: server", primary_server),
-        Step("primary_ready", f"creating primary in {primary_zone}: starting PostgreSQL",
-             primary_ready),
+        Step("primary_volume", f"{primary}: volume", _on(PRIMARY, nodes.ensure_volume)),
+        Step("primary_server", f"{primary}: server", _on(PRIMARY, nodes.ensure_server)),
+        Step("primary_ready", f"{primary}: starting PostgreSQL",
+             _on(PRIMARY, nodes.wait_node_ready)),
         Step("database", "creating the database", database),
         Step("service_address", "attaching the service address to the primary",
-             service_address),
+             _on(PRIMARY, nodes.attach_service_port)),
     ]
     if plan.cloud.is_ha:
-        zone = nodes.other_zone(plan, primary_zone)
+        standby = f"creating standby in {nodes.other_zone(plan, zones[0])}"
         out += [
-            Step("standby_slot", f"creating standby in {zone}: replication slot", standby_slot),
-            Step("standby_volume", f"creating standby in {zone}: volume", standby_volume),
-            Step("standby_server", f"creating standby in {zone}: base backup", standby_server),
-            Step("standby_streaming", f"creating standby in {zone}: waiting for streaming",
-                 standby_streaming),
+            Step("standby_slot", f"{standby}: replication slot",
+                 _on(STANDBY, nodes.prepare_primary_for)),
+            Step("standby_volume", f"{standby}: volume", _on(STANDBY, nodes.ensure_volume)),
+            Step("standby_server", f"{standby}: base backup", _on(STANDBY, nodes.ensure_server)),
+            Step("standby_streaming", f"{standby}: waiting for streaming",
+                 _on(STANDBY, nodes.wait_standby_streaming)),
         ]
         if plan.cloud.replication == "sync":
             out.append(Step("synchronous", "switching on synchronous replication", synchronous))

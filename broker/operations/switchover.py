@@ -124,14 +124,10 @@ def steps(ctx: Context) -> list[Step]:
         Step("wait_replay", "switchover: waiting for the standby to replay everything",
              wait_replay),
         Step("fence", "switchover: stopping the old primary", fence),
-        Step("clear_sync", "switchover: clearing synchronous replication on the standby",
-             promotion.step_clear_sync),
-        Step("attach_port", "switchover: moving the service address to the standby",
-             promotion.step_attach_port),
-        Step("promote", "switchover: promoting the standby",
-             promotion.step_promote("switched over")),
-        Step("rebuild_queued", "switchover: queueing the rebuild of a standby",
-             promotion.step_queue_rebuild("replacing the old primary after a switchover")),
+        promotion.clear_sync_step("switchover"),
+        *promotion.promotion_steps(
+            "switchover", done="switched over",
+            rebuild_cause="replacing the old primary after a switchover"),
     ]
 
 

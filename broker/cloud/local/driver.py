@@ -143,6 +143,19 @@ class LocalCloud(LocalPorts, Cloud):
         rec = self.records.read().volumes.get(volume_id)
         return None if rec is None else self._volume(rec)
 
+    def delete_volume(self, volume_id: str) -> None:
+        with self.records.locked() as st:
+            rec = st.volumes.get(volume_id)
+            if rec is None:
+                return
+            if (server := st.server_of(rec.attached_to)) is not None:
+                raise CloudError(f"volume {rec.name} is attached to server {server.name}: "
+                                 "delete the server first")
+            # rmtree never follows the links its user may have planted below.
+            shutil.rmtree(self._volume_dir(volume_id), ignore_errors=True)
+            self.volume_users.delete(volume_user(volume_id))
+            del st.volumes[volume_id]
+
     def detach_volume(self, volume_id: str, server_id: str, *, force: bool = False) -> None:
         with self.records.locked() as st:
             rec = st.volumes.get(volume_id)
@@ -153,19 +166,6 @@ class LocalCloud(LocalPorts, Cloud):
                 raise CloudError(f"volume {rec.name} is in use by running server "
                                  f"{server.name}: stop it first (or force)")
             rec.attached_to = None
-
-    def delete_volume(self, volume_id: str) -> None:
-        with self.records.locked() as st:
-            rec = st.volumes.get(volume_id)
-            if rec is None:
-                return
-            if rec.attached_to is not None and rec.attached_to in st.servers:
-                raise CloudError(f"volume {rec.name} is attached to server "
-                                 f"{st.servers[rec.attached_to].name}: delete the server first")
-            # rmtree never follows the links its user may have planted below.
-            shutil.rmtree(self._volume_dir(volume_id), ignore_errors=True)
-            self.volume_users.delete(volume_user(volume_id))
-            del st.volumes[volume_id]
 
     # --- servers ---------------------------------------------------------------------------
     def ensure_server_group(self, name: str, tags: dict[str, str]) -> str | None:

@@ -79,12 +79,12 @@ class LocalPorts:
             port = st.ports.get(port_id)
             if port is None:
                 return
-            bound = port.device_id
-            if bound is not None and bound in st.servers:
+            server = st.server_of(port.device_id)
+            if server is not None:
                 if port.purpose == "management":
-                    raise CloudError(f"port {port.name} belongs to server "
-                                     f"{st.servers[bound].name}: delete the server first")
-                self.plumbing.move_out(port, bound)
+                    raise CloudError(f"port {port.name} belongs to server {server.name}: "
+                                     "delete the server first")
+                self.plumbing.move_out(port, server.id)
             host, _guest = veth_names(port)
             if link_exists(host):
                 ip("link", "del", host)  # takes its peer with it, wherever it is

@@ -102,6 +102,10 @@ class Records:
         for table in (self.servers, self.ports, self.volumes):
             table.clear()
 
+    def server_of(self, server_id: str | None) -> ServerRecord | None:
+        """The server a port or volume is bound to; None if unbound or that server is gone."""
+        return None if server_id is None else self.servers.get(server_id)
+
     def service_ports_of(self, server_id: str) -> list[PortRecord]:
         return [p for p in self.ports.values()
                 if p.device_id == server_id and p.purpose == "service"]

@@ -39,18 +39,21 @@ class WaitTimeout(CloudError):
 
 
 @dataclass(frozen=True)
-class RetryPolicy:
-    budget: float = 60.0
-    base_delay: float = 0.5
-    max_delay: float = 8.0
-
-
-@dataclass(frozen=True)
 class Verdict:
+    """What a failed OpenStack call means: retry it or not, and in which words."""
+
     transient: bool
     text: str
     status: int | None = None
     quota: bool = False
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    # Seconds: the budget of one call's retries, and the backoff between its attempts.
+    budget: float = 60.0
+    base_delay: float = 0.5
+    max_delay: float = 8.0
 
 
 # --- secrets never leave ------------------------------------------------------------

@@ -3,7 +3,7 @@
 Every create first looks for a resource with the same name (adoption after a crash,
 retries after a 5xx whose request may have gone through); every delete of something
 gone returns quietly; every wait is bounded and reported (see calls.py). Fencing
-lives in fencing.py, configuration checks in checks.py.
+lives in fencing.py (compute-host status in hosts.py), configuration checks in checks.py.
 """
 
 from __future__ import annotations

@@ -32,6 +32,13 @@ from openstack import exceptions as os_exc
 
 from broker.cloud.base import CloudError, FenceError, TransientCloudError
 from broker.cloud.openstack.calls import WaitTimeout, log, report
+from broker.cloud.openstack.hosts import (
+    ComputeHosts,
+    Heartbeat,
+    host_counted_down,
+    is_stopped,
+    powered_off,
+)
 
 if TYPE_CHECKING:
     from broker.cloud.openstack.driver import OpenStackCloud
@@ -46,90 +53,14 @@ class _CannotStop(Exception):
     """Nova refuses a stop in this state (paused, rescued, ...): delete instead."""
 
 
-def host_counted_down(server: Any) -> bool:
-    """Nova no longer hears the server's compute host (or it was forced down)."""
-    return ((server.status or "").upper() == "UNKNOWN"
-            or (server.host_status or "").upper() in ("UNKNOWN", "DOWN"))
-
-
-def is_stopped(server: Any) -> bool:
-    return (server.status or "").upper() == "SHUTOFF" and not server.task_state
-
-
-def powered_off(server: Any) -> bool:
-    """Nova confirmed the power-off (vm_state survives a host counted down, status not)."""
-    return is_stopped(server) or (
-        (server.vm_state or "").lower() == "stopped" and not server.task_state)
-
-
-class Heartbeat:
-    """How long a compute service's `updated_at` has stayed the same, on OUR clock
-    (Nova's timestamps are compared with each other only: no clock skew)."""
-
-    def __init__(self) -> None:
-        self.value: object = None
-        self.since = time.monotonic()
-
-    def frozen_for(self, updated_at: object) -> float:
-        now = time.monotonic()
-        if updated_at != self.value:
-            self.value = updated_at
-            self.since = now
-        return now - self.since
-
-
 class Fencer:
     def __init__(self, cloud: OpenStackCloud) -> None:
         self.cloud = cloud
-        self._warned_no_admin = False
+        self.hosts = ComputeHosts(cloud)
 
     @property
     def options(self) -> OpenStackOptions:
         return self.cloud.options
-
-    # --- the compute service behind a server (admin) ------------------------------------
-    def compute_service(self, server_id: str) -> Any:
-        """The nova-compute service of the server's host; None if not visible to us."""
-        admin = self.cloud.admin()
-
-        def attempt() -> Any:
-            try:
-                server = admin.compute.get_server(server_id)
-                host = server.compute_host
-                if not host:
-                    return None
-                found = list(admin.compute.services(host=host, binary="nova-compute"))
-                return found[0] if found else None
-            except (os_exc.ForbiddenException, os_exc.NotFoundException):
-                if not self._warned_no_admin:
-                    self._warned_no_admin = True
-                    log.warning("BROKER_OPENSTACK_FORCE_DOWN is on but the credentials "
-                                "cannot read compute services (admin needed): the broker "
-                                "waits for Nova to count dead hosts down by itself")
-                return None
-        return self.cloud.call(f"reading the compute service of server {server_id}", attempt)
-
-    def host_silent(self, server_id: str, heartbeat: Heartbeat) -> Any:
-        """The compute service, if it has sent no heartbeat for `force_down_after`."""
-        service = self.compute_service(server_id)
-        if service is None or service.is_forced_down:
-            return None
-        if (service.state or "").lower() == "down":
-            return service
-        if heartbeat.frozen_for(service.updated_at) >= self.options.force_down_after:
-            return service
-        return None
-
-    def force_down(self, service: Any, name: str) -> None:
-        host = service.host
-        report(f"the compute host of server {name} ({host}) has sent no heartbeat for "
-               f"{self.options.force_down_after:.0f} s: forcing its nova-compute service "
-               "down (BROKER_OPENSTACK_FORCE_DOWN). After repairing the host an operator "
-               f"runs: openstack compute service set --up {host} nova-compute")
-        admin = self.cloud.admin()
-        self.cloud.call(f"forcing the compute service of host {host} down",
-                        lambda: admin.compute.update_service_forced_down(
-                            service, host=host, binary="nova-compute", forced=True))
 
     # --- stop ---------------------------------------------------------------------------
     def stop_server(self, server_id: str) -> None:
@@ -215,7 +146,7 @@ class Fencer:
                 return "stopped"
             if (current.status or "").upper() == "ERROR":
                 return "error"
-            if heartbeat is not None and self.host_silent(server_id, heartbeat) is not None:
+            if heartbeat is not None and self.hosts.host_silent(server_id, heartbeat) is not None:
                 return "host-silent"
             return None
 
@@ -264,9 +195,9 @@ class Fencer:
                 report(f"Nova counts the compute host of server {name} down: deleting it "
                        "without the host (ports and volume are released)")
             if heartbeat is not None and not forced and not down:
-                service = self.host_silent(server_id, heartbeat)
+                service = self.hosts.host_silent(server_id, heartbeat)
                 if service is not None:
-                    self.force_down(service, name)
+                    self.hosts.force_down(service, name)
                     forced = True
                     last_sent = None
             if last_sent is None or now - last_sent >= resend_every:
@@ -298,6 +229,15 @@ class Fencer:
                 return True
             return None
 
+        def shows_unbound(where: str) -> bool:
+            try:
+                cloud.wait(f"Neutron to show port {name} unbound{where}", unbound,
+                           self.options.detach_timeout)
+            except WaitTimeout:
+                return False
+            report(f"port {name} is unbound")
+            return True
+
         server = cloud.raw_server(server_id)
         if server is not None and host_counted_down(server) and not powered_off(server):
             raise FenceError(
@@ -306,33 +246,18 @@ class Fencer:
                 "it first (stop_server deletes it, which releases the port)")
         if server is not None and not host_counted_down(server):
             self._request_detach(port_id, name, server_id)
-            try:
-                cloud.wait(f"Neutron to show port {name} unbound from server {server_id}",
-                           unbound, self.options.detach_timeout)
-                report(f"port {name} is unbound")
+            if shows_unbound(f" from server {server_id}"):
                 return
-            except WaitTimeout:
-                server = cloud.raw_server(server_id)
+            server = cloud.raw_server(server_id)
         if server is None:
-            try:  # Nova's delete unbinds it; give Neutron a moment to show it
-                cloud.wait(f"Neutron to show port {name} unbound", unbound,
-                           self.options.detach_timeout)
-                report(f"port {name} is unbound")
+            if shows_unbound(""):  # Nova's delete unbinds it; give Neutron a moment
                 return
-            except WaitTimeout:
-                pass
         # Powered off, yet its host never detaches (it died after the stop, or was forced
         # down): deleting the stopped server is safe, and the only thing that frees the port.
         elif powered_off(server) and self._delete_until_gone(
                 server_id, server.name or server_id, self.options.host_down_timeout, None,
-                why="it is stopped but its host does not detach"):
-            try:
-                cloud.wait(f"Neutron to show port {name} unbound", unbound,
-                           self.options.detach_timeout)
-                report(f"port {name} is unbound")
-                return
-            except WaitTimeout:
-                pass
+                why="it is stopped but its host does not detach") and shows_unbound(""):
+            return
         raise FenceError(
             f"port {name} is still bound to server {server_id}: its hypervisor does not "
             "carry out the detach. The service address stays where it is; fencing the "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -57,19 +58,12 @@ class Servers(Volumes):
         found.sort(key=lambda s: (s.created_at or "", s.id))
         return found[0] if found else None
 
-    def _flavor_id(self, flavor: str) -> str:
-        if flavor not in self.flavor_ids:
-            found = self.call(f"looking up flavor {flavor}", lambda: self.conn.compute.find_flavor(
-                flavor, ignore_missing=False))
-            self.flavor_ids[flavor] = found.id
-        return self.flavor_ids[flavor]
-
-    def _image_id(self, image: str) -> str:
-        if image not in self.image_ids:
-            found = self.call(f"looking up image {image}", lambda: self.conn.image.find_image(
-                image, ignore_missing=False))
-            self.image_ids[image] = found.id
-        return self.image_ids[image]
+    def _id_by_name(self, cache: dict[str, str], kind: str, name: str,
+                    find: Callable[[], Any]) -> str:
+        """A flavor's or an image's id, looked up once per broker process."""
+        if name not in cache:
+            cache[name] = self.call(f"looking up {kind} {name}", find).id
+        return cache[name]
 
     def volume_device(self, volume_id: str) -> str:
         # KVM/virtio exposes the Cinder volume id (first 20 chars) as the disk serial.
@@ -123,11 +117,15 @@ class Servers(Volumes):
         if len(user_data) > NOVA_USER_DATA_LIMIT:
             raise CloudError(f"the user-data for {spec.name} is {len(user_data)} bytes "
                              f"(base64); Nova accepts {NOVA_USER_DATA_LIMIT}")
-        image_id = self._image_id(spec.image)
+        image_id = self._id_by_name(self.image_ids, "image", spec.image,
+                                    lambda: self.conn.image.find_image(
+                                        spec.image, ignore_missing=False))
         metadata = {**tags, META_MANAGEMENT_ADDRESS: port.address}
         attrs: dict[str, Any] = {
             "name": spec.name,
-            "flavor_id": self._flavor_id(spec.flavor),
+            "flavor_id": self._id_by_name(self.flavor_ids, "flavor", spec.flavor,
+                                          lambda: self.conn.compute.find_flavor(
+                                              spec.flavor, ignore_missing=False)),
             "image_id": image_id,
             "availability_zone": spec.availability_zone,
             "networks": [{"port": spec.management_port_id}],
