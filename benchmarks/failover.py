@@ -39,20 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from broker.cloud.local import LocalCloud
 from broker.store.models import Failover, aware
-from tests.failover_support import (
-    FailoverEnv,
-    Writer,
-    app_credentials,
-    background,
-    eventually,
-    failover_env,
-    freeze_server,
-    kill_server,
-    settled,
-    stored_ids,
-)
-from tests.fixtures.pg import pg_bin_dir
-from tests.workflow_support import deprovision, instance, provision
+from harness.env import FailoverEnv, background, failover_env
+from harness.faults import freeze_server, kill_server
+from harness.machine import pg_bin_dir
+from harness.waiting import eventually, settled
+from harness.workflows import deprovision, instance, provision
+from harness.writer import Writer, app_credentials, stored_ids
 
 
 def _crash(cloud: LocalCloud, server_id: str) -> None:

@@ -17,21 +17,12 @@ import pytest
 
 from broker.cloud.local import LocalCloud
 from broker.store.models import NODE_DELETED, OLD_PRIMARY, READY
-from tests.failover_support import (
-    Writer,
-    app_credentials,
-    background,
-    fail_primary,
-    failover_env,
-    failovers,
-    freeze_server,
-    heal_partitions,
-    kill_server,
-    operations,
-    partition_from_broker,
-    standby_streaming,
-)
-from tests.workflow_support import deprovision, instance, provision, resource_counts
+from harness.env import background, failover_env
+from harness.faults import freeze_server, heal_partitions, kill_server, partition_from_broker
+from harness.scenarios import fail_primary
+from harness.waiting import failovers, operations, standby_streaming
+from harness.workflows import deprovision, instance, provision, resource_counts
+from harness.writer import Writer, app_credentials
 
 pytestmark = pytest.mark.e2e
 # Seconds from the fault to the first acknowledged write: a loose bound (the failover

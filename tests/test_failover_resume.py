@@ -6,20 +6,18 @@ from __future__ import annotations
 import pytest
 
 from broker.store.models import IN_PROGRESS, READY
-from tests.failover_support import (
-    Writer,
-    app_credentials,
+from harness.env import failover_env
+from harness.faults import kill_server
+from harness.waiting import (
     eventually,
-    failover_env,
     failovers,
-    kill_server,
     monitor_owner,
     operations,
     settled,
     standby_streaming,
-    stored_ids,
 )
-from tests.workflow_support import deprovision, instance, provision, resource_counts
+from harness.workflows import deprovision, instance, provision, resource_counts
+from harness.writer import Writer, app_credentials, stored_ids
 
 pytestmark = pytest.mark.e2e
 

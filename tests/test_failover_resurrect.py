@@ -11,16 +11,12 @@ from broker.cloud.local import LocalCloud
 from broker.operations.failover import start_switchover
 from broker.operations.refusals import NotAllowed
 from broker.store.models import NODE_DELETED, READY
-from tests.failover_support import (
-    Writer,
-    app_credentials,
-    background,
-    fail_primary_standalone,
-    failover_env,
-    failovers,
-    kill_server,
-)
-from tests.workflow_support import deprovision, instance, provision, resource_counts
+from harness.env import background, failover_env
+from harness.faults import kill_server
+from harness.scenarios import fail_primary_standalone
+from harness.waiting import failovers
+from harness.workflows import deprovision, instance, provision, resource_counts
+from harness.writer import Writer, app_credentials
 
 pytestmark = pytest.mark.e2e
 # Seconds from the fault to the first acknowledged write: a loose bound (the failover

@@ -8,20 +8,11 @@ from __future__ import annotations
 import pytest
 
 from broker.store.models import NODE_DELETED, READY
-from tests.failover_support import (
-    Writer,
-    app_credentials,
-    background,
-    eventually,
-    failover_env,
-    failovers,
-    kill_server,
-    operations,
-    settled,
-    standby_streaming,
-    stored_ids,
-)
-from tests.workflow_support import deprovision, instance, provision, resource_counts
+from harness.env import background, failover_env
+from harness.faults import kill_server
+from harness.waiting import eventually, failovers, operations, settled, standby_streaming
+from harness.workflows import deprovision, instance, provision, resource_counts
+from harness.writer import Writer, app_credentials, stored_ids
 
 pytestmark = pytest.mark.e2e
 

@@ -12,20 +12,10 @@ import pytest
 from broker.operations.failover import start_switchover
 from broker.operations.refusals import Busy
 from broker.store.models import READY
-from tests.failover_support import (
-    ROOT,
-    Writer,
-    app_credentials,
-    background,
-    eventually,
-    failover_env,
-    failovers,
-    operations,
-    settled,
-    standby_streaming,
-    stored_ids,
-)
-from tests.workflow_support import deprovision, instance, provision, resource_counts
+from harness.env import ROOT, background, failover_env
+from harness.waiting import eventually, failovers, operations, settled, standby_streaming
+from harness.workflows import deprovision, instance, provision, resource_counts
+from harness.writer import Writer, app_credentials, stored_ids
 
 pytestmark = pytest.mark.e2e
 

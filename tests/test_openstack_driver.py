@@ -27,7 +27,7 @@ from broker.cloud.openstack import OpenStackCloud
 from broker.cloud.openstack.userdata import NOVA_USER_DATA_LIMIT, bootstrap_source
 from broker.config import ConfigError
 from tests.fakes.openstack import FakeOpenStack
-from tests.fixtures.openstack import (
+from tests.support.openstack import (
     ADMIN_CIDR,
     ADMIN_PASSWORD,
     REPLICATION_PASSWORD,

@@ -26,20 +26,14 @@ from broker.crypto import Vault
 from broker.operations.engine import Engine
 from broker.runtime import Runtime
 from broker.store import Store
-from tests.failover_support import (
-    Writer,
-    app_credentials,
-    background,
-    eventually,
-    failovers,
-    settled,
-    stored_ids,
-)
+from harness.env import background
+from harness.machine import make_local_cloud
+from harness.waiting import eventually, failovers, settled
+from harness.workflows import deprovision, instance, make_engine, provision
+from harness.writer import Writer, app_credentials, stored_ids
 from tests.fakes.openstack import FakeOpenStack
 from tests.fakes.openstack.local_backend import LocalBackend
-from tests.fixtures.local import make_local_cloud
-from tests.fixtures.openstack import make_cloud
-from tests.workflow_support import deprovision, instance, make_engine, provision
+from tests.support.openstack import make_cloud
 
 pytestmark = pytest.mark.e2e
 
@@ -202,7 +196,7 @@ def test_standalone_resurrect_with_a_volume_stuck_in_use_keeps_the_data(
 
 def settled_standalone(env: OpenStackEnv, instance_id: str, old_node_id: str) -> bool:
     from broker.store.models import READY
-    from tests.failover_support import unfinished
+    from harness.waiting import unfinished
 
     inst = instance(env.runtime, instance_id)
     primary = inst.primary()

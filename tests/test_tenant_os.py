@@ -30,20 +30,13 @@ import pytest
 from broker.cloud.local import LocalCloud
 from broker.pg import admin
 from broker.store.models import READY, Instance, Node
-from tests.failover_support import (
-    FailoverEnv,
-    Writer,
-    app_credentials,
-    background,
-    eventually,
-    fail_primary,
-    failover_env,
-    failovers,
-    kill_server,
-    unfinished,
-)
-from tests.fixtures.pg import pg_bin_dir
-from tests.workflow_support import deprovision, instance, provision, update
+from harness.env import FailoverEnv, background, failover_env
+from harness.faults import kill_server
+from harness.machine import pg_bin_dir
+from harness.scenarios import fail_primary
+from harness.waiting import eventually, failovers, unfinished
+from harness.workflows import deprovision, instance, provision, update
+from harness.writer import Writer, app_credentials
 
 pytestmark = pytest.mark.e2e
 

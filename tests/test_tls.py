@@ -32,20 +32,13 @@ from broker.operations.certs import KIND as ROTATE
 from broker.pg import admin, probe, tls
 from broker.runtime import Runtime
 from broker.store.models import Instance, Node
-from tests.failover_support import (
-    FailoverEnv,
-    Writer,
-    app_credentials,
-    background,
-    eventually,
-    fail_primary,
-    failover_env,
-    kill_server,
-    operations,
-    settled,
-)
-from tests.fixtures.pg import pg_bin_dir
-from tests.workflow_support import finish, instance, make_engine, provision
+from harness.env import FailoverEnv, background, failover_env
+from harness.faults import kill_server
+from harness.machine import pg_bin_dir
+from harness.scenarios import fail_primary
+from harness.waiting import eventually, operations, settled
+from harness.workflows import finish, instance, make_engine, provision
+from harness.writer import Writer, app_credentials
 
 pytestmark = pytest.mark.e2e
 

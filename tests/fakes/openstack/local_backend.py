@@ -27,8 +27,8 @@ from broker.cloud.base import ServerSpec
 from broker.cloud.local import LocalCloud
 from broker.cloud.openstack.userdata import BOOTSTRAP_PATH, CONFIG_PATH, bootstrap_source
 from broker.guest.bootstrap import GuestConfig
+from harness.faults import crash_namespace
 from tests.fakes.openstack.state import CloudState, Port, Server, Volume
-from tests.fixtures.local import crash_namespace
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
-"""Shared by the workflow tests: a runtime and an engine on a given state store and
-local cloud, helpers to run whole operations, and what a user would check.
+"""A runtime and an engine on a given state store and local cloud, helpers to run whole
+operations, and how an app connects with a binding's credentials.
 
 Run as a script it is a worker process on the same state store and local cloud:
 
-    python -m tests.workflow_support STATE_URL KEY CLOUD_JSON OPERATION_ID
+    python -m harness.workflows STATE_URL KEY CLOUD_JSON OPERATION_ID
 
 (used with BROKER_CRASH_AFTER_STEP to SIGKILL a worker after a given step).
 """
