@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.fernet import Fernet
 
@@ -37,6 +38,14 @@ from harness.machine import (
 from harness.workflows import make_engine, make_runtime
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class HasRuntime(Protocol):
+    """What the app and waiting helpers need of an environment: its runtime (the
+    failover environment, or one on the OpenStack fake)."""
+
+    @property
+    def runtime(self) -> Runtime: ...
 
 
 @dataclass
@@ -126,7 +135,7 @@ def failover_env(state_url: str | None = None) -> Iterator[FailoverEnv]:
 
 
 @contextlib.contextmanager
-def background(env: FailoverEnv, runtime: Runtime | None = None) -> Iterator[Monitor]:
+def background(env: HasRuntime, runtime: Runtime | None = None) -> Iterator[Monitor]:
     """The worker's two threads in this process: the engine loop and the monitor."""
     runtime = runtime or env.runtime
     stop = threading.Event()

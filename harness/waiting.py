@@ -12,7 +12,7 @@ import psycopg2
 from broker.monitor.leases import Leases, monitor_lease_name
 from broker.pg import admin
 from broker.store.models import NODE_DELETED, READY, UNFINISHED, Failover, Instance, Operation
-from harness.env import FailoverEnv
+from harness.env import HasRuntime
 from harness.workflows import instance
 
 
@@ -32,13 +32,13 @@ def eventually(check: Callable[[], Any], what: str, timeout: float = 60.0,
         time.sleep(interval)
 
 
-def unfinished(env: FailoverEnv, instance_id: str) -> list[Operation]:
+def unfinished(env: HasRuntime, instance_id: str) -> list[Operation]:
     with env.runtime.store.session() as s:
         return list(s.query(Operation).filter(Operation.instance_id == instance_id,
                                               Operation.state.in_(UNFINISHED)))
 
 
-def operations(env: FailoverEnv, instance_id: str, kind: str | None = None) -> list[Operation]:
+def operations(env: HasRuntime, instance_id: str, kind: str | None = None) -> list[Operation]:
     with env.runtime.store.session() as s:
         q = s.query(Operation).filter(Operation.instance_id == instance_id)
         if kind is not None:
@@ -46,13 +46,13 @@ def operations(env: FailoverEnv, instance_id: str, kind: str | None = None) -> l
         return list(q.order_by(Operation.created_at))
 
 
-def failovers(env: FailoverEnv, instance_id: str) -> list[Failover]:
+def failovers(env: HasRuntime, instance_id: str) -> list[Failover]:
     with env.runtime.store.session() as s:
         return list(s.query(Failover).filter(Failover.instance_id == instance_id)
                     .order_by(Failover.detected_at))
 
 
-def settled(env: FailoverEnv, instance_id: str) -> bool:
+def settled(env: HasRuntime, instance_id: str) -> bool:
     """Ready again, nothing running, a standby that the primary sees streaming."""
     inst = instance(env.runtime, instance_id)
     if inst.state != READY or unfinished(env, instance_id):
@@ -60,7 +60,7 @@ def settled(env: FailoverEnv, instance_id: str) -> bool:
     return standby_streaming(env, inst) is not None
 
 
-def standby_streaming(env: FailoverEnv, inst: Instance) -> admin.StandbyInfo | None:
+def standby_streaming(env: HasRuntime, inst: Instance) -> admin.StandbyInfo | None:
     primary, standby = inst.primary(), inst.standby()
     if primary is None or standby is None or not primary.management_address:
         return None
@@ -81,7 +81,7 @@ def live_node_count(inst: Instance) -> int:
 
 
 
-def monitor_owner(env: FailoverEnv, instance_id: str, pid: int | None = None) -> str | None:
+def monitor_owner(env: HasRuntime, instance_id: str, pid: int | None = None) -> str | None:
     """The live holder of the instance's monitor lease (only if it is process `pid`)."""
     owner = Leases(env.runtime.store, "reader", 1.0).holder(monitor_lease_name(instance_id))
     if owner is None or (pid is not None and owner.split(":")[1] != str(pid)):

@@ -124,7 +124,7 @@ def connect_as_admin(runtime: Runtime, inst: Instance, host: str,
     return admin.connect(host, runtime.vault.decrypt(inst.admin_password_enc), dbname=dbname)
 
 
-def app_tls(credentials: dict[str, Any]) -> dict[str, str]:
+def app_tls(credentials: dict[str, Any]) -> dict[str, Any]:
     """What an app does with the binding's CA: libpq reads it from a file."""
     pem = credentials.get("ca_certificate")
     return {"sslrootcert": tls.ca_file(pem)} if pem else {}

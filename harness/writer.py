@@ -13,7 +13,7 @@ import psycopg2
 
 from broker.operations import bindings
 from broker.pg.probe import DeadlinePassed, wait_async
-from harness.env import FailoverEnv
+from harness.env import HasRuntime
 from harness.workflows import app_tls
 
 
@@ -123,7 +123,7 @@ class Writer(threading.Thread):
         return first
 
 
-def app_credentials(env: FailoverEnv, instance_id: str, binding_id: str = "app") -> dict[str, Any]:
+def app_credentials(env: HasRuntime, instance_id: str, binding_id: str = "app") -> dict[str, Any]:
     creds = bindings.create_binding(env.runtime, instance_id, binding_id, app_guid="app-guid",
                                     bind_resource={}, parameters={}).credentials
     conn = psycopg2.connect(creds["uri"], connect_timeout=5, **app_tls(creds))

@@ -102,10 +102,11 @@ def _operation(env: FailoverEnv, op_id: str) -> Operation:
 
 def step_names(env: FailoverEnv, op: Operation) -> list[str]:
     rt = env.runtime
+    workflow = workflow_for(op.kind)
     ctx = Context(operation_id=op.id, instance_id=op.instance_id, kind=op.kind,
-                  params=dict(op.params or {}), store=rt.store, cloud=rt.cloud, vault=rt.vault,
-                  catalog=rt.catalog, settings=rt.settings)
-    return [step.name for step in workflow_for(op.kind).steps(ctx)]
+                  params=workflow.params.load(op.params), store=rt.store, cloud=rt.cloud,
+                  vault=rt.vault, catalog=rt.catalog, settings=rt.settings)
+    return [step.name for step in workflow.steps(ctx)]
 
 
 def kill_in_the_middle(env: FailoverEnv, instance_id: str, op_id: str, step: str,

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
@@ -37,7 +38,7 @@ from tests.support.openstack import make_cloud
 
 pytestmark = pytest.mark.e2e
 
-E2E_OPTIONS = {
+E2E_OPTIONS: dict[str, Any] = {
     "api_timeout": 15.0, "boot_timeout": 120.0, "volume_timeout": 30.0,
     "delete_timeout": 60.0, "stop_timeout": 1.0, "detach_timeout": 10.0,
     "host_down_timeout": 60.0, "retry_budget": 20.0, "poll_interval": 0.05,
@@ -200,5 +201,5 @@ def settled_standalone(env: OpenStackEnv, instance_id: str, old_node_id: str) ->
 
     inst = instance(env.runtime, instance_id)
     primary = inst.primary()
-    return (inst.state == READY and not unfinished(env, instance_id)  # type: ignore[arg-type]
+    return (inst.state == READY and not unfinished(env, instance_id)
             and primary is not None and primary.id != old_node_id)

@@ -18,6 +18,7 @@ import ssl
 import struct
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,8 +152,10 @@ def test_apps_verify_the_service_address_before_and_after_a_failover() -> None:
         assert over_tls(app(creds, sslrootcert=root))
 
         # No cleartext: not for apps, not for the superuser, not for replication.
-        for attempt in (lambda: app(creds, sslmode="disable"),
-                        lambda: superuser(env.runtime, inst, primary, sslmode="disable")):
+        attempts: list[Callable[[], Any]] = [
+            lambda: app(creds, sslmode="disable"),
+            lambda: superuser(env.runtime, inst, primary, sslmode="disable")]
+        for attempt in attempts:
             with pytest.raises(psycopg2.OperationalError, match="no encryption"):
                 attempt()
         plain = replicate_from(env, inst, standby, "sslmode=disable")

@@ -19,7 +19,7 @@ import gzip
 import json
 import logging
 import threading
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -58,7 +58,8 @@ class LocalBackend:
 
     # --- Neutron / Cinder -----------------------------------------------------------------
     def port_created(self, port: Port, network: str) -> str | None:
-        purpose = "service" if network == self.service_network else "management"
+        purpose: Literal["management", "service"] = (
+            "service" if network == self.service_network else "management")
         local = self.local.create_port(f"os-{port.id}", purpose, {})
         with self._lock:
             self.ports[port.id] = local.id
