@@ -7,11 +7,10 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from broker.cloud.local import LocalCloud
-from broker.monitor.loop import Monitor
 from broker.store.models import READY
 from harness.env import FailoverEnv, background
 from harness.waiting import eventually, settled, unfinished
@@ -26,26 +25,27 @@ class UnderLoad:
     instance_id: str
     credentials: dict[str, Any]
     writer: Writer
-    monitor: Monitor | None     # None when the caller runs its own workers
+    running: contextlib.ExitStack = field(repr=False)
+
+    def stop(self) -> None:
+        """Stop the monitor (if it runs here), then the writer; a second call does nothing."""
+        self.running.close()
 
 
 @contextlib.contextmanager
 def under_write_load(env: FailoverEnv, plan: str = "ha-sync", *,
                      monitor: bool = True) -> Iterator[UnderLoad]:
     """Provision `plan`, bind an app, start a Writer and (with `monitor`) the worker's
-    engine and monitor in this process; on exit stop the monitor, then the writer."""
+    engine and monitor in this process; `stop()` or the exit stops them, monitor first."""
     instance_id = provision(env.runtime, env.engine, plan)
     creds = app_credentials(env, instance_id)
     writer = Writer(creds)
-    writer.start()
-    try:
+    with contextlib.ExitStack() as running:
+        writer.start()
+        running.callback(writer.stop)
         if monitor:
-            with background(env) as running:
-                yield UnderLoad(env, instance_id, creds, writer, running)
-        else:
-            yield UnderLoad(env, instance_id, creds, writer, None)
-    finally:
-        writer.stop()
+            running.enter_context(background(env))
+        yield UnderLoad(env, instance_id, creds, writer, running)
 
 
 @dataclass
