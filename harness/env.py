@@ -48,6 +48,13 @@ class HasRuntime(Protocol):
     def runtime(self) -> Runtime: ...
 
 
+class HasEngine(HasRuntime, Protocol):
+    """An environment that also runs whole operations in this process."""
+
+    @property
+    def engine(self) -> Engine: ...
+
+
 @dataclass
 class FailoverEnv:
     base: Path                  # BROKER_STATE_DIR

@@ -8,20 +8,22 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from broker.cloud.local import LocalCloud
 from broker.store.models import READY
-from harness.env import FailoverEnv, background
+from harness.env import FailoverEnv, HasEngine, background
 from harness.waiting import eventually, settled, unfinished
 from harness.workflows import instance, provision
 from harness.writer import Writer, app_credentials, stored_ids
 
+EnvT = TypeVar("EnvT", bound=HasEngine)
+
 
 @dataclass
-class UnderLoad:
+class UnderLoad(Generic[EnvT]):
     """An instance an app is writing to, its binding's credentials and the writer."""
-    env: FailoverEnv
+    env: EnvT
     instance_id: str
     credentials: dict[str, Any]
     writer: Writer
@@ -33,8 +35,8 @@ class UnderLoad:
 
 
 @contextlib.contextmanager
-def under_write_load(env: FailoverEnv, plan: str = "ha-sync", *,
-                     monitor: bool = True) -> Iterator[UnderLoad]:
+def under_write_load(env: EnvT, plan: str = "ha-sync", *,
+                     monitor: bool = True) -> Iterator[UnderLoad[EnvT]]:
     """Provision `plan`, bind an app, start a Writer and (with `monitor`) the worker's
     engine and monitor in this process; `stop()` or the exit stops them, monitor first."""
     instance_id = provision(env.runtime, env.engine, plan)

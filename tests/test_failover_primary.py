@@ -17,6 +17,7 @@ import pytest
 
 from broker.cloud.local import LocalCloud
 from broker.store.models import NODE_DELETED, OLD_PRIMARY, READY
+from harness.env import FailoverEnv
 from harness.faults import freeze_server, heal_partitions, kill_server, partition_from_broker
 from harness.scenarios import UnderLoad, fail_primary
 from harness.waiting import failovers, operations, standby_streaming
@@ -49,7 +50,7 @@ FAULTS: dict[str, Callable[[LocalCloud, str], Any]] = {
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
-def test_primary_failure_ha_sync(ha_under_load: UnderLoad, fault: str) -> None:
+def test_primary_failure_ha_sync(ha_under_load: UnderLoad[FailoverEnv], fault: str) -> None:
     env, instance_id = ha_under_load.env, ha_under_load.instance_id
     creds, writer = ha_under_load.credentials, ha_under_load.writer
     before = instance(env.runtime, instance_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from broker.store.models import NODE_DELETED, READY
+from harness.env import FailoverEnv
 from harness.faults import kill_server
 from harness.scenarios import UnderLoad
 from harness.waiting import eventually, failovers, operations, settled, standby_streaming
@@ -17,7 +18,7 @@ from harness.writer import stored_ids
 pytestmark = pytest.mark.e2e
 
 
-def test_standby_death_ha_sync(ha_under_load: UnderLoad) -> None:
+def test_standby_death_ha_sync(ha_under_load: UnderLoad[FailoverEnv]) -> None:
     env, instance_id = ha_under_load.env, ha_under_load.instance_id
     creds, writer = ha_under_load.credentials, ha_under_load.writer
     before = instance(env.runtime, instance_id)

@@ -12,7 +12,7 @@ import pytest
 from broker.operations.failover import start_switchover
 from broker.operations.refusals import Busy
 from broker.store.models import READY
-from harness.env import ROOT
+from harness.env import ROOT, FailoverEnv
 from harness.scenarios import UnderLoad
 from harness.waiting import eventually, failovers, operations, settled, standby_streaming
 from harness.workflows import deprovision, instance, resource_counts
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.parametrize("ha_under_load", ["ha"], indirect=True)
-def test_switchover_ha_loses_no_acknowledged_write(ha_under_load: UnderLoad) -> None:
+def test_switchover_ha_loses_no_acknowledged_write(ha_under_load: UnderLoad[FailoverEnv]) -> None:
     env, instance_id = ha_under_load.env, ha_under_load.instance_id
     creds, writer = ha_under_load.credentials, ha_under_load.writer
     before = instance(env.runtime, instance_id)

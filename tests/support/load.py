@@ -9,12 +9,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from harness.env import failover_env
+from harness.env import FailoverEnv, failover_env
 from harness.scenarios import UnderLoad, under_write_load
 
 
 @pytest.fixture
-def ha_under_load(request: pytest.FixtureRequest) -> Iterator[UnderLoad]:
+def ha_under_load(request: pytest.FixtureRequest) -> Iterator[UnderLoad[FailoverEnv]]:
     plan: str = getattr(request, "param", "ha-sync")
     with failover_env() as env, under_write_load(env, plan) as load:
         yield load
