@@ -46,7 +46,7 @@ serve: setup
 	$(PY) -m broker serve
 
 lint: python-env
-	$(VENV)/bin/ruff check broker migrations tests benchmarks
+	$(VENV)/bin/ruff check broker migrations tests benchmarks harness
 
 typecheck: python-env
 	$(VENV)/bin/mypy

@@ -39,20 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from broker.cloud.local import LocalCloud
 from broker.store.models import Failover, aware
-from tests.failover_support import (
-    FailoverEnv,
-    Writer,
-    app_credentials,
-    background,
-    eventually,
-    failover_env,
-    freeze_server,
-    kill_server,
-    settled,
-    stored_ids,
-)
-from tests.fixtures.pg import pg_bin_dir
-from tests.workflow_support import deprovision, instance, provision
+from harness.env import FailoverEnv, failover_env
+from harness.faults import freeze_server, kill_server
+from harness.machine import pg_bin_dir
+from harness.scenarios import under_write_load
+from harness.waiting import eventually, settled
+from harness.workflows import deprovision, instance
+from harness.writer import Writer, stored_ids
 
 
 def _crash(cloud: LocalCloud, server_id: str) -> None:
@@ -248,24 +241,18 @@ def main() -> int:
         settings = env.runtime.settings
         env.runtime.settings = dataclasses.replace(settings, monitor=dataclasses.replace(
             settings.monitor, min_seconds_between_failovers=1.0))
-        instance_id = provision(env.runtime, env.engine, args.plan)
-        creds = app_credentials(env, instance_id)
-        writer = Writer(creds)
-        writer.start()
-        try:
-            with background(env):
-                for scenario in args.scenarios:
-                    for i in range(args.rounds):
-                        r = one_round(env, instance_id, creds, writer, scenario)
-                        rounds.append(r)
-                        logging.getLogger("bench").info("round done: %s", r)
-                        print(f"{scenario:>10} {i + 1:>2}: first write {r.first_write:5.2f} s, "
-                              f"decided {r.detected:5.2f} s, promoted {r.promoted:5.2f} s, "
-                              f"standby again {r.standby_again:5.2f} s, lost {r.lost}",
-                              flush=True)
-                eventually(lambda: settled(env, instance_id), "settled", 120)
-        finally:
-            writer.stop()
+        with under_write_load(env, args.plan) as load:
+            instance_id, creds, writer = load.instance_id, load.credentials, load.writer
+            for scenario in args.scenarios:
+                for i in range(args.rounds):
+                    r = one_round(env, instance_id, creds, writer, scenario)
+                    rounds.append(r)
+                    logging.getLogger("bench").info("round done: %s", r)
+                    print(f"{scenario:>10} {i + 1:>2}: first write {r.first_write:5.2f} s, "
+                          f"decided {r.detected:5.2f} s, promoted {r.promoted:5.2f} s, "
+                          f"standby again {r.standby_again:5.2f} s, lost {r.lost}",
+                          flush=True)
+            eventually(lambda: settled(env, instance_id), "settled", 120)
         acked = len(writer.acked)
         deprovision(env.runtime, env.engine, instance_id)
     stats = summary(rounds)

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from broker.cloud.base import ServerSpec
 from broker.guest.bootstrap import GuestConfig
 from broker.pg import admin
-from tests.fixtures.local import make_local_cloud
+from harness.machine import make_local_cloud
 
 PW = "bench-admin-pw"
 REPL = "bench-repl-pw"

@@ -37,9 +37,8 @@ from broker.api.app import create_app
 from broker.api.server import ApiServer
 from broker.operations import workflows
 from broker.operations.engine import Engine
-from tests.fixtures.local import make_local_cloud
-from tests.fixtures.pg import free_port
-from tests.workflow_support import make_runtime
+from harness.machine import free_port, make_local_cloud
+from harness.workflows import make_runtime
 
 USER, PASSWORD = "bench", "bench-password"
 HEADERS = {"X-Broker-API-Version": "2.15"}

@@ -1,4 +1,5 @@
-"""Shared fixtures live in tests/fixtures/*, one module per real part.
+"""Shared fixtures live in tests/support/*, one module per real part; the helpers they
+share with the benchmarks in the top-level `harness` package.
 
 A skipped test is a test that does not exist: with `CI` set (CI runs as root with
 PostgreSQL and network namespaces available) every skip is turned into a failure, and
@@ -13,9 +14,10 @@ from collections.abc import Generator
 import pytest
 
 pytest_plugins = [
-    "tests.fixtures.pg",
-    "tests.fixtures.local",
-    "tests.fixtures.openstack",
+    "tests.support.pg",
+    "tests.support.local",
+    "tests.support.openstack",
+    "tests.support.load",
 ]
 
 

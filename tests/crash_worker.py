@@ -13,7 +13,7 @@ import sys
 import time
 
 from broker.store.models import UNFINISHED, Operation
-from tests.workflow_support import cloud_from_json, make_engine, make_runtime
+from harness.workflows import cloud_from_json, make_engine, make_runtime
 
 TIMEOUT = 180.0
 

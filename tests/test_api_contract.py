@@ -44,7 +44,8 @@ from broker.store.models import (
     Instance,
     Node,
 )
-from tests.api_support import (
+from harness.machine import free_port
+from tests.support.api import (
     API_VERSION,
     OTHER_PLAN_ID,
     OTHER_SERVICE_ID,
@@ -62,7 +63,6 @@ from tests.api_support import (
     set_operation,
     write_test_catalog,
 )
-from tests.fixtures.pg import free_port
 
 ORG, SPACE = "org-guid-1", "space-guid-1"
 

@@ -15,7 +15,7 @@ from broker.api.errors import REFUSALS, refusal_error
 from broker.operations import bindings, refusals
 from broker.operations.refusals import Refused
 from broker.runtime import Runtime
-from tests.api_support import broker_env, make_runtime, osb_headers, write_test_catalog
+from tests.support.api import broker_env, make_runtime, osb_headers, write_test_catalog
 
 # Status and OSB `error` of each refusal, as the OSB spec and the broker document them.
 DOCUMENTED: dict[type[Refused], tuple[int, str]] = {

@@ -28,7 +28,8 @@ from typing import Any
 
 import pytest
 
-from tests.api_support import (
+from harness.machine import free_port, world_traversable_tmpdir
+from tests.support.api import (
     API_VERSION,
     PASSWORD,
     auth_header,
@@ -36,7 +37,7 @@ from tests.api_support import (
     originating_identity,
     write_test_catalog,
 )
-from tests.fixtures.pg import StateServer, free_port, world_traversable_tmpdir
+from tests.support.pg import StateServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVE_THREADS = 2

@@ -11,7 +11,7 @@ from cryptography.fernet import Fernet
 from broker.cli.instances import list_instances, show_instance
 from broker.cloud.local import LocalCloud
 from broker.operations import bindings
-from tests.workflow_support import deprovision, instance, make_engine, make_runtime, provision
+from harness.workflows import deprovision, instance, make_engine, make_runtime, provision
 
 pytestmark = pytest.mark.e2e
 KEY = Fernet.generate_key().decode()

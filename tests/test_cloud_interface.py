@@ -14,7 +14,7 @@ from broker.cloud.local import LocalCloud
 from broker.cloud.openstack import OpenStackCloud
 from broker.config import load_settings
 from tests.fakes.openstack import FakeOpenStack
-from tests.fixtures.openstack import make_cloud
+from tests.support.openstack import make_cloud
 
 INSTANCE = "0c7e5d2a-4b1f-4e8a-9d3c-6a5b4c3d2e1f"
 TAGS = {TAG_INSTANCE: INSTANCE, "pgha-managed": "true"}

@@ -48,19 +48,11 @@ from broker.store.models import (
     Operation,
     utcnow,
 )
-from tests.failover_support import (
-    FailoverEnv,
-    app_credentials,
-    failover_env,
-    freeze_server,
-    kill_server,
-    operations,
-    settled,
-    standby_streaming,
-)
-from tests.fixtures.local import postgres_processes_under
-from tests.fixtures.pg import free_port
-from tests.workflow_support import (
+from harness.env import FailoverEnv, failover_env
+from harness.faults import freeze_server, kill_server
+from harness.machine import free_port, postgres_processes_under
+from harness.waiting import operations, settled, standby_streaming
+from harness.workflows import (
     cloud_json,
     connect_as_admin,
     connect_with,
@@ -68,6 +60,7 @@ from tests.workflow_support import (
     provision,
     resource_counts,
 )
+from harness.writer import app_credentials
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]

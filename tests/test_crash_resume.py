@@ -25,8 +25,8 @@ from broker.operations.params import Params
 from broker.pg import admin
 from broker.runtime import Runtime
 from broker.store.models import DEPROVISIONED, IN_PROGRESS, READY, Operation
-from tests.fixtures.local import list_namespaces, make_local_cloud
-from tests.workflow_support import (
+from harness.machine import list_namespaces, make_local_cloud
+from harness.workflows import (
     cloud_json,
     connect_as_admin,
     finish,
@@ -64,7 +64,7 @@ def _context(runtime: Runtime, instance_id: str, kind: str) -> Context:
 def _crashing_worker(runtime: Runtime, cloud: LocalCloud, op_id: str, crash_at: str) -> None:
     env = {**os.environ, CRASH_AFTER_STEP_ENV: crash_at, "PYTHONPATH": str(ROOT)}
     child = subprocess.run(
-        [sys.executable, "-m", "tests.workflow_support", runtime.store.url, KEY,
+        [sys.executable, "-m", "harness.workflows", runtime.store.url, KEY,
          cloud_json(cloud), op_id],
         env=env, cwd=ROOT, capture_output=True, text=True, check=False, timeout=120)
     assert child.returncode == -9, child.stderr[-2000:]

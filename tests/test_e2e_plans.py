@@ -31,8 +31,8 @@ from broker.store.models import (
     Binding,
     Operation,
 )
-from tests.fixtures.local import list_interfaces, list_namespaces
-from tests.workflow_support import (
+from harness.machine import list_interfaces, list_namespaces
+from harness.workflows import (
     connect_as_admin,
     connect_with,
     deprovision,

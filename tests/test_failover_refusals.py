@@ -23,15 +23,10 @@ from broker.cloud.local import LocalCloud, namespace_pids
 from broker.monitor.loop import Monitor
 from broker.pg import admin
 from broker.store.models import DEGRADED, OP_FAILED, SUCCEEDED, Failover, Instance
-from tests.failover_support import (
-    FailoverEnv,
-    failover_env,
-    failovers,
-    kill_server,
-    operations,
-    settled,
-)
-from tests.workflow_support import deprovision, instance, provision
+from harness.env import FailoverEnv, failover_env
+from harness.faults import kill_server
+from harness.waiting import failovers, operations, settled
+from harness.workflows import deprovision, instance, provision
 
 pytestmark = pytest.mark.e2e
 

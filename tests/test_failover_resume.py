@@ -6,33 +6,29 @@ from __future__ import annotations
 import pytest
 
 from broker.store.models import IN_PROGRESS, READY
-from tests.failover_support import (
-    Writer,
-    app_credentials,
+from harness.env import failover_env
+from harness.faults import kill_server
+from harness.scenarios import under_write_load
+from harness.waiting import (
     eventually,
-    failover_env,
     failovers,
-    kill_server,
     monitor_owner,
     operations,
     settled,
     standby_streaming,
-    stored_ids,
 )
-from tests.workflow_support import deprovision, instance, provision, resource_counts
+from harness.workflows import deprovision, instance, resource_counts
+from harness.writer import stored_ids
 
 pytestmark = pytest.mark.e2e
 
 
 def test_worker_killed_mid_failover_then_restarted_finishes() -> None:
-    with failover_env() as env:
-        instance_id = provision(env.runtime, env.engine, "ha-sync")
+    with failover_env() as env, under_write_load(env, monitor=False) as load:
+        instance_id, creds, writer = load.instance_id, load.credentials, load.writer
         before = instance(env.runtime, instance_id)
         primary, standby = before.primary(), before.standby()
         assert primary is not None and standby is not None and primary.server_id
-        creds = app_credentials(env, instance_id)
-        writer = Writer(creds)
-        writer.start()
         try:
             first = env.start_worker("worker-1", BROKER_CRASH_AFTER_STEP="failover:fence")
             eventually(lambda: monitor_owner(env, instance_id, first.pid), "worker 1 watching")
@@ -48,7 +44,7 @@ def test_worker_killed_mid_failover_then_restarted_finishes() -> None:
             writer.wait_acks(5, after=stalled_at)
             assert second.poll() is None
         finally:
-            writer.stop()
+            load.stop()
             env.stop_workers()
 
         assert {i for i, _ in writer.acked} <= stored_ids(creds)

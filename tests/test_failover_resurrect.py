@@ -11,16 +11,11 @@ from broker.cloud.local import LocalCloud
 from broker.operations.failover import start_switchover
 from broker.operations.refusals import NotAllowed
 from broker.store.models import NODE_DELETED, READY
-from tests.failover_support import (
-    Writer,
-    app_credentials,
-    background,
-    fail_primary_standalone,
-    failover_env,
-    failovers,
-    kill_server,
-)
-from tests.workflow_support import deprovision, instance, provision, resource_counts
+from harness.env import failover_env
+from harness.faults import kill_server
+from harness.scenarios import fail_primary_standalone, under_write_load
+from harness.waiting import failovers
+from harness.workflows import deprovision, instance, resource_counts
 
 pytestmark = pytest.mark.e2e
 # Seconds from the fault to the first acknowledged write: a loose bound (the failover
@@ -29,27 +24,21 @@ FIRST_WRITE_BOUND = 10.0
 
 
 def test_standalone_resurrect_keeps_the_data() -> None:
-    with failover_env() as env:
-        instance_id = provision(env.runtime, env.engine, "standalone")
+    with failover_env() as env, under_write_load(env, "standalone") as load:
+        instance_id, creds, writer = load.instance_id, load.credentials, load.writer
         with pytest.raises(NotAllowed, match="no standby"):
             start_switchover(env.runtime.store, instance_id)
         before = instance(env.runtime, instance_id)
         old = before.primary()
         assert old is not None and old.server_id
-        creds = app_credentials(env, instance_id)
-        writer = Writer(creds)
-        writer.start()
         fault_at: list[float] = []
 
         def outage(cloud: LocalCloud, server_id: str) -> None:
             fault_at.append(time.monotonic())
             kill_server(cloud, server_id, links_down=True)
 
-        try:
-            with background(env):
-                lost = fail_primary_standalone(env, instance_id, creds, writer, outage)
-        finally:
-            writer.stop()
+        lost = fail_primary_standalone(env, instance_id, creds, writer, outage)
+        load.stop()
 
         [killed] = fault_at
         first_write = writer.wait_recovery(killed) - killed

@@ -8,20 +8,11 @@ import signal
 
 import pytest
 
-from tests.failover_support import (
-    FailoverEnv,
-    Writer,
-    app_credentials,
-    eventually,
-    failover_env,
-    failovers,
-    kill_server,
-    monitor_owner,
-    operations,
-    settled,
-    stored_ids,
-)
-from tests.workflow_support import deprovision, instance, provision
+from harness.env import FailoverEnv, failover_env
+from harness.faults import kill_server
+from harness.waiting import eventually, failovers, monitor_owner, operations, settled
+from harness.workflows import deprovision, instance, provision
+from harness.writer import Writer, app_credentials, stored_ids
 
 pytestmark = pytest.mark.e2e
 

@@ -17,7 +17,8 @@ import pytest
 from broker.guest import bootstrap
 from broker.guest.bootstrap import GuestConfig
 from broker.pg import admin, tls
-from tests.fixtures.pg import PG_USER, free_port, pg_bin_dir, world_traversable_tmpdir
+from harness.machine import free_port, pg_bin_dir, world_traversable_tmpdir
+from tests.support.pg import PG_USER
 
 SECRET = "s3cret'pw:x"
 

@@ -18,18 +18,11 @@ from broker.operations.failover import KIND as FAILOVER
 from broker.operations.failover import queue_failover
 from broker.pg import probe as health
 from broker.store.models import DEGRADED, OP_FAILED, Operation, utcnow
-from tests.failover_support import (
-    app_credentials,
-    background,
-    eventually,
-    failover_env,
-    failovers,
-    kill_server,
-    operations,
-    settled,
-)
-from tests.replication_faults import freeze_walreceiver
-from tests.workflow_support import connect_with, instance, provision
+from harness.env import background, failover_env
+from harness.faults import freeze_walreceiver, kill_server
+from harness.waiting import eventually, failovers, operations, settled
+from harness.workflows import connect_with, instance, provision
+from harness.writer import app_credentials
 
 pytestmark = pytest.mark.e2e
 

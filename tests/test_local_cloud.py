@@ -17,8 +17,8 @@ from broker.cloud.base import CloudError, ServerSpec, ServerStatus
 from broker.cloud.local import LocalCloud, LocalCloudUnavailable
 from broker.guest.bootstrap import GuestConfig
 from broker.pg import admin
-from tests.fixtures.local import list_interfaces, list_namespaces
-from tests.fixtures.pg import PG_USER, pg_bin_dir, world_traversable_tmpdir
+from harness.machine import list_interfaces, list_namespaces, pg_bin_dir, world_traversable_tmpdir
+from tests.support.pg import PG_USER
 
 ADMIN_PW = "adm'in:pw\\1"  # quotes, colons, backslashes: every file format is exercised
 REPL_PW = "re:pl\\pw'2"

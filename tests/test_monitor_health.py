@@ -6,7 +6,8 @@ from __future__ import annotations
 import socket
 
 from broker.pg import probe
-from tests.fixtures.pg import StateServer, free_port
+from harness.machine import free_port
+from tests.support.pg import StateServer
 
 
 def test_live_primary(pg_state_server: StateServer) -> None:

@@ -15,7 +15,7 @@ from broker.config import load_settings
 from broker.runtime import Runtime, build_runtime
 from broker.store.models import Instance
 from tests.fakes.openstack import FakeOpenStack
-from tests.fixtures.openstack import ADMIN_CIDR, build_node, make_cloud
+from tests.support.openstack import ADMIN_CIDR, build_node, make_cloud
 
 LIVE = "11111111-aaaa-4bbb-8ccc-000000000001"
 GONE = "22222222-aaaa-4bbb-8ccc-000000000002"      # deprovisioned: deleted_at set

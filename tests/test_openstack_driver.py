@@ -11,6 +11,7 @@ import gzip
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -27,7 +28,8 @@ from broker.cloud.openstack import OpenStackCloud
 from broker.cloud.openstack.userdata import NOVA_USER_DATA_LIMIT, bootstrap_source
 from broker.config import ConfigError
 from tests.fakes.openstack import FakeOpenStack
-from tests.fixtures.openstack import (
+from tests.fakes.openstack.state import SecurityGroup
+from tests.support.openstack import (
     ADMIN_CIDR,
     ADMIN_PASSWORD,
     REPLICATION_PASSWORD,
@@ -63,7 +65,7 @@ def cleanup(cloud: OpenStackCloud, instance_id: str = INSTANCE) -> None:
         cloud.delete_resource(res)
 
 
-def decoded_user_data(fake: FakeOpenStack) -> tuple[str, dict[str, object]]:
+def decoded_user_data(fake: FakeOpenStack) -> tuple[str, dict[str, Any]]:
     body = fake.requests("POST", r"/servers$")[-1].body
     text = base64.b64decode(body["server"]["user_data"]).decode()
     assert text.startswith("#cloud-config\n")
@@ -176,9 +178,10 @@ def test_a_node_is_built_with_zone_anti_affinity_fixed_ip_security_groups_and_ta
     nodes_sg = s.by_name(s.security_groups, f"pgha-{INSTANCE}-nodes")
     assert s.ports[service.id].security_groups == [svc_sg.id]
     assert s.ports[mgmt.id].security_groups == [nodes_sg.id]
-    ingress = lambda sg: sorted(  # noqa: E731
-        (r["port_range_min"], r["remote_ip_prefix"] or "", r["remote_group_id"] or "")
-        for r in sg.rules if r["direction"] == "ingress")
+    def ingress(sg: SecurityGroup) -> list[tuple[int, str, str]]:
+        return sorted((r["port_range_min"], r["remote_ip_prefix"] or "", r["remote_group_id"] or "")
+                      for r in sg.rules if r["direction"] == "ingress")
+
     assert ingress(svc_sg) == [(5432, "10.0.0.0/8", ""), (5432, ADMIN_CIDR, "")]
     assert ingress(nodes_sg) == sorted([(5432, "", nodes_sg.id), (5432, ADMIN_CIDR, "")])
 
@@ -201,7 +204,7 @@ def test_a_node_is_built_with_zone_anti_affinity_fixed_ip_security_groups_and_ta
     assert server.availability_zone == "az2"
     assert server.management_address == mgmt.address
     assert server.tags == node_tags(INSTANCE, "a1b2c3d4", "primary")
-    assert s.servers[server.id].host.startswith("cmp-az2-")
+    assert (s.servers[server.id].host or "").startswith("cmp-az2-")
     assert s.volumes[volume.id].status == "in-use"
 
     kinds = sorted((r.kind, r.name) for r in cloud.find_resources(INSTANCE))
@@ -222,7 +225,7 @@ def test_user_data_runs_the_real_bootstrap_with_hotplug_and_the_data_volume(
     _, mgmt, volume, _ = build_node(openstack_cloud, INSTANCE, "0badcafe", "az1")
     text, doc = decoded_user_data(fake_openstack)
     assert doc["updates"] == {"network": {"when": ["boot", "hotplug"]}}
-    files = {f["path"]: f for f in doc["write_files"]}  # type: ignore[attr-defined]
+    files = {f["path"]: f for f in doc["write_files"]}
 
     script = files["/opt/pgha/bootstrap.py"]
     assert script["encoding"] == "gz+b64" and script["permissions"] == "0755"

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
@@ -26,24 +27,18 @@ from broker.crypto import Vault
 from broker.operations.engine import Engine
 from broker.runtime import Runtime
 from broker.store import Store
-from tests.failover_support import (
-    Writer,
-    app_credentials,
-    background,
-    eventually,
-    failovers,
-    settled,
-    stored_ids,
-)
+from harness.machine import make_local_cloud
+from harness.scenarios import under_write_load
+from harness.waiting import eventually, failovers, settled
+from harness.workflows import deprovision, instance, make_engine
+from harness.writer import stored_ids
 from tests.fakes.openstack import FakeOpenStack
 from tests.fakes.openstack.local_backend import LocalBackend
-from tests.fixtures.local import make_local_cloud
-from tests.fixtures.openstack import make_cloud
-from tests.workflow_support import deprovision, instance, make_engine, provision
+from tests.support.openstack import make_cloud
 
 pytestmark = pytest.mark.e2e
 
-E2E_OPTIONS = {
+E2E_OPTIONS: dict[str, Any] = {
     "api_timeout": 15.0, "boot_timeout": 120.0, "volume_timeout": 30.0,
     "delete_timeout": 60.0, "stop_timeout": 1.0, "detach_timeout": 10.0,
     "host_down_timeout": 60.0, "retry_budget": 20.0, "poll_interval": 0.05,
@@ -97,9 +92,10 @@ def openstack_on_namespaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_ha_sync_survives_a_dead_hypervisor_through_the_openstack_driver(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with openstack_on_namespaces(tmp_path, monkeypatch) as env:
+    with openstack_on_namespaces(tmp_path, monkeypatch) as env, \
+            under_write_load(env, "ha-sync") as load:
         state = env.fake.state
-        instance_id = provision(env.runtime, env.engine, "ha-sync")
+        instance_id, creds, writer = load.instance_id, load.credentials, load.writer
         before = instance(env.runtime, instance_id)
         old_primary, old_standby = before.primary(), before.standby()
         assert old_primary is not None and old_standby is not None
@@ -113,25 +109,19 @@ def test_ha_sync_survives_a_dead_hypervisor_through_the_openstack_driver(
                  if n.server_id}
         assert zones == {"az1", "az2"}
 
-        creds = app_credentials(env, instance_id)
-        writer = Writer(creds)
-        writer.start()
-        try:
-            with background(env):
-                writer.wait_acks(20)
-                dead_host = state.host_of(old_primary.server_id)
-                assert dead_host is not None
-                state.kill_host(dead_host)  # a hardware outage: the hypervisor is gone
-                kill_at = time.monotonic()
-                first = writer.wait_acks(5, after=kill_at, timeout=90)
-                print(f"first write through the service address {first - kill_at:.1f} s "
-                      "after the hypervisor died")
-                eventually(lambda: settled(env, instance_id) and
-                           instance(env.runtime, instance_id).primary().id  # type: ignore[union-attr]
-                           != old_primary.id,
-                           "the instance ready again with a streaming standby", 120)
-        finally:
-            writer.stop()
+        writer.wait_acks(20)
+        dead_host = state.host_of(old_primary.server_id)
+        assert dead_host is not None
+        state.kill_host(dead_host)  # a hardware outage: the hypervisor is gone
+        kill_at = time.monotonic()
+        first = writer.wait_acks(5, after=kill_at, timeout=90)
+        print(f"first write through the service address {first - kill_at:.1f} s "
+              "after the hypervisor died")
+        eventually(lambda: settled(env, instance_id) and
+                   instance(env.runtime, instance_id).primary().id  # type: ignore[union-attr]
+                   != old_primary.id,
+                   "the instance ready again with a streaming standby", 120)
+        load.stop()
         assert writer.acked and not ({i for i, _ in writer.acked} - stored_ids(creds))
 
         after = instance(env.runtime, instance_id)
@@ -159,29 +149,24 @@ def test_ha_sync_survives_a_dead_hypervisor_through_the_openstack_driver(
 
 def test_standalone_resurrect_with_a_volume_stuck_in_use_keeps_the_data(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with openstack_on_namespaces(tmp_path, monkeypatch) as env:
+    with openstack_on_namespaces(tmp_path, monkeypatch) as env, \
+            under_write_load(env, "standalone") as load:
         state = env.fake.state
-        instance_id = provision(env.runtime, env.engine, "standalone")
+        instance_id, creds, writer = load.instance_id, load.credentials, load.writer
         before = instance(env.runtime, instance_id)
         old = before.primary()
         assert old is not None and old.server_id and old.volume_id
-        creds = app_credentials(env, instance_id)
-        writer = Writer(creds)
-        writer.start()
-        try:
-            with background(env):
-                writer.wait_acks(20)
-                with state.lock:
-                    state.volumes[old.volume_id].stuck = True  # Nova never lets go of it
-                dead_host = state.host_of(old.server_id)
-                assert dead_host is not None
-                state.kill_host(dead_host)
-                kill_at = time.monotonic()
-                writer.wait_acks(5, after=kill_at, timeout=120)
-                eventually(lambda: settled_standalone(env, instance_id, old.id),
-                           "the instance resurrected", 120)
-        finally:
-            writer.stop()
+        writer.wait_acks(20)
+        with state.lock:
+            state.volumes[old.volume_id].stuck = True  # Nova never lets go of it
+        dead_host = state.host_of(old.server_id)
+        assert dead_host is not None
+        state.kill_host(dead_host)
+        kill_at = time.monotonic()
+        writer.wait_acks(5, after=kill_at, timeout=120)
+        eventually(lambda: settled_standalone(env, instance_id, old.id),
+                   "the instance resurrected", 120)
+        load.stop()
         assert writer.acked and not ({i for i, _ in writer.acked} - stored_ids(creds))
 
         after = instance(env.runtime, instance_id)
@@ -202,9 +187,9 @@ def test_standalone_resurrect_with_a_volume_stuck_in_use_keeps_the_data(
 
 def settled_standalone(env: OpenStackEnv, instance_id: str, old_node_id: str) -> bool:
     from broker.store.models import READY
-    from tests.failover_support import unfinished
+    from harness.waiting import unfinished
 
     inst = instance(env.runtime, instance_id)
     primary = inst.primary()
-    return (inst.state == READY and not unfinished(env, instance_id)  # type: ignore[arg-type]
+    return (inst.state == READY and not unfinished(env, instance_id)
             and primary is not None and primary.id != old_node_id)

@@ -21,7 +21,7 @@ from broker.catalog import Catalog
 from broker.cloud.base import TAG_INSTANCE, CloudError, FenceError, ServerStatus
 from broker.cloud.openstack import OpenStackCloud, reporting
 from tests.fakes.openstack import FakeOpenStack
-from tests.fixtures.openstack import build_node, make_cloud
+from tests.support.openstack import build_node, make_cloud
 
 INSTANCE = "0e4d2c1b-7a6f-4e3d-9c8b-1a2b3c4d5e6f"
 

@@ -13,7 +13,7 @@ from broker.cloud.base import ServerSpec
 from broker.cloud.local import LocalCloud
 from broker.guest.bootstrap import GuestConfig
 from broker.pg import admin, tls
-from tests.fixtures.local import make_local_cloud
+from harness.machine import make_local_cloud
 
 pytestmark = pytest.mark.e2e
 

@@ -39,7 +39,7 @@ from broker.store.models import (
     Node,
     Operation,
 )
-from tests.api_support import (
+from tests.support.api import (
     add_nodes,
     broker_env,
     make_runtime,

@@ -38,7 +38,7 @@ from schemathesis.specs.openapi.checks import status_code_conformance
 from broker.api import create_app
 from broker.runtime import Runtime
 from broker.store.models import READY, SUCCEEDED
-from tests.api_support import (
+from tests.support.api import (
     add_nodes,
     auth_header,
     broker_env,

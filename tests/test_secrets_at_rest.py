@@ -18,8 +18,9 @@ from cryptography.hazmat.primitives import serialization
 
 from broker.pg import admin
 from broker.store.models import Binding, Node
-from tests.failover_support import app_credentials, failover_env
-from tests.workflow_support import app_tls, connect_as_admin, deprovision, instance, provision
+from harness.env import failover_env
+from harness.workflows import app_tls, connect_as_admin, deprovision, instance, provision
+from harness.writer import app_credentials
 
 pytestmark = pytest.mark.e2e
 

@@ -18,17 +18,11 @@ import pytest
 
 from broker.pg import probe as health
 from broker.store.models import Instance
-from tests.failover_support import (
-    FailoverEnv,
-    app_credentials,
-    background,
-    eventually,
-    failover_env,
-    operations,
-    settled,
-)
-from tests.replication_faults import freeze_walreceiver, thaw
-from tests.workflow_support import connect_as_admin, connect_with, instance, provision
+from harness.env import FailoverEnv, background, failover_env
+from harness.faults import freeze_walreceiver, thaw
+from harness.waiting import eventually, operations, settled
+from harness.workflows import connect_as_admin, connect_with, instance, provision
+from harness.writer import app_credentials
 
 pytestmark = pytest.mark.e2e
 

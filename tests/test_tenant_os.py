@@ -30,20 +30,12 @@ import pytest
 from broker.cloud.local import LocalCloud
 from broker.pg import admin
 from broker.store.models import READY, Instance, Node
-from tests.failover_support import (
-    FailoverEnv,
-    Writer,
-    app_credentials,
-    background,
-    eventually,
-    fail_primary,
-    failover_env,
-    failovers,
-    kill_server,
-    unfinished,
-)
-from tests.fixtures.pg import pg_bin_dir
-from tests.workflow_support import deprovision, instance, provision, update
+from harness.env import FailoverEnv, background, failover_env
+from harness.faults import kill_server
+from harness.machine import pg_bin_dir
+from harness.scenarios import fail_primary, under_write_load
+from harness.waiting import eventually, failovers, unfinished
+from harness.workflows import deprovision, instance, provision, update
 
 pytestmark = pytest.mark.e2e
 
@@ -291,20 +283,14 @@ def test_a_former_peer_address_replicates_nowhere() -> None:
     """ha: the primary dies (failover, then a standby rebuilt); then an update to
     standalone removes the standby. The address of each node that left is admitted by
     no live node's pg_hba, and a replication connection from it is refused."""
-    with failover_env() as env:
-        instance_id = provision(env.runtime, env.engine, "ha")
+    # Under write load: the monitor promotes a standby it has seen streaming.
+    with failover_env() as env, under_write_load(env, "ha") as load:
+        instance_id = load.instance_id
         old = instance(env.runtime, instance_id).primary()
         assert old is not None and old.server_id and old.management_address
-        creds = app_credentials(env, instance_id)
-        writer = Writer(creds)  # the monitor promotes a standby it has seen streaming
-        writer.start()
-        try:
-            with background(env):
-                fail_primary(env, instance_id, creds, writer,
-                             lambda cloud, server_id: kill_server(cloud, server_id,
-                                                                  links_down=True))
-        finally:
-            writer.stop()
+        fail_primary(env, instance_id, load.credentials, load.writer,
+                     lambda cloud, server_id: kill_server(cloud, server_id, links_down=True))
+        load.stop()
         assert [(e.kind, e.outcome) for e in failovers(env, instance_id)] == [
             ("failover", "succeeded")]
         assert_no_replication_from(env, instance_id, old.management_address)

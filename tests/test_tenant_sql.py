@@ -26,8 +26,8 @@ from broker.operations.engine import Engine
 from broker.pg import admin
 from broker.pg import probe as health
 from broker.runtime import Runtime
-from tests.fixtures.local import make_local_cloud
-from tests.workflow_support import (
+from harness.machine import make_local_cloud
+from harness.workflows import (
     connect_as_admin,
     connect_with,
     deprovision,

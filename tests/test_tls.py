@@ -18,6 +18,7 @@ import ssl
 import struct
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +33,13 @@ from broker.operations.certs import KIND as ROTATE
 from broker.pg import admin, probe, tls
 from broker.runtime import Runtime
 from broker.store.models import Instance, Node
-from tests.failover_support import (
-    FailoverEnv,
-    Writer,
-    app_credentials,
-    background,
-    eventually,
-    fail_primary,
-    failover_env,
-    kill_server,
-    operations,
-    settled,
-)
-from tests.fixtures.pg import pg_bin_dir
-from tests.workflow_support import finish, instance, make_engine, provision
+from harness.env import FailoverEnv, background, failover_env
+from harness.faults import kill_server
+from harness.machine import pg_bin_dir
+from harness.scenarios import fail_primary
+from harness.waiting import eventually, operations, settled
+from harness.workflows import finish, instance, make_engine, provision
+from harness.writer import Writer, app_credentials
 
 pytestmark = pytest.mark.e2e
 
@@ -158,8 +152,10 @@ def test_apps_verify_the_service_address_before_and_after_a_failover() -> None:
         assert over_tls(app(creds, sslrootcert=root))
 
         # No cleartext: not for apps, not for the superuser, not for replication.
-        for attempt in (lambda: app(creds, sslmode="disable"),
-                        lambda: superuser(env.runtime, inst, primary, sslmode="disable")):
+        attempts: list[Callable[[], Any]] = [
+            lambda: app(creds, sslmode="disable"),
+            lambda: superuser(env.runtime, inst, primary, sslmode="disable")]
+        for attempt in attempts:
             with pytest.raises(psycopg2.OperationalError, match="no encryption"):
                 attempt()
         plain = replicate_from(env, inst, standby, "sslmode=disable")

@@ -25,7 +25,7 @@ from broker.operations.update import start_update
 from broker.pg import admin
 from broker.runtime import Runtime
 from broker.store.models import NODE_DELETED, OP_FAILED, READY, Operation
-from tests.workflow_support import (
+from harness.workflows import (
     connect_as_admin,
     connect_with,
     deprovision,

@@ -19,7 +19,7 @@ import gzip
 import json
 import logging
 import threading
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -27,8 +27,8 @@ from broker.cloud.base import ServerSpec
 from broker.cloud.local import LocalCloud
 from broker.cloud.openstack.userdata import BOOTSTRAP_PATH, CONFIG_PATH, bootstrap_source
 from broker.guest.bootstrap import GuestConfig
+from harness.faults import crash_namespace
 from tests.fakes.openstack.state import CloudState, Port, Server, Volume
-from tests.fixtures.local import crash_namespace
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ class LocalBackend:
 
     # --- Neutron / Cinder -----------------------------------------------------------------
     def port_created(self, port: Port, network: str) -> str | None:
-        purpose = "service" if network == self.service_network else "management"
+        purpose: Literal["management", "service"] = (
+            "service" if network == self.service_network else "management")
         local = self.local.create_port(f"os-{port.id}", purpose, {})
         with self._lock:
             self.ports[port.id] = local.id

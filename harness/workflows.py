@@ -1,9 +1,9 @@
-"""Shared by the workflow tests: a runtime and an engine on a given state store and
-local cloud, helpers to run whole operations, and what a user would check.
+"""A runtime and an engine on a given state store and local cloud, helpers to run whole
+operations, and how an app connects with a binding's credentials.
 
 Run as a script it is a worker process on the same state store and local cloud:
 
-    python -m tests.workflow_support STATE_URL KEY CLOUD_JSON OPERATION_ID
+    python -m harness.workflows STATE_URL KEY CLOUD_JSON OPERATION_ID
 
 (used with BROKER_CRASH_AFTER_STEP to SIGKILL a worker after a given step).
 """
@@ -124,7 +124,7 @@ def connect_as_admin(runtime: Runtime, inst: Instance, host: str,
     return admin.connect(host, runtime.vault.decrypt(inst.admin_password_enc), dbname=dbname)
 
 
-def app_tls(credentials: dict[str, Any]) -> dict[str, str]:
+def app_tls(credentials: dict[str, Any]) -> dict[str, Any]:
     """What an app does with the binding's CA: libpq reads it from a file."""
     pem = credentials.get("ca_certificate")
     return {"sslrootcert": tls.ca_file(pem)} if pem else {}
