@@ -32,7 +32,7 @@ from broker.cloud.local import LocalCloud, namespace_pids
 from broker.monitor.loop import Monitor
 from broker.operations import bindings
 from broker.operations.engine import Engine
-from broker.pg import admin
+from broker.pg import connection, replication
 from broker.pg.probe import DeadlinePassed, wait_async
 from broker.runtime import Runtime
 from broker.store.models import (
@@ -386,14 +386,14 @@ def settled(env: FailoverEnv, instance_id: str) -> bool:
     return standby_streaming(env, inst) is not None
 
 
-def standby_streaming(env: FailoverEnv, inst: Instance) -> admin.StandbyInfo | None:
+def standby_streaming(env: FailoverEnv, inst: Instance) -> replication.StandbyInfo | None:
     primary, standby = inst.primary(), inst.standby()
     if primary is None or standby is None or not primary.management_address:
         return None
-    conn = admin.connect(primary.management_address,
+    conn = connection.connect(primary.management_address,
                          env.runtime.vault.decrypt(inst.admin_password_enc), timeout=3)
     try:
-        status = admin.replication_status(conn)
+        status = replication.replication_status(conn)
     finally:
         conn.close()
     info = next((s for s in status.standbys if s.application_name == standby.application_name),

@@ -20,10 +20,10 @@ from typing import Any
 
 from broker.catalog import Plan
 from broker.crypto import Vault, new_password
-from broker.operations import nodes
+from broker.operations import naming, node_access, node_create, node_teardown, rows
 from broker.operations.engine import Context, Step, StepFailed, Workflow
 from broker.operations.queue import new_operation
-from broker.pg import admin
+from broker.pg import tenants
 from broker.store.db import Store
 from broker.store.models import (
     FAILED,
@@ -85,63 +85,63 @@ def plan_nodes(ctx: Context) -> None:
     plan = ctx.plan()
     primary_zone = plan.cloud.availability_zones[0]
     with ctx.store.session() as s:
-        ids = [nodes.new_node_id() for _ in range(plan.cloud.nodes)]
+        ids = [naming.new_node_id() for _ in range(plan.cloud.nodes)]
         s.add(Node(id=ids[0], instance_id=inst.id, role=PRIMARY, availability_zone=primary_zone,
-                   slot_name=nodes.slot_name(ids[0])))
+                   slot_name=naming.slot_name(ids[0])))
         if plan.cloud.is_ha:
             s.add(Node(id=ids[1], instance_id=inst.id, role=STANDBY,
-                       availability_zone=nodes.other_zone(plan, primary_zone),
-                       slot_name=nodes.slot_name(ids[1])))
+                       availability_zone=rows.other_zone(plan, primary_zone),
+                       slot_name=naming.slot_name(ids[1])))
 
 
 def management_ports(ctx: Context) -> None:
     for node in ctx.instance().live_nodes():
-        nodes.ensure_management_port(ctx, node.id)
+        node_create.ensure_management_port(ctx, node.id)
 
 
 def primary_volume(ctx: Context) -> None:
-    nodes.ensure_volume(ctx, _node(ctx, PRIMARY).id)
+    node_create.ensure_volume(ctx, _node(ctx, PRIMARY).id)
 
 
 def primary_server(ctx: Context) -> None:
-    nodes.ensure_server(ctx, _node(ctx, PRIMARY).id)
+    node_create.ensure_server(ctx, _node(ctx, PRIMARY).id)
 
 
 def primary_ready(ctx: Context) -> None:
-    nodes.wait_node_ready(ctx, _node(ctx, PRIMARY).id)
+    node_create.wait_node_ready(ctx, _node(ctx, PRIMARY).id)
 
 
 def database(ctx: Context) -> None:
     inst = ctx.instance()
     primary = _node(ctx, PRIMARY)
-    with nodes.admin_connection(ctx, primary) as conn:
-        admin.ensure_cluster_objects(
+    with node_access.admin_connection(ctx, primary) as conn:
+        tenants.ensure_cluster_objects(
             conn, replication_password=ctx.vault.decrypt(inst.replication_password_enc))
-    nodes.apply_parameters(ctx, inst.parameters or {})
+    node_access.apply_parameters(ctx, inst.parameters or {})
 
 
 def service_address(ctx: Context) -> None:
-    nodes.attach_service_port(ctx, _node(ctx, PRIMARY).id)
+    node_create.attach_service_port(ctx, _node(ctx, PRIMARY).id)
 
 
 def standby_slot(ctx: Context) -> None:
-    nodes.prepare_primary_for(ctx, _node(ctx, STANDBY).id)
+    node_create.prepare_primary_for(ctx, _node(ctx, STANDBY).id)
 
 
 def standby_volume(ctx: Context) -> None:
-    nodes.ensure_volume(ctx, _node(ctx, STANDBY).id)
+    node_create.ensure_volume(ctx, _node(ctx, STANDBY).id)
 
 
 def standby_server(ctx: Context) -> None:
-    nodes.ensure_server(ctx, _node(ctx, STANDBY).id)
+    node_create.ensure_server(ctx, _node(ctx, STANDBY).id)
 
 
 def standby_streaming(ctx: Context) -> None:
-    nodes.wait_standby_streaming(ctx, _node(ctx, STANDBY).id)
+    node_create.wait_standby_streaming(ctx, _node(ctx, STANDBY).id)
 
 
 def synchronous(ctx: Context) -> None:
-    nodes.set_replication_mode(ctx, ctx.plan().cloud.replication)
+    node_access.set_replication_mode(ctx, ctx.plan().cloud.replication)
 
 
 def ready(ctx: Context) -> None:
@@ -160,8 +160,8 @@ def steps(ctx: Context) -> list[Step]:
     primary_zone = zones[0]
     out = [
         Step("nodes", "planning the nodes", plan_nodes),
-        Step("server_group", "creating the server group", nodes.ensure_server_group),
-        Step("service_port", "creating the service port", nodes.ensure_service_port),
+        Step("server_group", "creating the server group", node_create.ensure_server_group),
+        Step("service_port", "creating the service port", node_create.ensure_service_port),
         Step("management_ports", "creating the management ports", management_ports),
         Step("primary_volume", f"creating primary in {primary_zone}: volume", primary_volume),
         Step("primary_server", f"creating primary in {primary_zone}: server", primary_server),
@@ -172,7 +172,7 @@ def steps(ctx: Context) -> list[Step]:
              service_address),
     ]
     if plan.cloud.is_ha:
-        zone = nodes.other_zone(plan, primary_zone)
+        zone = rows.other_zone(plan, primary_zone)
         out += [
             Step("standby_slot", f"creating standby in {zone}: replication slot", standby_slot),
             Step("standby_volume", f"creating standby in {zone}: volume", standby_volume),
@@ -191,8 +191,8 @@ def cleanup(ctx: Context, reason: str) -> None:
 
     The instance is `failed` first, so that it says why even if the teardown itself
     fails (the platform's DELETE then tries the teardown again)."""
-    nodes.update_instance(ctx, state=FAILED, state_reason=reason, sync_standby_node_id=None)
-    nodes.teardown_instance(ctx)
+    rows.update_instance(ctx, state=FAILED, state_reason=reason, sync_standby_node_id=None)
+    node_teardown.teardown_instance(ctx)
 
 
 WORKFLOW = Workflow(kind=KIND, steps=steps, cleanup=cleanup, done="ready")
