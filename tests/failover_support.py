@@ -391,7 +391,7 @@ def standby_streaming(env: FailoverEnv, inst: Instance) -> replication.StandbyIn
     if primary is None or standby is None or not primary.management_address:
         return None
     conn = connection.connect(primary.management_address,
-                         env.runtime.vault.decrypt(inst.admin_password_enc), timeout=3)
+                              env.runtime.vault.decrypt(inst.admin_password_enc), timeout=3)
     try:
         status = replication.replication_status(conn)
     finally:

@@ -90,7 +90,7 @@ def test_ha_sync_refuses_an_unrecorded_standby_and_a_silent_cloud() -> None:
         with env.runtime.store.session() as s:
             s.get(Instance, instance_id).sync_standby_node_id = None  # type: ignore[union-attr]
         conn = connection.connect(primary.management_address or "",
-                             env.runtime.vault.decrypt(inst.admin_password_enc))
+                                  env.runtime.vault.decrypt(inst.admin_password_enc))
         replication.set_synchronous_standby(conn, None)
         conn.close()
         kill_server(env.cloud, primary.server_id)
@@ -141,7 +141,7 @@ def test_ha_sync_refuses_an_unrecorded_standby_and_a_silent_cloud() -> None:
 def _in_recovery(env: FailoverEnv, inst: Instance, node_id: str) -> bool:
     node = next(n for n in inst.nodes if n.id == node_id)
     conn = connection.connect(node.management_address or "",
-                         env.runtime.vault.decrypt(inst.admin_password_enc))
+                              env.runtime.vault.decrypt(inst.admin_password_enc))
     try:
         return replication.replication_status(conn).in_recovery
     finally:
@@ -176,8 +176,8 @@ def _lagging_standby_is_refused(env: FailoverEnv) -> None:
     os.kill(receiver, signal.SIGSTOP)  # the standby stops receiving
     try:
         conn = connection.connect(primary.management_address or "",
-                             env.runtime.vault.decrypt(inst.admin_password_enc),
-                             dbname=APP_DATABASE)
+                                  env.runtime.vault.decrypt(inst.admin_password_enc),
+                                  dbname=APP_DATABASE)
         with conn.cursor() as cur:
             cur.execute("CREATE TABLE public.filler AS SELECT g, repeat('x', 200) AS pad "
                         "FROM generate_series(1, 2000) g")

@@ -55,7 +55,7 @@ def node() -> Iterator[Node]:
         tenants.ensure_cluster_objects(conn, replication_password=REPL_PW)
         tenants.ensure_cluster_objects(conn, replication_password=REPL_PW)  # idempotent
         appdb = connection.connect(port.address, ADMIN_PW, dbname=APP_DATABASE,
-                              ca_pem=ca.cert_pem)
+                                   ca_pem=ca.cert_pem)
         try:
             yield Node(cloud, port.address, conn, appdb, ca.cert_pem)
         finally:
@@ -88,7 +88,7 @@ def test_binding_role_name_is_stable_and_short() -> None:
 
 def test_render_hba_allows_only_what_is_needed() -> None:
     lines = hba.render_hba(admin_cidrs=["10.1.0.1"], peer_addresses=["10.1.0.2", "10.1.0.3"],
-                             app_cidrs=["10.1.0.0/24"])
+                           app_cidrs=["10.1.0.0/24"])
     rules = [line.split() for line in lines if not line.startswith("#")]
     assert not [r for r in rules if r[0] == "local"]  # nothing uses the unix socket
     assert ["hostssl", "all", "postgres", "10.1.0.1/32", "scram-sha-256"] in rules
@@ -103,7 +103,7 @@ def test_render_hba_allows_only_what_is_needed() -> None:
     assert {line.split()[0] for line in old if not line.startswith("#")} == {"host"}
     with pytest.raises(ValueError, match="not an IP"):
         hba.render_hba(admin_cidrs=["x; host all all 0.0.0.0/0 trust"], peer_addresses=[],
-                         app_cidrs=[])
+                       app_cidrs=[])
 
 
 def test_wrong_password_error_carries_no_secret(node: Node) -> None:
@@ -171,8 +171,8 @@ def test_read_only_binding_reads_but_never_writes(node: Node) -> None:
 def test_set_hba_replaces_and_keeps_a_working_file(node: Node) -> None:
     cloud = node.cloud
     lines = hba.render_hba(admin_cidrs=[cloud.broker_address],
-                             peer_addresses=[node.address, "10.99.0.9"],
-                             app_cidrs=[cloud.broker_address])
+                           peer_addresses=[node.address, "10.99.0.9"],
+                           app_cidrs=[cloud.broker_address])
     hba.set_hba(node.conn, lines)
     hba.set_hba(node.conn, lines)  # idempotent
     with node.conn.cursor() as cur:
@@ -181,7 +181,7 @@ def test_set_hba_replaces_and_keeps_a_working_file(node: Node) -> None:
     with pytest.raises(ValueError, match="errors"):
         hba.set_hba(node.conn, ["host all postgres 10.0.0.1/99 scram-sha-256"])
     connection.wait_ready(node.address, ADMIN_PW, timeout=5,
-                     ca_pem=node.ca_pem)  # the old file still lets us in
+                          ca_pem=node.ca_pem)  # the old file still lets us in
 
 
 def test_settings_extensions_slots_and_promote_on_a_primary(node: Node) -> None:

@@ -95,7 +95,7 @@ def test_no_plaintext_secret_in_the_sqlite_store_and_each_column_decrypts() -> N
             with conn.cursor() as cur:
                 cur.execute("SELECT rolname, rolpassword FROM pg_authid WHERE rolname IN "
                             "(%s, %s, %s)", (ADMIN_USER, REPLICATION_USER,
-                                              creds["username"]))
+                                             creds["username"]))
                 verifiers = dict(cur.fetchall())
         finally:
             conn.close()

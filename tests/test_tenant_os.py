@@ -177,7 +177,7 @@ def replication_rules(env: FailoverEnv, inst: Instance, node: Node) -> list[tupl
     replication connections, as PostgreSQL itself parsed its pg_hba.conf."""
     assert node.management_address
     conn = connection.connect(node.management_address,
-                         env.runtime.vault.decrypt(inst.admin_password_enc), timeout=5)
+                              env.runtime.vault.decrypt(inst.admin_password_enc), timeout=5)
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT user_name::text, address, netmask FROM pg_hba_file_rules "

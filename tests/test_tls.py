@@ -100,7 +100,8 @@ def superuser(runtime: Runtime, inst: Instance, node: Node, **params: Any) -> An
 def query(runtime: Runtime, inst: Instance, node: Node, text: str) -> list[tuple[Any, ...]]:
     assert node.management_address is not None
     conn = connection.connect(node.management_address,
-                         runtime.vault.decrypt(inst.admin_password_enc), ca_pem=inst.ca_for(node))
+                              runtime.vault.decrypt(inst.admin_password_enc),
+                              ca_pem=inst.ca_for(node))
     try:
         with conn.cursor() as cur:
             cur.execute(text)
@@ -178,9 +179,9 @@ def test_apps_verify_the_service_address_before_and_after_a_failover() -> None:
         password = env.runtime.vault.decrypt(inst.admin_password_enc)
         assert primary.management_address is not None
         assert probe.probe(primary.management_address, password, timeout=3,
-                            ca_pem=inst.tls_ca_cert).ok
+                           ca_pem=inst.tls_ca_cert).ok
         refused = probe.probe(primary.management_address, password, timeout=3,
-                               ca_pem=other.tls_ca_cert)
+                              ca_pem=other.tls_ca_cert)
         assert refused.outcome == "answering" and "certificate verify failed" in (
             refused.error or "")
         for name in ("db.example.com", standby.management_address):
@@ -361,7 +362,7 @@ def test_an_expired_certificate_is_replaced_by_the_monitor() -> None:
         password = env.runtime.vault.decrypt(inst.admin_password_enc)
         conn = connection.connect(node.management_address, password, ca_pem=inst.tls_ca_cert)
         tls_files.install_tls(conn, ca_pem=inst.tls_ca_cert, cert_pem=short.cert_pem,
-                          key_pem=short.key_pem, issued_at=short.issued_at)
+                              key_pem=short.key_pem, issued_at=short.issued_at)
         conn.close()
         with env.runtime.store.session() as s:
             row = s.get(Node, node.id)
@@ -378,4 +379,4 @@ def test_an_expired_certificate_is_replaced_by_the_monitor() -> None:
         assert renewed is not None and renewed.tls_cert and renewed.tls_expires_at
         assert serial(renewed.tls_cert) != serial(short.cert_pem)
         assert probe.probe(node.management_address, password, timeout=3,
-                            ca_pem=inst.tls_ca_cert).ok
+                           ca_pem=inst.tls_ca_cert).ok

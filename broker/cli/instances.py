@@ -66,8 +66,8 @@ def _replication(runtime: Runtime, inst: Instance) -> dict[str, Any]:
         return {"reachable": False, "error": "no primary"}
     try:
         conn = connection.connect(primary.management_address,
-                             runtime.vault.decrypt(inst.admin_password_enc),
-                             timeout=CONNECT_TIMEOUT, ca_pem=inst.ca_for(primary))
+                                  runtime.vault.decrypt(inst.admin_password_enc),
+                                  timeout=CONNECT_TIMEOUT, ca_pem=inst.ca_for(primary))
     except Exception as exc:
         return {"reachable": False, "error": exc.__class__.__name__}
     try:

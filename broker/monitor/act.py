@@ -144,8 +144,8 @@ class Executor:
             password = self.runtime.vault.decrypt(inst.admin_password_enc)
             address, ca_pem = primary.management_address or "", inst.ca_for(primary)
         conn = connection.connect(address, password,
-                             timeout=self.runtime.settings.monitor.connect_timeout + 2,
-                             ca_pem=ca_pem)
+                                  timeout=self.runtime.settings.monitor.connect_timeout + 2,
+                                  ca_pem=ca_pem)
         try:
             replication.set_synchronous_standby(conn, application_name)
         finally:

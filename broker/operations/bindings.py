@@ -213,7 +213,7 @@ def _upgrade_tenant_model(runtime: Runtime, inst: Instance, primary: Node,
             continue
         try:
             standby = connection.connect(node.management_address, password, timeout=3,
-                                    ca_pem=inst.ca_for(node))
+                                         ca_pem=inst.ca_for(node))
         except psycopg2.OperationalError:
             log.warning("instance %s: node %s unreachable; its pg_hba keeps the old "
                         "read-only group", inst.id, node.id)

@@ -61,7 +61,7 @@ def queue_rotation(store: Store, instance_id: str, *, cause: str,
             raise RotationRefused(f"instance {instance_id} has an operation in progress "
                                   f"({busy.kind}: {busy.description})")
         op = queue.new_operation(instance_id, KIND, params=RotationParams(cause=cause), owner=owner,
-                           description=f"queued: rotating certificates ({cause})")
+                                 description=f"queued: rotating certificates ({cause})")
         s.add(op)
         return op.id
 
@@ -89,18 +89,18 @@ def rotate_node(ctx: Context, node: Node) -> None:
     expiry = aware(node.tls_expires_at)
     if expiry is not None and expiry <= utcnow():
         conn = connection.connect(node.management_address, node_access.admin_password(ctx, inst),
-                             bind_channel=True)
+                                  bind_channel=True)
     else:
         conn = connection.connect(node.management_address, node_access.admin_password(ctx, inst),
-                             ca_pem=inst.ca_for(node))
+                                  ca_pem=inst.ca_for(node))
     try:
         ca_path = tls_files.install_tls(conn, ca_pem=inst.tls_ca_cert, cert_pem=issued.cert_pem,
-                                    key_pem=issued.key_pem, issued_at=issued.issued_at)
+                                        key_pem=issued.key_pem, issued_at=issued.issued_at)
     finally:
         conn.close()
     try:
         connection.wait_ready(node.management_address, node_access.admin_password(ctx, inst),
-                         timeout=VERIFY_TIMEOUT, ca_pem=inst.tls_ca_cert)
+                              timeout=VERIFY_TIMEOUT, ca_pem=inst.tls_ca_cert)
     except connection.PgNotReady as exc:
         raise StepFailed(f"node {node.id} does not serve its new certificate: {exc}") from None
     node_create.record_certificate(ctx, node.id, issued)

@@ -49,7 +49,7 @@ def admin_connection(ctx: Context, node: Node, *, dbname: str = "postgres",
     if not node.management_address:
         raise StepFailed(f"node {node.id} has no management address yet")
     conn = connection.connect(node.management_address, admin_password(ctx), dbname=dbname,
-                         timeout=timeout, ca_pem=node_ca(ctx, node.id))
+                              timeout=timeout, ca_pem=node_ca(ctx, node.id))
     try:
         yield conn
     finally:
@@ -100,8 +100,8 @@ def refresh_hba(ctx: Context, node_id: str, *, timeout: float = 5.0) -> None:
         return
     admin_cidrs, app_cidrs = access_cidrs(ctx, target_plan(ctx))
     lines = hba.render_hba(admin_cidrs=list(admin_cidrs),
-                             peer_addresses=list(peer_addresses(inst, node_id)),
-                             app_cidrs=list(app_cidrs), tls=bool(node.tls_cert))
+                           peer_addresses=list(peer_addresses(inst, node_id)),
+                           app_cidrs=list(app_cidrs), tls=bool(node.tls_cert))
     with admin_connection(ctx, node, timeout=timeout) as conn:
         if node.role == PRIMARY and not tenants.tenant_model_in_place(conn):
             # Made by an earlier version: its read-only roles join the group that the
@@ -173,5 +173,5 @@ def apply_parameters(ctx: Context, parameters: dict[str, Any]) -> None:
                              "milliseconds (0 = no timeout)")
         with admin_connection(ctx, primary) as conn:
             tenants.set_database_setting(conn, APP_DATABASE, "statement_timeout",
-                                       str(timeout_ms) if timeout_ms else None)
+                                         str(timeout_ms) if timeout_ms else None)
 

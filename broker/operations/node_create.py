@@ -241,7 +241,7 @@ def wait_node_ready(ctx: Context, node_id: str, *, timeout: float = WAIT_SLICE) 
         raise StepFailed(f"node {node_id} has no management address")
     try:
         connection.wait_ready(node.management_address, admin_password(ctx), timeout=timeout,
-                         ca_pem=node_ca(ctx, node_id))
+                              ca_pem=node_ca(ctx, node_id))
     except PgNotReady:
         raise _give_up_or_retry(ctx, NODE_READY_DEADLINE,
                                 f"PostgreSQL on node {node_id} to start") from None
@@ -257,7 +257,7 @@ def wait_standby_streaming(ctx: Context, node_id: str, *, timeout: float = WAIT_
     with admin_connection(ctx, primary) as conn:
         try:
             replication.wait_streaming(conn, node.application_name, timeout=timeout,
-                                 max_lag_bytes=max_lag_bytes)
+                                       max_lag_bytes=max_lag_bytes)
         except PgNotReady:
             raise _give_up_or_retry(ctx, STREAMING_DEADLINE,
                                     f"the standby {node_id} to stream") from None

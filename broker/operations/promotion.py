@@ -144,7 +144,7 @@ def probe_node(ctx: Context, node: Node, *, timeout: float = 3.0, tries: int = 3
             break
         time.sleep(0.3)
         result = probe.probe(node.management_address, password(ctx), timeout=timeout,
-                              ca_pem=ca_pem)
+                             ca_pem=ca_pem)
     return result
 
 

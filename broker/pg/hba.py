@@ -47,5 +47,5 @@ def set_hba(conn: Connection, lines: list[str]) -> None:
 def _write_server_file(conn: Connection, path: str, lines: list[str]) -> None:
     # COPY's text format escapes only backslashes, tabs and newlines, refused above.
     execute(conn, sql.SQL("COPY (SELECT pg_catalog.unnest(%s::pg_catalog.text[])) TO {}")
-             .format(sql.Literal(path)), (lines,))
+            .format(sql.Literal(path)), (lines,))
 

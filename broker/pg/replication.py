@@ -34,12 +34,12 @@ class ReplicationStatus:
 
 def ensure_slot(conn: Connection, slot_name: str) -> None:
     if fetch_one(conn, "SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = %s",
-                  (slot_name,)):
+                 (slot_name,)):
         return
     # Reserve WAL now: the standby's base backup starts from this slot's position.
     with contextlib.suppress(psycopg2.errors.DuplicateObject):
         execute(conn, "SELECT pg_catalog.pg_create_physical_replication_slot(%s, true)",
-                 (slot_name,))
+                (slot_name,))
 
 
 def drop_slot(conn: Connection, slot_name: str) -> None:
@@ -125,7 +125,7 @@ def wait_streaming(conn_primary: Connection, application_name: str, *, timeout: 
                 continue
             seen = standby
             if (standby.state == "streaming" and standby.lag_bytes is not None
-                    and standby.lag_bytes <= max_lag_bytes):
+                and standby.lag_bytes <= max_lag_bytes):
                 return standby
         if time.monotonic() > deadline:
             where = (f"state {seen.state}, lag {seen.lag_bytes} bytes" if seen
@@ -148,7 +148,7 @@ def promote(conn: Connection, *, timeout: float = 30.0) -> None:
     execute(conn, "SELECT pg_catalog.pg_reload_conf()")
     try:
         done = fetch_one(conn, "SELECT pg_catalog.pg_promote(true, %s)",
-                          (max(1, math.ceil(timeout)),))
+                         (max(1, math.ceil(timeout)),))
     except psycopg2.errors.ObjectNotInPrerequisiteState as exc:
         if "recovery is not in progress" not in str(exc):
             raise

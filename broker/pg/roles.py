@@ -69,9 +69,9 @@ def drop_binding_role(conn: Connection, role: str) -> None:
     execute(conn, sql.SQL("ALTER ROLE {} NOLOGIN").format(ident))
     deadline = time.monotonic() + 10
     while fetch_one(conn, "SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity "
-                           "WHERE usename = %s", (role,)):
+                          "WHERE usename = %s", (role,)):
         execute(conn, "SELECT pg_catalog.pg_terminate_backend(pid, 2000) "
-                       "FROM pg_catalog.pg_stat_activity WHERE usename = %s", (role,))
+                      "FROM pg_catalog.pg_stat_activity WHERE usename = %s", (role,))
         if time.monotonic() > deadline:
             raise PgNotReady(f"sessions of role {role} did not end within 10 s")
         time.sleep(0.02)

@@ -38,7 +38,7 @@ def ensure_cluster_objects(conn: Connection, *, replication_password: str,
     `conn` is on the `postgres` database (no binding can connect there)."""
     set_password(conn, REPLICATION_USER, replication_password, create="REPLICATION LOGIN")
     if not fetch_one(conn, "SELECT 1 FROM pg_catalog.pg_database WHERE datname = %s",
-                      (database,)):
+                     (database,)):
         execute(conn, sql.SQL("CREATE DATABASE {} OWNER {}").format(
             sql.Identifier(database), sql.Identifier(ADMIN_USER)))
     for db in ("postgres", "template1"):
@@ -137,8 +137,8 @@ def _grant_inside_database(conn_appdb: Connection) -> None:
             "GRANT SELECT ON ALL SEQUENCES IN SCHEMA {0} TO {1}").format(ident, reader))
         if schema == "public":
             execute(conn_appdb, sql.SQL("GRANT USAGE, CREATE ON SCHEMA public TO {}; "
-                                         "REVOKE CREATE ON SCHEMA public FROM PUBLIC"
-                                         ).format(owner))
+                                        "REVOKE CREATE ON SCHEMA public FROM PUBLIC"
+                                        ).format(owner))
     for kind in ("TABLES", "SEQUENCES"):
         execute(conn_appdb, sql.SQL(
             "ALTER DEFAULT PRIVILEGES FOR ROLE {} GRANT SELECT ON {} TO {}").format(
@@ -201,7 +201,7 @@ def ensure_extensions(conn_appdb: Connection, names: list[str]) -> None:
                          "extensions are not installed")
     for name in names:
         if fetch_one(conn_appdb, "SELECT 1 FROM pg_catalog.pg_extension WHERE extname = %s",
-                      (name,)):
+                     (name,)):
             continue
         unsafe = fetch_one(conn_appdb, _TENANT_OWNED_REQUIREMENT, (name,))
         if unsafe:
