@@ -8,6 +8,8 @@ one idempotent step at a time (safe to run again after a SIGKILL at any point):
     wait_node_ready(ctx, node_id)          # primary: PostgreSQL answers
     wait_standby_streaming(ctx, node_id)   # standby: streaming from the primary
 
+Before those, the instance's server group and service port; the node's certificate
+goes into its guest config; `attach_service_port` plugs the service port into it.
 Cloud resources are named after the instance and the node and adopted if they exist.
 """
 
