@@ -36,4 +36,3 @@ def instance_tags(instance_id: str) -> dict[str, str]:
 
 def node_tags(instance_id: str, node_id: str, role: str) -> dict[str, str]:
     return {**instance_tags(instance_id), TAG_NODE: node_id, TAG_ROLE: role}
-

@@ -64,7 +64,6 @@ def node_ca(ctx: Context, node_id: str) -> str | None:
     return inst.ca_for(node) if node is not None else None
 
 
-
 def access_cidrs(ctx: Context, plan: Plan) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(admin_cidrs, app_cidrs) for pg_hba: who is the broker, where apps come from."""
     admin_cidrs = ctx.cloud.admin_cidrs()
@@ -126,7 +125,6 @@ def refresh_peers_hba(ctx: Context) -> None:
                         ctx.instance_id, node.id, exc.__class__.__name__)
 
 
-
 def set_replication_mode(ctx: Context, replication: str, *, record_sync: bool = True) -> None:
     """Name the standby in synchronous_standby_names for `sync`, clear it otherwise.
 
@@ -174,4 +172,3 @@ def apply_parameters(ctx: Context, parameters: dict[str, Any]) -> None:
         with admin_connection(ctx, primary) as conn:
             tenants.set_database_setting(conn, APP_DATABASE, "statement_timeout",
                                          str(timeout_ms) if timeout_ms else None)
-

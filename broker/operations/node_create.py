@@ -267,7 +267,6 @@ def wait_standby_streaming(ctx: Context, node_id: str, *, timeout: float = WAIT_
         update_node(ctx, node_id, state=NODE_RUNNING)
 
 
-
 def attach_service_port(ctx: Context, node_id: str) -> None:
     """Plug the service port into the node's server (no-op if it is already there)."""
     inst = ctx.instance()
@@ -283,4 +282,3 @@ def attach_service_port(ctx: Context, node_id: str) -> None:
         # Bound elsewhere (e.g. the old primary): only a failover may take it.
         raise StepFailed("the service port is attached to another server")
     ctx.cloud.attach_port(inst.service_port_id, node.server_id)
-

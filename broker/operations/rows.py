@@ -80,7 +80,6 @@ def operation_age(ctx: Context) -> timedelta:
     return utcnow() - started if started is not None else timedelta(0)
 
 
-
 def primary_node(ctx: Context) -> Node:
     node = ctx.instance().primary()
     if node is None:
