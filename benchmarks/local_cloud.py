@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from broker.cloud.base import ServerSpec
 from broker.guest.bootstrap import GuestConfig
-from broker.pg import admin
+from broker.pg import connection, replication, tenants
 from harness.machine import make_local_cloud
 
 PW = "bench-admin-pw"
@@ -46,11 +46,11 @@ def main(rounds: int) -> None:
                 management_port_id=pa.id, volume_id=va.id,
                 guest=GuestConfig(node_id="a", role="primary", **common)))  # type: ignore[arg-type]
             primary_boot.append(time.monotonic() - t0)
-            admin.wait_ready(pa.address, PW)
+            connection.wait_ready(pa.address, PW)
             primary_ready.append(time.monotonic() - t0)
-            conn = admin.connect(pa.address, PW)
-            admin.ensure_cluster_objects(conn, replication_password=REPL)
-            admin.ensure_slot(conn, "slot_b")
+            conn = connection.connect(pa.address, PW)
+            tenants.ensure_cluster_objects(conn, replication_password=REPL)
+            replication.ensure_slot(conn, "slot_b")
             t0 = time.monotonic()
             b = cloud.create_server(ServerSpec(
                 name=f"bench-{r}-b", availability_zone="az2", flavor="", image="",
@@ -59,7 +59,7 @@ def main(rounds: int) -> None:
                                   primary_address=pa.address, slot_name="slot_b",
                                   **common)))  # type: ignore[arg-type]
             standby_boot.append(time.monotonic() - t0)
-            admin.wait_streaming(conn, "node_b")
+            replication.wait_streaming(conn, "node_b")
             standby_streaming.append(time.monotonic() - t0)
             conn.close()
             cloud.attach_port(service.id, a.id)
@@ -68,7 +68,7 @@ def main(rounds: int) -> None:
                 cloud.detach_port(service.id, source.id)
                 cloud.attach_port(service.id, target.id)
                 move.append(time.monotonic() - t0)
-                admin.wait_ready(service.address, PW)
+                connection.wait_ready(service.address, PW)
                 move_to_query.append(time.monotonic() - t0)
             cloud.detach_port(service.id, a.id)
             for server in (a, b):

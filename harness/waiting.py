@@ -10,7 +10,7 @@ from typing import Any
 import psycopg2
 
 from broker.monitor.leases import Leases, monitor_lease_name
-from broker.pg import admin
+from broker.pg import connection, replication
 from broker.store.models import NODE_DELETED, READY, UNFINISHED, Failover, Instance, Operation
 from harness.env import HasRuntime
 from harness.workflows import instance
@@ -60,14 +60,14 @@ def settled(env: HasRuntime, instance_id: str) -> bool:
     return standby_streaming(env, inst) is not None
 
 
-def standby_streaming(env: HasRuntime, inst: Instance) -> admin.StandbyInfo | None:
+def standby_streaming(env: HasRuntime, inst: Instance) -> replication.StandbyInfo | None:
     primary, standby = inst.primary(), inst.standby()
     if primary is None or standby is None or not primary.management_address:
         return None
-    conn = admin.connect(primary.management_address,
-                         env.runtime.vault.decrypt(inst.admin_password_enc), timeout=3)
+    conn = connection.connect(primary.management_address,
+                              env.runtime.vault.decrypt(inst.admin_password_enc), timeout=3)
     try:
-        status = admin.replication_status(conn)
+        status = replication.replication_status(conn)
     finally:
         conn.close()
     info = next((s for s in status.standbys if s.application_name == standby.application_name),

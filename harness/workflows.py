@@ -29,7 +29,8 @@ from broker.operations.deprovision import start_deprovision
 from broker.operations.engine import Engine
 from broker.operations.provision import start_provision
 from broker.operations.update import start_update
-from broker.pg import admin, tls
+from broker.pg import connection, tls
+from broker.pg.names import APP_DATABASE
 from broker.runtime import Runtime
 from broker.store import Store
 from broker.store.models import SUCCEEDED, Instance, Operation
@@ -120,8 +121,8 @@ def resource_counts(cloud: LocalCloud, instance_id: str) -> Counter[str]:
 
 
 def connect_as_admin(runtime: Runtime, inst: Instance, host: str,
-                     dbname: str = admin.APP_DATABASE) -> Any:
-    return admin.connect(host, runtime.vault.decrypt(inst.admin_password_enc), dbname=dbname)
+                     dbname: str = APP_DATABASE) -> Any:
+    return connection.connect(host, runtime.vault.decrypt(inst.admin_password_enc), dbname=dbname)
 
 
 def app_tls(credentials: dict[str, Any]) -> dict[str, Any]:

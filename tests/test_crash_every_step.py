@@ -34,7 +34,7 @@ from broker.operations.deprovision import start_deprovision
 from broker.operations.engine import CRASH_AFTER_STEP_ENV, Context, workflow_for
 from broker.operations.failover import queue_failover, start_switchover
 from broker.operations.update import start_update
-from broker.pg.admin import binding_role_name
+from broker.pg.roles import binding_role_name
 from broker.store.models import (
     BINDING_CREATED,
     BINDING_CREATING,

@@ -22,7 +22,7 @@ from broker.operations import deprovision, provision
 from broker.operations.deprovision import start_deprovision
 from broker.operations.engine import CRASH_AFTER_STEP_ENV, Context
 from broker.operations.params import Params
-from broker.pg import admin
+from broker.pg import replication
 from broker.runtime import Runtime
 from broker.store.models import DEPROVISIONED, IN_PROGRESS, READY, Operation
 from harness.machine import list_namespaces, make_local_cloud
@@ -105,7 +105,7 @@ def test_provision_and_deprovision_resume_after_sigkill(step: str, cloud: LocalC
     assert primary is not None and standby is not None
     conn = connect_as_admin(runtime, inst, primary.management_address or "", "postgres")
     try:
-        status = admin.replication_status(conn)
+        status = replication.replication_status(conn)
     finally:
         conn.close()
     assert [(s.application_name, s.state, s.sync_state) for s in status.standbys] == [

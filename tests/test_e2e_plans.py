@@ -16,8 +16,8 @@ from cryptography.fernet import Fernet
 from broker.cloud.local import LocalCloud
 from broker.operations import bindings
 from broker.operations.engine import Engine
-from broker.operations.nodes import node_tags
-from broker.pg import admin
+from broker.operations.naming import node_tags
+from broker.pg import replication
 from broker.runtime import Runtime
 from broker.store.models import (
     BINDING_DELETED,
@@ -140,7 +140,7 @@ def test_provision_bind_write_replicate_unbind_deprovision(
                            "the row on the standby")
         assert rows == [(1, "written through the service address")]
         conn = connect_as_admin(runtime, inst, primary.management_address or "", "postgres")
-        status = admin.replication_status(conn)
+        status = replication.replication_status(conn)
         conn.close()
         (info,) = status.standbys
         assert info.application_name == f"node_{standby.id}"

@@ -21,7 +21,8 @@ import pytest
 from broker.cloud.base import FenceError, TransientCloudError
 from broker.cloud.local import LocalCloud, namespace_pids
 from broker.monitor.loop import Monitor
-from broker.pg import admin
+from broker.pg import connection, replication
+from broker.pg.names import APP_DATABASE
 from broker.store.models import DEGRADED, OP_FAILED, SUCCEEDED, Failover, Instance
 from harness.env import FailoverEnv, failover_env
 from harness.faults import kill_server
@@ -83,9 +84,9 @@ def test_ha_sync_refuses_an_unrecorded_standby_and_a_silent_cloud() -> None:
         # As after a standby blip: not synchronous any more (store first, then primary).
         with env.runtime.store.session() as s:
             s.get(Instance, instance_id).sync_standby_node_id = None  # type: ignore[union-attr]
-        conn = admin.connect(primary.management_address or "",
-                             env.runtime.vault.decrypt(inst.admin_password_enc))
-        admin.set_synchronous_standby(conn, None)
+        conn = connection.connect(primary.management_address or "",
+                                  env.runtime.vault.decrypt(inst.admin_password_enc))
+        replication.set_synchronous_standby(conn, None)
         conn.close()
         kill_server(env.cloud, primary.server_id)
         status = _decide(monitor, instance_id)
@@ -134,10 +135,10 @@ def test_ha_sync_refuses_an_unrecorded_standby_and_a_silent_cloud() -> None:
 
 def _in_recovery(env: FailoverEnv, inst: Instance, node_id: str) -> bool:
     node = next(n for n in inst.nodes if n.id == node_id)
-    conn = admin.connect(node.management_address or "",
-                         env.runtime.vault.decrypt(inst.admin_password_enc))
+    conn = connection.connect(node.management_address or "",
+                              env.runtime.vault.decrypt(inst.admin_password_enc))
     try:
-        return admin.replication_status(conn).in_recovery
+        return replication.replication_status(conn).in_recovery
     finally:
         conn.close()
 
@@ -169,9 +170,9 @@ def _lagging_standby_is_refused(env: FailoverEnv) -> None:
     receiver = _walreceiver(env.cloud, standby.server_id)
     os.kill(receiver, signal.SIGSTOP)  # the standby stops receiving
     try:
-        conn = admin.connect(primary.management_address or "",
-                             env.runtime.vault.decrypt(inst.admin_password_enc),
-                             dbname=admin.APP_DATABASE)
+        conn = connection.connect(primary.management_address or "",
+                                  env.runtime.vault.decrypt(inst.admin_password_enc),
+                                  dbname=APP_DATABASE)
         with conn.cursor() as cur:
             cur.execute("CREATE TABLE public.filler AS SELECT g, repeat('x', 200) AS pad "
                         "FROM generate_series(1, 2000) g")

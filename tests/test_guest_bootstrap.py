@@ -16,7 +16,7 @@ import pytest
 
 from broker.guest import bootstrap
 from broker.guest.bootstrap import GuestConfig
-from broker.pg import admin, tls
+from broker.pg import connection, tls
 from harness.machine import free_port, pg_bin_dir, world_traversable_tmpdir
 from tests.support.pg import PG_USER
 
@@ -238,7 +238,7 @@ def test_openstack_path_formats_mounts_initialises_and_reruns() -> None:
             assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (pwd.getpwnam(PG_USER).pw_uid, 0o700)
         assert f"{device} {mount} ext4" in Path("/proc/self/mounts").read_text()
         assert (mount / "data" / "PG_VERSION").exists()
-        conn = admin.connect("127.0.0.1", SECRET, port=guest.port)
+        conn = connection.connect("127.0.0.1", SECRET, port=guest.port)
         conn.close()
     finally:
         subprocess.run([f"{pg_bin_dir()}/pg_ctl", "-D", str(mount / "data"), "-m", "immediate",

@@ -16,7 +16,7 @@ import pytest
 from broker.cloud.base import CloudError, ServerSpec, ServerStatus
 from broker.cloud.local import LocalCloud, LocalCloudUnavailable
 from broker.guest.bootstrap import GuestConfig
-from broker.pg import admin
+from broker.pg import connection, replication, tenants
 from harness.machine import list_interfaces, list_namespaces, pg_bin_dir, world_traversable_tmpdir
 from tests.support.pg import PG_USER
 
@@ -43,7 +43,7 @@ def spec(name: str, zone: str, port_id: str, volume_id: str, config: GuestConfig
 
 def connect_refused(host: str) -> bool:
     try:
-        admin.connect(host, ADMIN_PW, timeout=1).close()
+        connection.connect(host, ADMIN_PW, timeout=1).close()
     except psycopg2.OperationalError:
         return True
     return False
@@ -104,13 +104,13 @@ def test_primary_standby_service_port_fence_delete(local_cloud: LocalCloud) -> N
     assert primary.management_address == p1.address
     assert primary.details["netns"] in list_namespaces()
     assert cloud.create_server(primary_spec).id == primary.id  # adopted, not booted twice
-    admin.wait_ready(p1.address, ADMIN_PW, timeout=30)
-    conn1 = admin.connect(p1.address, ADMIN_PW)
-    admin.ensure_cluster_objects(conn1, replication_password=REPL_PW)
-    admin.ensure_slot(conn1, "slot_b")
+    connection.wait_ready(p1.address, ADMIN_PW, timeout=30)
+    conn1 = connection.connect(p1.address, ADMIN_PW)
+    tenants.ensure_cluster_objects(conn1, replication_password=REPL_PW)
+    replication.ensure_slot(conn1, "slot_b")
     # ha-sync: set before the standby exists, so its base backup copies the setting
     # (postgresql.auto.conf) and the bootstrap must clear it there.
-    admin.set_synchronous_standby(conn1, "node_b")
+    replication.set_synchronous_standby(conn1, "node_b")
 
     # A failing bootstrap says why, without a secret.
     bad = spec("pgha-inst1-x", "az2", p2.id, v2.id,
@@ -125,13 +125,13 @@ def test_primary_standby_service_port_fence_delete(local_cloud: LocalCloud) -> N
     # Standby: base backup through its slot, then streaming.
     standby = cloud.create_server(spec("pgha-inst1-b", "az2", p2.id, v2.id, guest(
         cloud, "b", "standby", peers, primary=p1.address, slot="slot_b")))
-    admin.wait_streaming(conn1, "node_b", timeout=30)
-    conn2 = admin.connect(p2.address, ADMIN_PW)
-    assert admin.replication_status(conn2).in_recovery
-    assert admin.replication_status(conn2).synchronous_standby_names == ""
+    replication.wait_streaming(conn1, "node_b", timeout=30)
+    conn2 = connection.connect(p2.address, ADMIN_PW)
+    assert replication.replication_status(conn2).in_recovery
+    assert replication.replication_status(conn2).synchronous_standby_names == ""
 
     # Synchronous replication: commits return, and the row is on the standby.
-    assert admin.replication_status(conn1).standbys[0].sync_state == "sync"
+    assert replication.replication_status(conn1).standbys[0].sync_state == "sync"
     with conn1.cursor() as cur:
         cur.execute("CREATE TABLE public.t (v text)")
         # remote_apply: the commit returns once the standby has applied it.
@@ -164,13 +164,13 @@ def test_primary_standby_service_port_fence_delete(local_cloud: LocalCloud) -> N
     # Promote the standby (twice: idempotent) and move the service port to it.
     with conn2.cursor() as cur:  # as if inherited: promotion must clear it
         cur.execute("""ALTER SYSTEM SET synchronous_standby_names = '"node_a"'""")
-    admin.promote(conn2)
-    admin.promote(conn2)
-    status = admin.replication_status(conn2)
+    replication.promote(conn2)
+    replication.promote(conn2)
+    status = replication.replication_status(conn2)
     assert not status.in_recovery and status.synchronous_standby_names == ""
     cloud.detach_port(service.id, primary.id)
     cloud.attach_port(service.id, standby.id)
-    via_service = admin.connect(service.address, ADMIN_PW)
+    via_service = connection.connect(service.address, ADMIN_PW)
     with via_service.cursor() as cur:
         cur.execute("INSERT INTO public.t VALUES ('after failover') RETURNING 1")
         assert cur.fetchone() == (1,)
@@ -184,7 +184,7 @@ def test_primary_standby_service_port_fence_delete(local_cloud: LocalCloud) -> N
     lines = pid_file.read_text().splitlines()
     pid_file.write_text("\n".join([str(os.getpid()), *lines[1:]]) + "\n")
     cloud.start_server(primary.id)
-    admin.wait_ready(p1.address, ADMIN_PW, timeout=30)
+    connection.wait_ready(p1.address, ADMIN_PW, timeout=30)
 
     # Deleting a server keeps its volume (data directory) and frees its ports.
     cloud.delete_server(primary.id)
@@ -211,7 +211,7 @@ def test_primary_standby_service_port_fence_delete(local_cloud: LocalCloud) -> N
 
 
 def in_recovery_via(address: str) -> bool:
-    conn = admin.connect(address, ADMIN_PW)
+    conn = connection.connect(address, ADMIN_PW)
     with conn.cursor() as cur:
         cur.execute("SELECT pg_is_in_recovery()")
         row = cur.fetchone()
@@ -244,7 +244,7 @@ def test_a_volume_from_before_users_per_volume_boots_as_its_own_user(
     subprocess.run(["userdel", cloud.volume_user(volume.id)], check=True)
 
     cloud.start_server(server.id)
-    admin.wait_ready(port.address, ADMIN_PW, timeout=30)
+    connection.wait_ready(port.address, ADMIN_PW, timeout=30)
     owner = pwd.getpwnam(cloud.volume_user(volume.id))
     data = Path(server.details["data_dir"])
     postmaster = int((data / "postmaster.pid").read_text().split()[0])

@@ -1,4 +1,5 @@
-"""broker.pg.admin against one real PostgreSQL node booted in the local cloud."""
+"""broker.pg (connection, hba, tenants, roles, replication) against one real PostgreSQL
+node booted in the local cloud."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from psycopg2.extensions import connection as Connection
 from broker.cloud.base import ServerSpec
 from broker.cloud.local import LocalCloud
 from broker.guest.bootstrap import GuestConfig
-from broker.pg import admin, tls
+from broker.pg import connection, hba, replication, roles, tenants, tls
+from broker.pg.names import APP_DATABASE
 from harness.machine import make_local_cloud
 
 pytestmark = pytest.mark.e2e
@@ -48,12 +50,12 @@ def node() -> Iterator[Node]:
                                        flavor="local", image="local",
                                        management_port_id=port.id, volume_id=volume.id,
                                        guest=config))
-        admin.wait_ready(port.address, ADMIN_PW, timeout=30, ca_pem=ca.cert_pem)
-        conn = admin.connect(port.address, ADMIN_PW, ca_pem=ca.cert_pem)
-        admin.ensure_cluster_objects(conn, replication_password=REPL_PW)
-        admin.ensure_cluster_objects(conn, replication_password=REPL_PW)  # idempotent
-        appdb = admin.connect(port.address, ADMIN_PW, dbname=admin.APP_DATABASE,
-                              ca_pem=ca.cert_pem)
+        connection.wait_ready(port.address, ADMIN_PW, timeout=30, ca_pem=ca.cert_pem)
+        conn = connection.connect(port.address, ADMIN_PW, ca_pem=ca.cert_pem)
+        tenants.ensure_cluster_objects(conn, replication_password=REPL_PW)
+        tenants.ensure_cluster_objects(conn, replication_password=REPL_PW)  # idempotent
+        appdb = connection.connect(port.address, ADMIN_PW, dbname=APP_DATABASE,
+                                   ca_pem=ca.cert_pem)
         try:
             yield Node(cloud, port.address, conn, appdb, ca.cert_pem)
         finally:
@@ -78,15 +80,15 @@ def scalar(conn: Connection, query: str) -> object:
 
 
 def test_binding_role_name_is_stable_and_short() -> None:
-    name = admin.binding_role_name("binding-guid-1")
-    assert name == admin.binding_role_name("binding-guid-1")
+    name = roles.binding_role_name("binding-guid-1")
+    assert name == roles.binding_role_name("binding-guid-1")
     assert name.startswith("b_") and len(name) == 18
-    assert name != admin.binding_role_name("binding-guid-2")
+    assert name != roles.binding_role_name("binding-guid-2")
 
 
 def test_render_hba_allows_only_what_is_needed() -> None:
-    lines = admin.render_hba(admin_cidrs=["10.1.0.1"], peer_addresses=["10.1.0.2", "10.1.0.3"],
-                             app_cidrs=["10.1.0.0/24"])
+    lines = hba.render_hba(admin_cidrs=["10.1.0.1"], peer_addresses=["10.1.0.2", "10.1.0.3"],
+                           app_cidrs=["10.1.0.0/24"])
     rules = [line.split() for line in lines if not line.startswith("#")]
     assert not [r for r in rules if r[0] == "local"]  # nothing uses the unix socket
     assert ["hostssl", "all", "postgres", "10.1.0.1/32", "scram-sha-256"] in rules
@@ -97,24 +99,24 @@ def test_render_hba_allows_only_what_is_needed() -> None:
     assert not [r for r in rules if r[2] == "all" or r[-1] == "trust"]
     assert {r[0] for r in rules} == {"hostssl"}
     # A node made before TLS has no certificate: its lines stay `host` until rotated.
-    old = admin.render_hba(admin_cidrs=["10.1.0.1"], peer_addresses=[], app_cidrs=[], tls=False)
+    old = hba.render_hba(admin_cidrs=["10.1.0.1"], peer_addresses=[], app_cidrs=[], tls=False)
     assert {line.split()[0] for line in old if not line.startswith("#")} == {"host"}
     with pytest.raises(ValueError, match="not an IP"):
-        admin.render_hba(admin_cidrs=["x; host all all 0.0.0.0/0 trust"], peer_addresses=[],
-                         app_cidrs=[])
+        hba.render_hba(admin_cidrs=["x; host all all 0.0.0.0/0 trust"], peer_addresses=[],
+                       app_cidrs=[])
 
 
 def test_wrong_password_error_carries_no_secret(node: Node) -> None:
-    with pytest.raises(admin.PgNotReady) as failure:
-        admin.wait_ready(node.address, "wrong-secret-5501", timeout=0.3)
+    with pytest.raises(connection.PgNotReady) as failure:
+        connection.wait_ready(node.address, "wrong-secret-5501", timeout=0.3)
     assert "wrong-secret-5501" not in str(failure.value)
     assert "password authentication failed" in str(failure.value)
 
 
 def test_read_write_binding_lifecycle(node: Node) -> None:
-    role = admin.binding_role_name("rw-binding")
-    admin.create_binding_role(node.conn, role, "first-pw-1")
-    admin.create_binding_role(node.conn, role, "bind-pw-1")  # idempotent, new password
+    role = roles.binding_role_name("rw-binding")
+    roles.create_binding_role(node.conn, role, "first-pw-1")
+    roles.create_binding_role(node.conn, role, "bind-pw-1")  # idempotent, new password
     app = login(node, role, "bind-pw-1")
     with app.cursor() as cur:
         cur.execute("CREATE TABLE orders (id int)")
@@ -128,8 +130,8 @@ def test_read_write_binding_lifecycle(node: Node) -> None:
         login(node, role, "first-pw-1")
 
     # Unbind: the open session ends, the table stays, the password no longer works.
-    admin.drop_binding_role(node.conn, role)
-    admin.drop_binding_role(node.conn, role)  # idempotent
+    roles.drop_binding_role(node.conn, role)
+    roles.drop_binding_role(node.conn, role)  # idempotent
     with pytest.raises(psycopg2.Error):
         scalar(app, "SELECT 1")
     app.close()
@@ -138,13 +140,13 @@ def test_read_write_binding_lifecycle(node: Node) -> None:
         login(node, role, "bind-pw-1")
 
     # A later binding sees and writes the same tables.
-    other = admin.binding_role_name("rw-binding-2")
-    admin.create_binding_role(node.conn, other, "bind-pw-2")
+    other = roles.binding_role_name("rw-binding-2")
+    roles.create_binding_role(node.conn, other, "bind-pw-2")
     app2 = login(node, other, "bind-pw-2")
     with app2.cursor() as cur:
         cur.execute("INSERT INTO orders VALUES (2)")
     app2.close()
-    admin.drop_binding_role(node.appdb, other)
+    roles.drop_binding_role(node.appdb, other)
 
 
 def test_read_only_binding_reads_but_never_writes(node: Node) -> None:
@@ -153,8 +155,8 @@ def test_read_only_binding_reads_but_never_writes(node: Node) -> None:
         cur.execute("CREATE TABLE IF NOT EXISTS public.catalog (id int)")
         cur.execute("INSERT INTO public.catalog VALUES (7)")
         cur.execute("RESET ROLE")
-    role = admin.binding_role_name("ro-binding")
-    admin.create_binding_role(node.conn, role, "ro-pw-1", read_only=True)
+    role = roles.binding_role_name("ro-binding")
+    roles.create_binding_role(node.conn, role, "ro-pw-1", read_only=True)
     app = login(node, role, "ro-pw-1")
     assert scalar(app, "SELECT max(id) FROM catalog") == 7
     for attempt in ("INSERT INTO catalog VALUES (8)", "SET ROLE app_owner",
@@ -163,49 +165,49 @@ def test_read_only_binding_reads_but_never_writes(node: Node) -> None:
         with pytest.raises(psycopg2.Error):
             scalar(app, attempt + "; SELECT 1")
     app.close()
-    admin.drop_binding_role(node.conn, role)
+    roles.drop_binding_role(node.conn, role)
 
 
 def test_set_hba_replaces_and_keeps_a_working_file(node: Node) -> None:
     cloud = node.cloud
-    lines = admin.render_hba(admin_cidrs=[cloud.broker_address],
-                             peer_addresses=[node.address, "10.99.0.9"],
-                             app_cidrs=[cloud.broker_address])
-    admin.set_hba(node.conn, lines)
-    admin.set_hba(node.conn, lines)  # idempotent
+    lines = hba.render_hba(admin_cidrs=[cloud.broker_address],
+                           peer_addresses=[node.address, "10.99.0.9"],
+                           app_cidrs=[cloud.broker_address])
+    hba.set_hba(node.conn, lines)
+    hba.set_hba(node.conn, lines)  # idempotent
     with node.conn.cursor() as cur:
         cur.execute("SELECT address FROM pg_hba_file_rules WHERE 'replication' = ANY(database)")
         assert {r[0] for r in cur.fetchall()} == {node.address, "10.99.0.9"}
     with pytest.raises(ValueError, match="errors"):
-        admin.set_hba(node.conn, ["host all postgres 10.0.0.1/99 scram-sha-256"])
-    admin.wait_ready(node.address, ADMIN_PW, timeout=5,
-                     ca_pem=node.ca_pem)  # the old file still lets us in
+        hba.set_hba(node.conn, ["host all postgres 10.0.0.1/99 scram-sha-256"])
+    connection.wait_ready(node.address, ADMIN_PW, timeout=5,
+                          ca_pem=node.ca_pem)  # the old file still lets us in
 
 
 def test_settings_extensions_slots_and_promote_on_a_primary(node: Node) -> None:
-    admin.set_database_setting(node.conn, "appdb", "statement_timeout", "1500")
+    tenants.set_database_setting(node.conn, "appdb", "statement_timeout", "1500")
     with node.conn.cursor() as cur:
         cur.execute("SELECT setconfig FROM pg_db_role_setting s JOIN pg_database d "
                     "ON d.oid = s.setdatabase WHERE d.datname = 'appdb' AND s.setrole = 0")
         assert cur.fetchone() == (['search_path="$user", public, extensions',
                                    "statement_timeout=1500"],)
-    admin.set_database_setting(node.conn, "appdb", "statement_timeout", None)
-    admin.ensure_extensions(node.appdb, ["pgcrypto"])
-    admin.ensure_extensions(node.appdb, ["pgcrypto"])
+    tenants.set_database_setting(node.conn, "appdb", "statement_timeout", None)
+    tenants.ensure_extensions(node.appdb, ["pgcrypto"])
+    tenants.ensure_extensions(node.appdb, ["pgcrypto"])
     assert scalar(node.appdb, "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n "
                   "ON n.oid = e.extnamespace WHERE extname = 'pgcrypto'") == "extensions"
-    admin.ensure_slot(node.conn, "slot_x")
-    admin.ensure_slot(node.conn, "slot_x")
+    replication.ensure_slot(node.conn, "slot_x")
+    replication.ensure_slot(node.conn, "slot_x")
     assert scalar(node.conn, "SELECT restart_lsn IS NOT NULL FROM pg_replication_slots "
                   "WHERE slot_name = 'slot_x'") is True
-    admin.drop_slot(node.conn, "slot_x")
-    admin.drop_slot(node.conn, "slot_x")
-    admin.set_synchronous_standby(node.conn, "node_zz")
-    assert admin.replication_status(node.conn).synchronous_standby_names == '"node_zz"'
-    admin.promote(node.conn)  # a primary: nothing to do, and its setting is untouched
-    assert admin.replication_status(node.conn).synchronous_standby_names == '"node_zz"'
-    admin.set_synchronous_standby(node.conn, None)
-    status = admin.replication_status(node.conn)
+    replication.drop_slot(node.conn, "slot_x")
+    replication.drop_slot(node.conn, "slot_x")
+    replication.set_synchronous_standby(node.conn, "node_zz")
+    assert replication.replication_status(node.conn).synchronous_standby_names == '"node_zz"'
+    replication.promote(node.conn)  # a primary: nothing to do, and its setting is untouched
+    assert replication.replication_status(node.conn).synchronous_standby_names == '"node_zz"'
+    replication.set_synchronous_standby(node.conn, None)
+    status = replication.replication_status(node.conn)
     assert not status.in_recovery and status.standbys == () and status.lsn > 0
 
 
@@ -218,12 +220,12 @@ def test_extensions_never_run_with_a_tenant_schema_on_their_path(node: Node) -> 
         cur.execute("CREATE EXTENSION cube SCHEMA tenant_ext")
         cur.execute("RESET ROLE")
     with pytest.raises(ValueError, match="requires cube"):
-        admin.ensure_extensions(node.appdb, ["earthdistance"])
+        tenants.ensure_extensions(node.appdb, ["earthdistance"])
     assert scalar(node.appdb, "SELECT count(*) FROM pg_extension "
                   "WHERE extname = 'earthdistance'") == 0
     with node.appdb.cursor() as cur:
         cur.execute("DROP SCHEMA tenant_ext CASCADE")
-    admin.ensure_extensions(node.appdb, ["earthdistance"])  # cube comes along, safely
+    tenants.ensure_extensions(node.appdb, ["earthdistance"])  # cube comes along, safely
     assert scalar(node.appdb, "SELECT string_agg(n.nspname, ',') FROM pg_extension e "
                   "JOIN pg_namespace n ON n.oid = e.extnamespace "
                   "WHERE extname IN ('cube', 'earthdistance')") == "extensions,extensions"

@@ -16,7 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from broker.pg import admin
+from broker.pg.names import ADMIN_USER, REPLICATION_USER
 from broker.store.models import Binding, Node
 from harness.env import failover_env
 from harness.workflows import app_tls, connect_as_admin, deprovision, instance, provision
@@ -95,15 +95,15 @@ def test_no_plaintext_secret_in_the_sqlite_store_and_each_column_decrypts() -> N
         try:
             with conn.cursor() as cur:
                 cur.execute("SELECT rolname, rolpassword FROM pg_authid WHERE rolname IN "
-                            "(%s, %s, %s)", (admin.ADMIN_USER, admin.REPLICATION_USER,
-                                              creds["username"]))
+                            "(%s, %s, %s)", (ADMIN_USER, REPLICATION_USER,
+                                             creds["username"]))
                 verifiers = dict(cur.fetchall())
         finally:
             conn.close()
-        assert scram_matches(verifiers[admin.ADMIN_USER], admin_password)
-        assert scram_matches(verifiers[admin.REPLICATION_USER], replication_password)
+        assert scram_matches(verifiers[ADMIN_USER], admin_password)
+        assert scram_matches(verifiers[REPLICATION_USER], replication_password)
         assert scram_matches(verifiers[creds["username"]], binding_password)
-        assert not scram_matches(verifiers[admin.REPLICATION_USER], admin_password)
+        assert not scram_matches(verifiers[REPLICATION_USER], admin_password)
 
         # The CA's key is the key of the instance's CA certificate, each node's key the
         # key of its certificate.

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from broker.cloud.local import LocalCloud
-from broker.pg import admin
+from broker.pg import connection
 from broker.store.models import READY, Instance, Node
 from harness.env import FailoverEnv, background, failover_env
 from harness.faults import kill_server
@@ -168,8 +168,8 @@ def replication_rules(env: FailoverEnv, inst: Instance, node: Node) -> list[tupl
     """(user, address, netmask) of every pg_hba line of the node that admits
     replication connections, as PostgreSQL itself parsed its pg_hba.conf."""
     assert node.management_address
-    conn = admin.connect(node.management_address,
-                         env.runtime.vault.decrypt(inst.admin_password_enc), timeout=5)
+    conn = connection.connect(node.management_address,
+                              env.runtime.vault.decrypt(inst.admin_password_enc), timeout=5)
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT user_name::text, address, netmask FROM pg_hba_file_rules "
@@ -218,7 +218,7 @@ def test_links_planted_in_a_data_directory_never_make_root_write() -> None:
         env.cloud.start_server(old.server_id)
         inst = instance(env.runtime, instance_id)
         password = env.runtime.vault.decrypt(inst.admin_password_enc)
-        admin.wait_ready(old.management_address, password, timeout=30)
+        connection.wait_ready(old.management_address, password, timeout=30)
         assert_untouched(canaries)
 
         plant_links(user, volume, canaries)

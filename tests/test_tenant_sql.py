@@ -23,8 +23,9 @@ from psycopg2 import sql
 from broker.cloud.local import LocalCloud
 from broker.operations import bindings
 from broker.operations.engine import Engine
-from broker.pg import admin
+from broker.pg import hba, tenants
 from broker.pg import probe as health
+from broker.pg.names import APP_DATABASE
 from broker.runtime import Runtime
 from harness.machine import make_local_cloud
 from harness.workflows import (
@@ -55,7 +56,7 @@ BROKER_CALLS = (
 TYPICAL_CALLS = ("format", "quote_ident", "quote_literal", "now", "lower",
                  "array_agg", "string_agg", "set_config", "version")
 SHADOW_SCHEMAS = ("public", "tenant_tools")
-BROKER_SQL = ("broker/pg/admin.py", "broker/pg/probe.py", "broker/operations")
+BROKER_SQL = ("broker/pg", "broker/operations")
 
 
 @dataclass
@@ -74,7 +75,7 @@ class Env:
     def unbind(self, binding_id: str) -> None:
         assert bindings.delete_binding(self.runtime, self.instance_id, binding_id)
 
-    def connect_admin(self, dbname: str = admin.APP_DATABASE, host: str | None = None) -> Any:
+    def connect_admin(self, dbname: str = APP_DATABASE, host: str | None = None) -> Any:
         inst = instance(self.runtime, self.instance_id)
         primary = inst.primary()
         assert primary is not None
@@ -82,7 +83,7 @@ class Env:
                                 dbname)
 
     def admin_value(self, query: str, args: Any = None,
-                    dbname: str = admin.APP_DATABASE) -> Any:
+                    dbname: str = APP_DATABASE) -> Any:
         conn = self.connect_admin(dbname)
         try:
             return value(conn, query, args)
@@ -411,7 +412,7 @@ def downgrade_to_earlier_model(env: Env, reader_role: str, roles: list[str]) -> 
     for node in inst.live_nodes():
         conn = env.connect_admin("postgres", host=node.management_address)
         lines = hba_lines(conn)
-        admin.set_hba(conn, [line.replace("+app_reader", "+pg_read_all_data") for line in lines])
+        hba.set_hba(conn, [line.replace("+app_reader", "+pg_read_all_data") for line in lines])
         conn.close()
 
 
@@ -451,7 +452,7 @@ def test_an_instance_of_the_earlier_model_is_hardened_by_its_next_bind(ha_env: E
     assert not is_superuser(env, writer["username"])
     assert env.admin_value("SELECT count(*) FROM public.hijack_calls") == 0
     conn = env.connect_admin("postgres")
-    assert admin.tenant_model_in_place(conn)
+    assert tenants.tenant_model_in_place(conn)
     assert value(conn, "SELECT pg_catalog.pg_get_userbyid(datdba) FROM pg_catalog.pg_database"
                        " WHERE datname = 'appdb'") == "postgres"
     assert value(conn, "SELECT s.setconfig FROM pg_catalog.pg_db_role_setting s"
@@ -522,7 +523,7 @@ def test_an_earlier_model_instance_is_hardened_before_its_pg_hba_is_rewritten(
     refused(ro, "SELECT count(*) FROM pg_catalog.pg_authid")
     ro.close()
     conn = env.connect_admin("postgres")
-    assert admin.tenant_model_in_place(conn)
+    assert tenants.tenant_model_in_place(conn)
     conn.close()
     env.unbind("old-writer")
     env.unbind("old-reader")

@@ -28,9 +28,9 @@ from cryptography import x509
 
 from broker.cli import instances as cli
 from broker.config import TlsSettings
-from broker.operations import bindings, nodes
+from broker.operations import bindings, node_create
 from broker.operations.certs import KIND as ROTATE
-from broker.pg import admin, probe, tls
+from broker.pg import connection, probe, tls, tls_files
 from broker.runtime import Runtime
 from broker.store.models import Instance, Node
 from harness.env import FailoverEnv, background, failover_env
@@ -93,8 +93,9 @@ def superuser(runtime: Runtime, inst: Instance, node: Node, **params: Any) -> An
 
 def query(runtime: Runtime, inst: Instance, node: Node, text: str) -> list[tuple[Any, ...]]:
     assert node.management_address is not None
-    conn = admin.connect(node.management_address,
-                         runtime.vault.decrypt(inst.admin_password_enc), ca_pem=inst.ca_for(node))
+    conn = connection.connect(node.management_address,
+                              runtime.vault.decrypt(inst.admin_password_enc),
+                              ca_pem=inst.ca_for(node))
     try:
         with conn.cursor() as cur:
             cur.execute(text)
@@ -174,9 +175,9 @@ def test_apps_verify_the_service_address_before_and_after_a_failover() -> None:
         password = env.runtime.vault.decrypt(inst.admin_password_enc)
         assert primary.management_address is not None
         assert probe.probe(primary.management_address, password, timeout=3,
-                            ca_pem=inst.tls_ca_cert).ok
+                           ca_pem=inst.tls_ca_cert).ok
         refused = probe.probe(primary.management_address, password, timeout=3,
-                               ca_pem=other.tls_ca_cert)
+                              ca_pem=other.tls_ca_cert)
         assert refused.outcome == "answering" and "certificate verify failed" in (
             refused.error or "")
         for name in ("db.example.com", standby.management_address):
@@ -272,7 +273,7 @@ def test_rotate_certs_upgrades_an_instance_made_before_tls(
         monkeypatch: pytest.MonkeyPatch) -> None:
     with failover_env() as env:
         # Nodes booted the way the broker did before TLS: no CA, no certificate.
-        monkeypatch.setattr(nodes, "node_certificate", lambda ctx, node_id: None)
+        monkeypatch.setattr(node_create, "node_certificate", lambda ctx, node_id: None)
         instance_id = provision(env.runtime, env.engine, "ha")
         monkeypatch.undo()
         old = instance(env.runtime, instance_id)
@@ -355,9 +356,9 @@ def test_an_expired_certificate_is_replaced_by_the_monitor() -> None:
             inst.tls_ca_key_enc), node_id=node.id, days=3 / 86400,
             addresses=[inst.service_address, node.management_address])
         password = env.runtime.vault.decrypt(inst.admin_password_enc)
-        conn = admin.connect(node.management_address, password, ca_pem=inst.tls_ca_cert)
-        admin.install_tls(conn, ca_pem=inst.tls_ca_cert, cert_pem=short.cert_pem,
-                          key_pem=short.key_pem, issued_at=short.issued_at)
+        conn = connection.connect(node.management_address, password, ca_pem=inst.tls_ca_cert)
+        tls_files.install_tls(conn, ca_pem=inst.tls_ca_cert, cert_pem=short.cert_pem,
+                              key_pem=short.key_pem, issued_at=short.issued_at)
         conn.close()
         with env.runtime.store.session() as s:
             row = s.get(Node, node.id)
@@ -374,4 +375,4 @@ def test_an_expired_certificate_is_replaced_by_the_monitor() -> None:
         assert renewed is not None and renewed.tls_cert and renewed.tls_expires_at
         assert serial(renewed.tls_cert) != serial(short.cert_pem)
         assert probe.probe(node.management_address, password, timeout=3,
-                            ca_pem=inst.tls_ca_cert).ok
+                           ca_pem=inst.tls_ca_cert).ok

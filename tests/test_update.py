@@ -22,7 +22,7 @@ from broker.cloud.local import LocalCloud
 from broker.operations import bindings
 from broker.operations.engine import Engine
 from broker.operations.update import start_update
-from broker.pg import admin
+from broker.pg import replication
 from broker.runtime import Runtime
 from broker.store.models import NODE_DELETED, OP_FAILED, READY, Operation
 from harness.workflows import (
@@ -100,7 +100,7 @@ def _replication(runtime: Runtime, instance_id: str) -> list[tuple[str, str]]:
     assert primary is not None
     conn = connect_as_admin(runtime, inst, primary.management_address or "", "postgres")
     try:
-        status = admin.replication_status(conn)
+        status = replication.replication_status(conn)
     finally:
         conn.close()
     return [(s.application_name, s.sync_state) for s in status.standbys]

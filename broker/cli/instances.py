@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from broker.pg import admin
+from broker.pg import connection, replication
 from broker.runtime import Runtime
 from broker.store.models import (
     DEPROVISIONED,
@@ -66,13 +66,13 @@ def _replication(runtime: Runtime, inst: Instance) -> dict[str, Any]:
     if primary is None or not primary.management_address:
         return {"reachable": False, "error": "no primary"}
     try:
-        conn = admin.connect(primary.management_address,
-                             runtime.vault.decrypt(inst.admin_password_enc),
-                             timeout=CONNECT_TIMEOUT, ca_pem=inst.ca_for(primary))
+        conn = connection.connect(primary.management_address,
+                                  runtime.vault.decrypt(inst.admin_password_enc),
+                                  timeout=CONNECT_TIMEOUT, ca_pem=inst.ca_for(primary))
     except Exception as exc:
         return {"reachable": False, "error": exc.__class__.__name__}
     try:
-        status = admin.replication_status(conn)
+        status = replication.replication_status(conn)
     except Exception as exc:
         return {"reachable": False, "error": exc.__class__.__name__}
     finally:

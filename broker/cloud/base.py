@@ -176,7 +176,7 @@ class Cloud(abc.ABC):
         """Boot a server that runs the guest bootstrap; adopt one with the same name.
 
         Returns when the cloud reports it ACTIVE. PostgreSQL may still be starting:
-        callers wait for it with `broker.pg.admin.wait_ready`."""
+        callers wait for it with `broker.pg.connection.wait_ready`."""
 
     @abc.abstractmethod
     def get_server(self, server_id: str) -> Server | None: ...

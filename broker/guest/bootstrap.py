@@ -132,7 +132,7 @@ class BootstrapError(Exception):
     """A step failed; the message is plain and carries no secret."""
 
 
-# --- pg_hba.conf: the ONE implementation (broker.pg.admin.render_hba calls it) -----------
+# --- pg_hba.conf: the ONE implementation (broker.pg.hba.render_hba calls it) -------------
 
 def _cidr(address: str) -> str:
     """'10.0.0.5' → '10.0.0.5/32'; a CIDR is normalised; anything else is refused."""

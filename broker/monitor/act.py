@@ -31,7 +31,7 @@ from broker.operations import failover as failover_ops
 from broker.operations.params import RebuildParams
 from broker.operations.promotion import REBUILD
 from broker.operations.resurrect import KIND as RESURRECT
-from broker.pg import admin
+from broker.pg import connection, replication
 from broker.runtime import Runtime
 from broker.store.models import (
     DEGRADED,
@@ -143,11 +143,11 @@ class Executor:
                 return
             password = self.runtime.vault.decrypt(inst.admin_password_enc)
             address, ca_pem = primary.management_address or "", inst.ca_for(primary)
-        conn = admin.connect(address, password,
-                             timeout=self.runtime.settings.monitor.connect_timeout + 2,
-                             ca_pem=ca_pem)
+        conn = connection.connect(address, password,
+                                  timeout=self.runtime.settings.monitor.connect_timeout + 2,
+                                  ca_pem=ca_pem)
         try:
-            admin.set_synchronous_standby(conn, application_name)
+            replication.set_synchronous_standby(conn, application_name)
         finally:
             conn.close()
 

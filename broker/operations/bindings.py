@@ -25,7 +25,8 @@ from sqlalchemy.exc import IntegrityError
 from broker.crypto import new_password
 from broker.operations import queue
 from broker.operations.refusals import Busy, Conflict, UnknownInstance
-from broker.pg import admin
+from broker.pg import connection, roles, tenants
+from broker.pg.names import APP_DATABASE
 from broker.runtime import Runtime
 from broker.store.models import (
     BINDING_CREATED,
@@ -66,7 +67,7 @@ class BindResult:
 
 
 def credentials(host: str, username: str, password: str,
-                database: str = admin.APP_DATABASE, port: int = PORT, *,
+                database: str = APP_DATABASE, port: int = PORT, *,
                 ca_pem: str | None = None) -> dict[str, Any]:
     """What apps parse (java-cfenv, Spring, cfenv): uri, jdbcUrl, host(name), port, ...
 
@@ -160,7 +161,7 @@ def create_binding(runtime: Runtime, instance_id: str, binding_id: str, *,
             row = s.get(Binding, binding_id)
             if row is None:
                 row = Binding(id=binding_id, instance_id=instance_id,
-                              role_name=admin.binding_role_name(binding_id),
+                              role_name=roles.binding_role_name(binding_id),
                               password_enc=runtime.vault.encrypt(new_password()))
                 s.add(row)
             elif row.state == BINDING_DELETED:
@@ -180,16 +181,16 @@ def create_binding(runtime: Runtime, instance_id: str, binding_id: str, *,
 
     password = runtime.vault.decrypt(password_enc)
     try:
-        conn = admin.connect(primary.management_address or "", runtime.vault.decrypt(
+        conn = connection.connect(primary.management_address or "", runtime.vault.decrypt(
             inst.admin_password_enc), ca_pem=inst.ca_for(primary))
     except psycopg2.OperationalError:
         # The row stays `creating`: a repeated PUT finishes it, a DELETE removes it.
         raise InstanceNotReady("the instance's primary does not answer right now; "
                                "bind again shortly") from None
     try:
-        if not admin.tenant_model_in_place(conn):
+        if not tenants.tenant_model_in_place(conn):
             _upgrade_tenant_model(runtime, inst, primary, conn)
-        admin.create_binding_role(conn, role, password, read_only=read_only)
+        roles.create_binding_role(conn, role, password, read_only=read_only)
     finally:
         conn.close()
     with runtime.store.session() as s:
@@ -211,17 +212,17 @@ def _upgrade_tenant_model(runtime: Runtime, inst: Instance, primary: Node,
         if node.id == primary.id or not node.management_address:
             continue
         try:
-            standby = admin.connect(node.management_address, password, timeout=3,
-                                    ca_pem=inst.ca_for(node))
+            standby = connection.connect(node.management_address, password, timeout=3,
+                                         ca_pem=inst.ca_for(node))
         except psycopg2.OperationalError:
             log.warning("instance %s: node %s unreachable; its pg_hba keeps the old "
                         "read-only group", inst.id, node.id)
             continue
         try:
-            admin.use_read_only_group_in_hba(standby)
+            tenants.use_read_only_group_in_hba(standby)
         finally:
             standby.close()
-    admin.ensure_tenant_model(conn)
+    tenants.ensure_tenant_model(conn)
     log.info("instance %s: tenant model put in place", inst.id)
 
 
@@ -257,13 +258,13 @@ def delete_binding(runtime: Runtime, instance_id: str, binding_id: str) -> bool:
         # The primary unreachable → 422 ConcurrencyError: the platform retries the
         # DELETE, and the role must not outlive its binding.
         try:
-            conn = admin.connect(primary.management_address, runtime.vault.decrypt(
+            conn = connection.connect(primary.management_address, runtime.vault.decrypt(
                 admin_password_enc), ca_pem=ca_pem)
         except psycopg2.OperationalError:
             raise InstanceNotReady("the instance's primary does not answer right now; "
                                    "unbind again shortly") from None
         try:
-            admin.drop_binding_role(conn, role)
+            roles.drop_binding_role(conn, role)
         finally:
             conn.close()
     with runtime.store.session() as s:

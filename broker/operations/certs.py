@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import logging
 
-from broker.operations import nodes, queue
+from broker.operations import node_access, node_create, queue
 from broker.operations.engine import Context, Step, StepFailed, Workflow
 from broker.operations.params import RotationParams
-from broker.pg import admin, tls
+from broker.pg import connection, tls, tls_files
 from broker.store.db import Store
 from broker.store.models import (
     DEGRADED,
@@ -61,7 +61,7 @@ def queue_rotation(store: Store, instance_id: str, *, cause: str,
             raise RotationRefused(f"instance {instance_id} has an operation in progress "
                                   f"({busy.kind}: {busy.description})")
         op = queue.new_operation(instance_id, KIND, params=RotationParams(cause=cause), owner=owner,
-                           description=f"queued: rotating certificates ({cause})")
+                                 description=f"queued: rotating certificates ({cause})")
         s.add(op)
         return op.id
 
@@ -74,7 +74,7 @@ def _nodes_in_order(inst: Instance) -> list[Node]:
 
 
 def ca(ctx: Context) -> None:
-    nodes.ensure_ca(ctx)
+    node_create.ensure_ca(ctx)
 
 
 def rotate_node(ctx: Context, node: Node) -> None:
@@ -88,25 +88,25 @@ def rotate_node(ctx: Context, node: Node) -> None:
                                  previous_issued_at=node.tls_issued_at or 0)
     expiry = aware(node.tls_expires_at)
     if expiry is not None and expiry <= utcnow():
-        conn = admin.connect(node.management_address, nodes.admin_password(ctx, inst),
-                             bind_channel=True)
+        conn = connection.connect(node.management_address, node_access.admin_password(ctx, inst),
+                                  bind_channel=True)
     else:
-        conn = admin.connect(node.management_address, nodes.admin_password(ctx, inst),
-                             ca_pem=inst.ca_for(node))
+        conn = connection.connect(node.management_address, node_access.admin_password(ctx, inst),
+                                  ca_pem=inst.ca_for(node))
     try:
-        ca_path = admin.install_tls(conn, ca_pem=inst.tls_ca_cert, cert_pem=issued.cert_pem,
-                                    key_pem=issued.key_pem, issued_at=issued.issued_at)
+        ca_path = tls_files.install_tls(conn, ca_pem=inst.tls_ca_cert, cert_pem=issued.cert_pem,
+                                        key_pem=issued.key_pem, issued_at=issued.issued_at)
     finally:
         conn.close()
     try:
-        admin.wait_ready(node.management_address, nodes.admin_password(ctx, inst),
-                         timeout=VERIFY_TIMEOUT, ca_pem=inst.tls_ca_cert)
-    except admin.PgNotReady as exc:
+        connection.wait_ready(node.management_address, node_access.admin_password(ctx, inst),
+                              timeout=VERIFY_TIMEOUT, ca_pem=inst.tls_ca_cert)
+    except connection.PgNotReady as exc:
         raise StepFailed(f"node {node.id} does not serve its new certificate: {exc}") from None
-    nodes.record_certificate(ctx, node.id, issued)
-    nodes.refresh_hba(ctx, node.id)
-    with nodes.admin_connection(ctx, node) as conn:
-        admin.verify_replication(conn, ca_path)
+    node_create.record_certificate(ctx, node.id, issued)
+    node_access.refresh_hba(ctx, node.id)
+    with node_access.admin_connection(ctx, node) as conn:
+        tls_files.verify_replication(conn, ca_path)
     log.info("instance %s: node %s serves a new certificate (expires %s)", inst.id, node.id,
              issued.expires_at.isoformat(timespec="seconds"))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from broker.operations import nodes
+from broker.operations import node_teardown, rows
 from broker.operations.engine import Context, Step, Workflow
 from broker.operations.queue import new_operation
 from broker.store.db import Store
@@ -37,11 +37,11 @@ def start_deprovision(store: Store, instance_id: str) -> str:
 def begin(ctx: Context) -> None:
     inst = ctx.instance()
     if inst.state != DEPROVISIONED:
-        nodes.update_instance(ctx, state=DEPROVISIONING)
+        rows.update_instance(ctx, state=DEPROVISIONING)
 
 
 def finish(ctx: Context) -> None:
-    nodes.mark_nodes_deleted(ctx)
+    node_teardown.mark_nodes_deleted(ctx)
     now = utcnow()
     with ctx.store.session() as s:
         for binding in s.scalars(select(Binding).where(
@@ -59,10 +59,10 @@ def finish(ctx: Context) -> None:
 def steps(ctx: Context) -> list[Step]:
     return [
         Step("begin", "deprovisioning", begin),
-        Step("servers", "deleting the servers", nodes.delete_servers),
-        Step("volumes", "deleting the volumes", nodes.delete_volumes),
-        Step("ports", "deleting the service port and management ports", nodes.delete_ports),
-        Step("server_group", "deleting the server group", nodes.delete_server_group),
+        Step("servers", "deleting the servers", node_teardown.delete_servers),
+        Step("volumes", "deleting the volumes", node_teardown.delete_volumes),
+        Step("ports", "deleting the service port and management ports", node_teardown.delete_ports),
+        Step("server_group", "deleting the server group", node_teardown.delete_server_group),
         Step("finish", "finishing", finish),
     ]
 

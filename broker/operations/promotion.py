@@ -25,10 +25,10 @@ import psycopg2
 
 from broker.cloud.base import FenceError, ServerStatus
 from broker.ha import rules
-from broker.operations import nodes, queue
+from broker.operations import node_access, node_create, queue, rows
 from broker.operations.engine import Context, RetryLater, Step, StepFailed
 from broker.operations.params import FailoverParams, RebuildParams
-from broker.pg import admin, handover, probe
+from broker.pg import handover, probe, replication
 from broker.store.models import (
     DEGRADED,
     NODE_FENCED,
@@ -109,7 +109,7 @@ def set_outcome(ctx: Context, outcome: str, detail: str | None = None) -> None:
 
 
 def set_state(ctx: Context, state: str, reason: str | None) -> None:
-    nodes.update_instance(ctx, state=state, state_reason=reason)
+    rows.update_instance(ctx, state=state, state_reason=reason)
 
 
 def refuse(ctx: Context, reason: str) -> StepFailed:
@@ -137,14 +137,14 @@ def probe_node(ctx: Context, node: Node, *, timeout: float = 3.0, tries: int = 3
     """The node's replication state; a few tries, because one lost SYN is not death."""
     if not node.management_address:
         raise StepFailed(f"node {node.id} has no management address")
-    ca_pem = nodes.node_ca(ctx, node.id)
+    ca_pem = node_access.node_ca(ctx, node.id)
     result = probe.probe(node.management_address, password(ctx), timeout=timeout, ca_pem=ca_pem)
     for _ in range(tries - 1):
         if result.ok:
             break
         time.sleep(0.3)
         result = probe.probe(node.management_address, password(ctx), timeout=timeout,
-                              ca_pem=ca_pem)
+                             ca_pem=ca_pem)
     return result
 
 
@@ -160,7 +160,7 @@ def unplug_service_port(ctx: Context, server_id: str | None) -> None:
 
 
 def plug_service_port(ctx: Context, node_id: str) -> None:
-    nodes.attach_service_port(ctx, node_id)
+    node_create.attach_service_port(ctx, node_id)
     stamp(ctx, port_attached_at=utcnow())
 
 
@@ -182,7 +182,7 @@ def fence(ctx: Context, node_id: str, *, retired_role: str = OLD_PRIMARY) -> Non
     if node.role != retired_role:
         values["role"] = retired_role
     if values:
-        nodes.update_node(ctx, node_id, **values)
+        rows.update_node(ctx, node_id, **values)
     stamp(ctx, fenced_at=utcnow())
 
 
@@ -201,7 +201,7 @@ def clear_sync_on(ctx: Context, node: Node) -> None:
     """Get the standby about to be promoted ready for it (handover.prepare_for_promotion);
     synchronous_standby_names is reset again right after the promotion."""
     try:
-        with nodes.admin_connection(ctx, node, timeout=3.0) as conn:
+        with node_access.admin_connection(ctx, node, timeout=3.0) as conn:
             handover.prepare_for_promotion(conn)
     except psycopg2.Error as exc:
         log.info("instance %s: standby not prepared before promotion (%s); "
@@ -212,9 +212,9 @@ def clear_sync_on(ctx: Context, node: Node) -> None:
 def promote(ctx: Context, node_id: str) -> None:
     """pg_promote (idempotent), then make the node the instance's primary in the store."""
     node = node_row(ctx, node_id)
-    with nodes.admin_connection(ctx, node, timeout=5.0) as conn:
-        admin.promote(conn, timeout=30.0)
-        admin.set_synchronous_standby(conn, None)
+    with node_access.admin_connection(ctx, node, timeout=5.0) as conn:
+        replication.promote(conn, timeout=30.0)
+        replication.set_synchronous_standby(conn, None)
     now = utcnow()
     with ctx.store.session() as s:
         row = s.get(Node, node_id)
@@ -266,13 +266,13 @@ def unsync(ctx: Context) -> None:
 
     def forget() -> None:
         if inst.sync_standby_node_id is not None:
-            nodes.update_instance(ctx, sync_standby_node_id=None)
+            rows.update_instance(ctx, sync_standby_node_id=None)
 
     def clear() -> None:
         if inst.replication != rules.SYNC or primary is None:
             return
-        with nodes.admin_connection(ctx, primary, timeout=3.0) as conn:
-            admin.set_synchronous_standby(conn, None)
+        with node_access.admin_connection(ctx, primary, timeout=3.0) as conn:
+            replication.set_synchronous_standby(conn, None)
 
     rules.unsync(forget, clear)
 
@@ -280,15 +280,15 @@ def unsync(ctx: Context) -> None:
 def enable_sync(ctx: Context, standby_id: str, *, timeout: float = SYNC_WAIT_SLICE) -> None:
     """Name the standby in synchronous_standby_names and record it as synchronous
     once rules.confirm_sync says it holds every acknowledged commit."""
-    primary = nodes.primary_node(ctx)
+    primary = rows.primary_node(ctx)
     standby = node_row(ctx, standby_id)
     name = standby.application_name
-    with nodes.admin_connection(ctx, primary, timeout=5.0) as conn:
-        admin.set_synchronous_standby(conn, name)
+    with node_access.admin_connection(ctx, primary, timeout=5.0) as conn:
+        replication.set_synchronous_standby(conn, name)
     deadline = time.monotonic() + timeout
     mark: rules.SyncMark | None = None
     pw = password(ctx)
-    ca_pem = nodes.node_ca(ctx, primary.id)
+    ca_pem = node_access.node_ca(ctx, primary.id)
     assert primary.management_address is not None
     while time.monotonic() < deadline:
         seen = probe.probe(primary.management_address, pw, timeout=3.0, ca_pem=ca_pem)
@@ -298,7 +298,7 @@ def enable_sync(ctx: Context, standby_id: str, *, timeout: float = SYNC_WAIT_SLI
             sync_state=replica.sync_state if replica is not None else "",
             primary_lsn=seen.lsn, flush_lsn=replica.flush_lsn if replica is not None else None)
         if confirmed:
-            nodes.update_instance(ctx, sync_standby_node_id=standby_id)
+            rows.update_instance(ctx, sync_standby_node_id=standby_id)
             return
         time.sleep(0.1)
     raise RetryLater(f"standby {standby_id} is not synchronous yet", delay=1.0)
@@ -352,7 +352,7 @@ def step_promote(done: str) -> Callable[[Context], None]:
         old, new = event_nodes(ctx)
         assert new is not None
         promote(ctx, new)
-        nodes.refresh_peers_hba(ctx)  # the fenced old primary may replicate no more
+        node_access.refresh_peers_hba(ctx)  # the fenced old primary may replicate no more
         zone = node_row(ctx, old).availability_zone
         set_state(ctx, DEGRADED, f"{done} to {new}; rebuilding a standby in {zone}")
     return run

@@ -21,10 +21,10 @@ from typing import Any
 
 from broker.catalog import Plan
 from broker.crypto import Vault, new_password
-from broker.operations import nodes
+from broker.operations import naming, node_access, node_create, node_teardown, rows
 from broker.operations.engine import Context, Step, StepFailed, Workflow
 from broker.operations.queue import new_operation
-from broker.pg import admin
+from broker.pg import tenants
 from broker.store.db import Store
 from broker.store.models import (
     FAILED,
@@ -93,31 +93,31 @@ def plan_nodes(ctx: Context) -> None:
     plan = ctx.plan()
     primary_zone = plan.cloud.availability_zones[0]
     with ctx.store.session() as s:
-        ids = [nodes.new_node_id() for _ in range(plan.cloud.nodes)]
+        ids = [naming.new_node_id() for _ in range(plan.cloud.nodes)]
         s.add(Node(id=ids[0], instance_id=inst.id, role=PRIMARY, availability_zone=primary_zone,
-                   slot_name=nodes.slot_name(ids[0])))
+                   slot_name=naming.slot_name(ids[0])))
         if plan.cloud.is_ha:
             s.add(Node(id=ids[1], instance_id=inst.id, role=STANDBY,
-                       availability_zone=nodes.other_zone(plan, primary_zone),
-                       slot_name=nodes.slot_name(ids[1])))
+                       availability_zone=rows.other_zone(plan, primary_zone),
+                       slot_name=naming.slot_name(ids[1])))
 
 
 def management_ports(ctx: Context) -> None:
     for node in ctx.instance().live_nodes():
-        nodes.ensure_management_port(ctx, node.id)
+        node_create.ensure_management_port(ctx, node.id)
 
 
 def database(ctx: Context) -> None:
     inst = ctx.instance()
     primary = _node(ctx, PRIMARY)
-    with nodes.admin_connection(ctx, primary) as conn:
-        admin.ensure_cluster_objects(
+    with node_access.admin_connection(ctx, primary) as conn:
+        tenants.ensure_cluster_objects(
             conn, replication_password=ctx.vault.decrypt(inst.replication_password_enc))
-    nodes.apply_parameters(ctx, inst.parameters or {})
+    node_access.apply_parameters(ctx, inst.parameters or {})
 
 
 def synchronous(ctx: Context) -> None:
-    nodes.set_replication_mode(ctx, ctx.plan().cloud.replication)
+    node_access.set_replication_mode(ctx, ctx.plan().cloud.replication)
 
 
 def ready(ctx: Context) -> None:
@@ -136,26 +136,27 @@ def steps(ctx: Context) -> list[Step]:
     primary = f"creating primary in {zones[0]}"
     out = [
         Step("nodes", "planning the nodes", plan_nodes),
-        Step("server_group", "creating the server group", nodes.ensure_server_group),
-        Step("service_port", "creating the service port", nodes.ensure_service_port),
+        Step("server_group", "creating the server group", node_create.ensure_server_group),
+        Step("service_port", "creating the service port", node_create.ensure_service_port),
         Step("management_ports", "creating the management ports", management_ports),
-        Step("primary_volume", f"{primary}: volume", _on(PRIMARY, nodes.ensure_volume)),
-        Step("primary_server", f"{primary}: server", _on(PRIMARY, nodes.ensure_server)),
+        Step("primary_volume", f"{primary}: volume", _on(PRIMARY, node_create.ensure_volume)),
+        Step("primary_server", f"{primary}: server", _on(PRIMARY, node_create.ensure_server)),
         Step("primary_ready", f"{primary}: starting PostgreSQL",
-             _on(PRIMARY, nodes.wait_node_ready)),
+             _on(PRIMARY, node_create.wait_node_ready)),
         Step("database", "creating the database", database),
         Step("service_address", "attaching the service address to the primary",
-             _on(PRIMARY, nodes.attach_service_port)),
+             _on(PRIMARY, node_create.attach_service_port)),
     ]
     if plan.cloud.is_ha:
-        standby = f"creating standby in {nodes.other_zone(plan, zones[0])}"
+        standby = f"creating standby in {rows.other_zone(plan, zones[0])}"
         out += [
             Step("standby_slot", f"{standby}: replication slot",
-                 _on(STANDBY, nodes.prepare_primary_for)),
-            Step("standby_volume", f"{standby}: volume", _on(STANDBY, nodes.ensure_volume)),
-            Step("standby_server", f"{standby}: base backup", _on(STANDBY, nodes.ensure_server)),
+                 _on(STANDBY, node_create.prepare_primary_for)),
+            Step("standby_volume", f"{standby}: volume", _on(STANDBY, node_create.ensure_volume)),
+            Step("standby_server", f"{standby}: base backup",
+                 _on(STANDBY, node_create.ensure_server)),
             Step("standby_streaming", f"{standby}: waiting for streaming",
-                 _on(STANDBY, nodes.wait_standby_streaming)),
+                 _on(STANDBY, node_create.wait_standby_streaming)),
         ]
         if plan.cloud.replication == "sync":
             out.append(Step("synchronous", "switching on synchronous replication", synchronous))
@@ -168,8 +169,8 @@ def cleanup(ctx: Context, reason: str) -> None:
 
     The instance is `failed` first, so that it says why even if the teardown itself
     fails (the platform's DELETE then tries the teardown again)."""
-    nodes.update_instance(ctx, state=FAILED, state_reason=reason, sync_standby_node_id=None)
-    nodes.teardown_instance(ctx)
+    rows.update_instance(ctx, state=FAILED, state_reason=reason, sync_standby_node_id=None)
+    node_teardown.teardown_instance(ctx)
 
 
 WORKFLOW = Workflow(kind=KIND, steps=steps, cleanup=cleanup, done="ready")

@@ -13,7 +13,7 @@ monitor when a standby died (or is missing). Params:
   writable meanwhile (non-strict, like Patroni's default `synchronous_mode`); a
   failover in this window is refused (no synchronous standby is recorded), which
   is what keeps a standby that has not caught up from ever being promoted.
-- node…streaming: the shared node helpers (nodes.py): management port, pg_hba and a
+- node…streaming: the shared node helpers (node_create.py): management port, pg_hba and a
   fresh slot on the primary, volume, server with a base backup, streaming.
 - synchronous (ha-sync): name the new standby and record it synchronous once it
   holds every acknowledged commit (promotion.enable_sync).
@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import logging
 
-from broker.operations import nodes, promotion
+from broker.operations import naming, node_access, node_create, node_teardown, promotion, rows
 from broker.operations.engine import Context, Step, StepFailed, Workflow
 from broker.operations.params import RebuildParams
-from broker.pg import admin
+from broker.pg import replication
 from broker.store.models import (
     DEGRADED,
     NODE_CREATING,
@@ -58,8 +58,8 @@ def _zone(ctx: Context) -> str:
     replaced = _replaced(ctx)
     if replaced is not None:
         return replaced.availability_zone
-    primary = nodes.primary_node(ctx)
-    return nodes.other_zone(ctx.plan(), primary.availability_zone)
+    primary = rows.primary_node(ctx)
+    return rows.other_zone(ctx.plan(), primary.availability_zone)
 
 
 def retire(ctx: Context) -> None:
@@ -69,14 +69,14 @@ def retire(ctx: Context) -> None:
     replaced = _replaced(ctx)
     if replaced is not None and replaced.role == STANDBY:
         promotion.unsync(ctx)
-        nodes.update_node(ctx, replaced.id, role=promotion.OLD_STANDBY)
+        rows.update_node(ctx, replaced.id, role=promotion.OLD_STANDBY)
     elif inst.sync_standby_node_id is not None and inst.sync_standby_node_id != _new_node_id(ctx):
         promotion.unsync(ctx)
     if replaced is not None and replaced.slot_name:
         # It will never stream again: stop the primary keeping WAL for it now.
         try:
-            with nodes.admin_connection(ctx, nodes.primary_node(ctx), timeout=3.0) as conn:
-                admin.drop_slot(conn, replaced.slot_name)
+            with node_access.admin_connection(ctx, rows.primary_node(ctx), timeout=3.0) as conn:
+                replication.drop_slot(conn, replaced.slot_name)
         except Exception as exc:  # best effort: remove_old drops it again
             log.info("instance %s: slot %s not dropped yet (%s)", ctx.instance_id,
                      replaced.slot_name, exc.__class__.__name__)
@@ -90,27 +90,27 @@ def node(ctx: Context) -> None:
         if s.get(Node, node_id) is None:
             s.add(Node(id=node_id, instance_id=ctx.instance_id, role=STANDBY,
                        state=NODE_CREATING, availability_zone=_zone(ctx),
-                       slot_name=nodes.slot_name(node_id)))
+                       slot_name=naming.slot_name(node_id)))
 
 
 def port(ctx: Context) -> None:
-    nodes.ensure_management_port(ctx, _new_node_id(ctx))
+    node_create.ensure_management_port(ctx, _new_node_id(ctx))
 
 
 def access(ctx: Context) -> None:
-    nodes.prepare_primary_for(ctx, _new_node_id(ctx))
+    node_create.prepare_primary_for(ctx, _new_node_id(ctx))
 
 
 def volume(ctx: Context) -> None:
-    nodes.ensure_volume(ctx, _new_node_id(ctx))
+    node_create.ensure_volume(ctx, _new_node_id(ctx))
 
 
 def server(ctx: Context) -> None:
-    nodes.ensure_server(ctx, _new_node_id(ctx))
+    node_create.ensure_server(ctx, _new_node_id(ctx))
 
 
 def streaming(ctx: Context) -> None:
-    nodes.wait_standby_streaming(ctx, _new_node_id(ctx))
+    node_create.wait_standby_streaming(ctx, _new_node_id(ctx))
     promotion.stamp(ctx, standby_streaming_at=utcnow())
 
 
@@ -123,7 +123,7 @@ def remove_old(ctx: Context) -> None:
     inst = ctx.instance()
     retired = [n for n in inst.nodes if n.role in RETIRED_ROLES and n.state != NODE_DELETED]
     for old in retired:
-        nodes.teardown_node(ctx, old.id)  # rewrites the pg_hba of the nodes that stay
+        node_teardown.teardown_node(ctx, old.id)  # rewrites the pg_hba of the nodes that stay
 
 
 def finish(ctx: Context) -> None:
@@ -154,7 +154,7 @@ def cleanup(ctx: Context, reason: str) -> None:
     with ctx.store.session() as s:
         made = s.get(Node, node_id) is not None
     if made:
-        nodes.teardown_node(ctx, node_id)
+        node_teardown.teardown_node(ctx, node_id)
     promotion.set_state(ctx, DEGRADED, f"no standby: rebuilding one failed ({reason})")
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 
 from broker.cloud.base import CloudError, FenceError
-from broker.operations import nodes, promotion
+from broker.operations import naming, node_access, node_create, node_teardown, promotion, rows
 from broker.operations.engine import Context, Step, StepFailed, Workflow
 from broker.operations.params import FailoverParams
 from broker.store.models import (
@@ -77,7 +77,7 @@ def fence(ctx: Context) -> None:
                 raise promotion.refuse(ctx, f"resurrect stopped: the volume could not be "
                                             f"detached from the lost server ({exc})") from None
     if old.state != NODE_FENCED or old.role != OLD_PRIMARY:
-        nodes.update_node(ctx, old_id, state=NODE_FENCED, role=OLD_PRIMARY)
+        rows.update_node(ctx, old_id, state=NODE_FENCED, role=OLD_PRIMARY)
     promotion.stamp(ctx, fenced_at=utcnow())
 
 
@@ -93,23 +93,23 @@ def node(ctx: Context) -> None:
             raise StepFailed("the lost node's volume is not known: nothing to resurrect")
         s.add(Node(id=new_id, instance_id=ctx.instance_id, role=PRIMARY, state=NODE_CREATING,
                    availability_zone=old.availability_zone, volume_id=old.volume_id,
-                   slot_name=nodes.slot_name(new_id)))
+                   slot_name=naming.slot_name(new_id)))
         old.volume_id = None
 
 
 def port(ctx: Context) -> None:
-    nodes.ensure_management_port(ctx, _new_node_id(ctx))
+    node_create.ensure_management_port(ctx, _new_node_id(ctx))
 
 
 def server(ctx: Context) -> None:
-    nodes.ensure_server(ctx, _new_node_id(ctx))
+    node_create.ensure_server(ctx, _new_node_id(ctx))
 
 
 def ready(ctx: Context) -> None:
     new_id = _new_node_id(ctx)
-    nodes.wait_node_ready(ctx, new_id)
-    nodes.refresh_hba(ctx, new_id)  # the data directory kept the old node's pg_hba
-    nodes.update_node(ctx, new_id, state=NODE_RUNNING)
+    node_create.wait_node_ready(ctx, new_id)
+    node_access.refresh_hba(ctx, new_id)  # the data directory kept the old node's pg_hba
+    rows.update_node(ctx, new_id, state=NODE_RUNNING)
     promotion.stamp(ctx, promoted_at=utcnow())
 
 
@@ -123,8 +123,8 @@ def remove_old(ctx: Context) -> None:
     old = promotion.node_row(ctx, old_id)
     if old.state == NODE_DELETED:
         return
-    nodes.teardown_node(ctx, old_id, drop_slot=False, keep_volumes=True)
-    nodes.update_instance(ctx, state=READY, state_reason=None, last_failover_at=utcnow())
+    node_teardown.teardown_node(ctx, old_id, drop_slot=False, keep_volumes=True)
+    rows.update_instance(ctx, state=READY, state_reason=None, last_failover_at=utcnow())
     promotion.set_outcome(ctx, "succeeded")
 
 

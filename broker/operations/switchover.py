@@ -23,10 +23,10 @@ from __future__ import annotations
 import logging
 import time
 
-from broker.operations import nodes, promotion, requests
+from broker.operations import node_access, node_create, promotion, requests, rows
 from broker.operations.engine import Context, Step, StepFailed, Workflow
 from broker.operations.refusals import UnknownInstance
-from broker.pg import admin, handover
+from broker.pg import handover, hba
 from broker.store.db import Store
 from broker.store.models import DEGRADED, NODE_FENCED, NODE_RUNNING, PRIMARY, READY
 
@@ -47,11 +47,11 @@ def start_switchover(store: Store, instance_id: str) -> str:
 
 
 def _hba(ctx: Context, node_id: str, *, apps: bool) -> list[str]:
-    admin_cidrs, app_cidrs = nodes.access_cidrs(ctx, ctx.plan())
-    return admin.render_hba(admin_cidrs=list(admin_cidrs),
-                            peer_addresses=list(nodes.peer_addresses(ctx.instance(), node_id)),
-                            app_cidrs=list(app_cidrs) if apps else [],
-                            tls=nodes.node_ca(ctx, node_id) is not None)
+    admin_cidrs, app_cidrs = node_access.access_cidrs(ctx, ctx.plan())
+    peers = node_access.peer_addresses(ctx.instance(), node_id)
+    return hba.render_hba(admin_cidrs=list(admin_cidrs), peer_addresses=list(peers),
+                          app_cidrs=list(app_cidrs) if apps else [],
+                          tls=node_access.node_ca(ctx, node_id) is not None)
 
 
 # --- steps ---------------------------------------------------------------------------
@@ -85,8 +85,8 @@ def stop_writes(ctx: Context) -> None:
     old, _ = promotion.event_nodes(ctx)
     node = promotion.node_row(ctx, old)
     promotion.unplug_service_port(ctx, node.server_id)
-    with nodes.admin_connection(ctx, node) as conn:
-        admin.set_hba(conn, _hba(ctx, old, apps=False))
+    with node_access.admin_connection(ctx, node) as conn:
+        hba.set_hba(conn, _hba(ctx, old, apps=False))
         handover.set_read_only(conn, True)
         if not handover.end_client_sessions(conn):
             raise StepFailed("client sessions on the primary did not end")
@@ -96,7 +96,7 @@ def stop_writes(ctx: Context) -> None:
 def wait_replay(ctx: Context) -> None:
     old, new = promotion.event_nodes(ctx)
     assert new is not None
-    with nodes.admin_connection(ctx, promotion.node_row(ctx, old)) as conn:
+    with node_access.admin_connection(ctx, promotion.node_row(ctx, old)) as conn:
         final = handover.current_lsn(conn)
     standby = promotion.node_row(ctx, new)
     deadline = time.monotonic() + REPLAY_TIMEOUT
@@ -142,12 +142,12 @@ def cleanup(ctx: Context, reason: str) -> None:
         promotion.set_outcome(ctx, "failed", reason)
         promotion.set_state(ctx, DEGRADED, f"switchover failed after fencing: {reason}")
         return
-    with nodes.admin_connection(ctx, old) as conn:
-        admin.set_hba(conn, _hba(ctx, old.id, apps=True))
+    with node_access.admin_connection(ctx, old) as conn:
+        hba.set_hba(conn, _hba(ctx, old.id, apps=True))
         handover.set_read_only(conn, False)
-    nodes.attach_service_port(ctx, old.id)
+    node_create.attach_service_port(ctx, old.id)
     if old.role != PRIMARY or old.state != NODE_RUNNING:
-        nodes.update_node(ctx, old.id, role=PRIMARY, state=NODE_RUNNING)
+        rows.update_node(ctx, old.id, role=PRIMARY, state=NODE_RUNNING)
     promotion.set_outcome(ctx, "failed", f"{reason}; rolled back, {old.id} stays the primary")
     promotion.set_state(ctx, READY, None)
 

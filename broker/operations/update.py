@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from broker.operations import nodes, promotion
+from broker.operations import node_access, node_create, node_teardown, promotion, rows
 from broker.operations.engine import Context, Step, StepFailed, Workflow
 from broker.operations.params import UpdateParams
 from broker.operations.queue import new_operation
@@ -60,7 +60,7 @@ def merged_parameters(inst: Instance, update: dict[str, Any]) -> dict[str, Any]:
 
 def _new_standby(ctx: Context) -> Node | None:
     """The standby this update is making, if the target plan wants one."""
-    if not nodes.target_plan(ctx).cloud.is_ha:
+    if not rows.target_plan(ctx).cloud.is_ha:
         return None
     standby = ctx.instance().standby()
     if standby is not None and standby.state == NODE_CREATING:
@@ -82,20 +82,20 @@ def begin(ctx: Context) -> None:
     if inst.primary() is None:
         raise StepFailed("the instance has no primary; it cannot be updated now")
     if inst.state != UPDATING:
-        nodes.update_instance(ctx, state=UPDATING)
+        rows.update_instance(ctx, state=UPDATING)
 
 
 def standby_node(ctx: Context) -> None:
-    plan = nodes.target_plan(ctx)
+    plan = rows.target_plan(ctx)
     inst = ctx.instance()
     if not plan.cloud.is_ha or inst.standby() is not None:
         return
-    primary = nodes.primary_node(ctx)
-    nodes.add_node(ctx, STANDBY, nodes.other_zone(plan, primary.availability_zone))
+    primary = rows.primary_node(ctx)
+    rows.add_node(ctx, STANDBY, rows.other_zone(plan, primary.availability_zone))
 
 
 def replication_mode(ctx: Context) -> None:
-    plan = nodes.target_plan(ctx)
+    plan = rows.target_plan(ctx)
     inst = ctx.instance()
     standby = inst.standby()
     wanted = standby.id if plan.cloud.replication == "sync" and standby is not None else None
@@ -104,7 +104,7 @@ def replication_mode(ctx: Context) -> None:
         # that is down: the monitor and its rebuild look after that).
         return
     mode = plan.cloud.replication if plan.cloud.is_ha else "none"
-    nodes.set_replication_mode(ctx, mode, record_sync=False)
+    node_access.set_replication_mode(ctx, mode, record_sync=False)
     if mode == "sync" and standby is not None:
         # The instance took writes while asynchronous: the standby counts as
         # synchronous (promotable) only once it holds all of them.
@@ -112,23 +112,23 @@ def replication_mode(ctx: Context) -> None:
 
 
 def remove_standby(ctx: Context) -> None:
-    if nodes.target_plan(ctx).cloud.is_ha:
+    if rows.target_plan(ctx).cloud.is_ha:
         return
     inst = ctx.instance()
-    primary = nodes.primary_node(ctx)
+    primary = rows.primary_node(ctx)
     for node in inst.live_nodes():
         if node.id != primary.id:
-            nodes.teardown_node(ctx, node.id)  # rewrites the primary's pg_hba
+            node_teardown.teardown_node(ctx, node.id)  # rewrites the primary's pg_hba
 
 
 def parameters(ctx: Context) -> None:
     update = ctx.params_of(UpdateParams).parameters
     if update:
-        nodes.apply_parameters(ctx, merged_parameters(ctx.instance(), update))
+        node_access.apply_parameters(ctx, merged_parameters(ctx.instance(), update))
 
 
 def finish(ctx: Context) -> None:
-    plan = nodes.target_plan(ctx)
+    plan = rows.target_plan(ctx)
     params = ctx.params_of(UpdateParams)
     update = params.parameters
     with ctx.store.session() as s:
@@ -144,25 +144,25 @@ def finish(ctx: Context) -> None:
 
 
 def steps(ctx: Context) -> list[Step]:
-    plan = nodes.target_plan(ctx)
+    plan = rows.target_plan(ctx)
     inst = ctx.instance()
     primary = inst.primary()
     zone = "another zone"
     if primary is not None and plan.cloud.is_ha:
-        zone = nodes.other_zone(plan, primary.availability_zone)
+        zone = rows.other_zone(plan, primary.availability_zone)
     return [
         Step("begin", "updating", begin),
         Step("standby_node", f"adding a standby in {zone}", standby_node),
         Step("standby_port", f"adding a standby in {zone}: management port",
-             _on_new_standby(nodes.ensure_management_port)),
+             _on_new_standby(node_create.ensure_management_port)),
         Step("standby_access", f"adding a standby in {zone}: replication slot",
-             _on_new_standby(nodes.prepare_primary_for)),
+             _on_new_standby(node_create.prepare_primary_for)),
         Step("standby_volume", f"adding a standby in {zone}: volume",
-             _on_new_standby(nodes.ensure_volume)),
+             _on_new_standby(node_create.ensure_volume)),
         Step("standby_server", f"adding a standby in {zone}: base backup",
-             _on_new_standby(nodes.ensure_server)),
+             _on_new_standby(node_create.ensure_server)),
         Step("standby_streaming", f"adding a standby in {zone}: waiting for streaming",
-             _on_new_standby(nodes.wait_standby_streaming)),
+             _on_new_standby(node_create.wait_standby_streaming)),
         Step("replication_mode", f"switching to {plan.cloud.replication} replication"
              if plan.cloud.is_ha else "switching off replication", replication_mode),
         Step("remove_standby", "removing the standby", remove_standby),
@@ -182,18 +182,18 @@ def cleanup(ctx: Context, reason: str) -> None:
         # keeps its standby unless this update was still making it.
         made_here = not old_plan.cloud.is_ha or node.state == NODE_CREATING
         if node.role == STANDBY and made_here and node is not primary:
-            nodes.teardown_node(ctx, node.id)
+            node_teardown.teardown_node(ctx, node.id)
     inst = ctx.instance()
     state, why = READY, None
     if old_plan.cloud.is_ha and inst.standby() is None:
         state, why = DEGRADED, f"the update failed and the standby is gone: {reason}"
     elif inst.primary() is not None:
         try:
-            nodes.set_replication_mode(
+            node_access.set_replication_mode(
                 ctx, old_plan.cloud.replication if old_plan.cloud.is_ha else "none")
         except Exception as exc:  # leave it to the monitor; say why
             state, why = DEGRADED, f"the update failed ({reason}); replication mode: {exc}"
-    nodes.update_instance(ctx, state=state, state_reason=why)
+    rows.update_instance(ctx, state=state, state_reason=why)
 
 
 WORKFLOW = Workflow(kind=KIND, steps=steps, cleanup=cleanup, done="updated",

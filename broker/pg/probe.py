@@ -32,7 +32,7 @@ import psycopg2
 import psycopg2.extensions as ext
 
 from broker.cloud.base import Cloud, CloudError, ServerStatus
-from broker.pg.admin import SESSION_OPTIONS, ssl_params
+from broker.pg.connection import SESSION_OPTIONS, ssl_params
 
 Outcome = Literal["ok", "down", "answering"]
 
