@@ -44,17 +44,32 @@ def _run_user_tool(args: list[str]) -> subprocess.CompletedProcess[str]:
         os.close(fd)  # releases the flock
 
 
+def _pids_of(uid: int) -> list[int]:
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if entry.stat().st_uid == uid:
+                    pids.append(int(entry.name))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    """Not a zombie: a killed process's entry stays until its parent (often init,
+    which may take a second) reaps it, and holds nothing a later user could inherit."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def _kill_uid(uid: int, timeout: float = FENCE_TIMEOUT) -> None:
     """SIGKILL every process of `uid` (before its user goes: a later user given the
     same uid must not inherit them)."""
     deadline = time.monotonic() + timeout
     while True:
-        pids = []
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError):
-                    if entry.stat().st_uid == uid:
-                        pids.append(int(entry.name))
+        pids = [pid for pid in _pids_of(uid) if _alive(pid)]
         if not pids:
             return
         if time.monotonic() > deadline:
