@@ -37,6 +37,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from report import markers, percentile, write_section  # benchmarks/report.py, beside this script
+
 from broker.cloud.local import LocalCloud
 from broker.store.models import Failover, aware
 from harness.env import FailoverEnv, failover_env
@@ -63,8 +65,7 @@ def _blackhole(cloud: LocalCloud, server_id: str) -> None:
 FAULTS: dict[str, Callable[[LocalCloud, str], None]] = {
     "crashed": _crash, "frozen": _freeze, "blackholed": _blackhole,
 }
-MARK_START = "<!-- benchmarks/failover.py: start -->"
-MARK_END = "<!-- benchmarks/failover.py: end -->"
+MARK_START, MARK_END = markers("failover.py")
 
 
 @dataclasses.dataclass
@@ -120,10 +121,6 @@ def one_round(env: FailoverEnv, instance_id: str, creds: dict[str, Any], writer:
                  lag_at_promotion=event.lag_bytes_at_promotion)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = max(0, min(len(ordered) - 1, round(q * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def summary(rounds: list[Round]) -> dict[str, dict[str, Any]]:
@@ -198,15 +195,6 @@ def markdown(stats: dict[str, dict[str, Any]], plan: str, acked: int, when: str)
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        tail = rest.split(MARK_END, 1)[1]
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 def main() -> int:
@@ -229,7 +217,7 @@ def main() -> int:
         section = markdown(summary(saved), args.plan, args.acked, args.when or "")
         print(section)
         if args.write:
-            write_section(args.write, section)
+            write_section(args.write, section, "failover.py")
         return 0
     if args.log:
         logging.basicConfig(filename=args.log, level=logging.INFO,
@@ -259,7 +247,7 @@ def main() -> int:
     section = markdown(stats, args.plan, acked, when)
     print(section)
     if args.write:
-        write_section(args.write, section)
+        write_section(args.write, section, "failover.py")
     if args.json:
         args.json.write_text(json.dumps([dataclasses.asdict(r) for r in rounds], indent=1))
     return 0

@@ -28,15 +28,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from report import markers, percentile, write_section  # benchmarks/report.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-MARK_START = "<!-- benchmarks/tls_cost.py: start -->"
-MARK_END = "<!-- benchmarks/tls_cost.py: end -->"
+MARK_START, MARK_END = markers("tls_cost.py")
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def run_tree(tree: Path, args: argparse.Namespace, scratch: Path, label: str) -> dict[str, Any]:
@@ -109,14 +107,6 @@ def markdown(base: str, when: str, pairs: int, plain: dict[str, float],
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + section.rstrip("\n") + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 def main() -> int:
@@ -153,7 +143,7 @@ def main() -> int:
     section = markdown(base, when, args.pairs, plain, tls)
     print(section)
     if args.write:
-        write_section(args.write, section)
+        write_section(args.write, section, "tls_cost.py")
     return 0
 
 
