@@ -11,6 +11,7 @@ control byte).
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import re
@@ -28,7 +29,16 @@ from typing import Any
 
 import pytest
 
-from harness.machine import free_port, world_traversable_tmpdir
+from broker.cloud.local import LocalCloud
+from harness.machine import (
+    assert_no_users_left,
+    cloud_users,
+    free_port,
+    list_interfaces,
+    list_namespaces,
+    pg_bin_dir,
+    world_traversable_tmpdir,
+)
 from tests.support.api import (
     API_VERSION,
     PASSWORD,
@@ -100,11 +110,22 @@ def _start(name: str, command: str, extra: dict[str, str],
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+        if "BROKER_LOCAL_BRIDGE" in extra:
+            _destroy_local_cloud(root / "state", extra)
         shutil.rmtree(root)
-        bridge = extra.get("BROKER_LOCAL_BRIDGE")
-        if bridge:  # serve made its local cloud's bridge at start: it goes with the test
-            subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
-            assert not Path("/sys/class/net", bridge).exists(), f"bridge {bridge} left behind"
+
+
+def _destroy_local_cloud(state_dir: Path, extra: dict[str, str]) -> None:
+    """serve made its local cloud's bridge at start, and the requests that were valid
+    provisioned real instances on it: all of it goes with the test."""
+    cloud = LocalCloud(state_dir / "local-cloud", ipaddress.IPv4Network(
+        extra["BROKER_LOCAL_NETWORK"]), extra["BROKER_LOCAL_BRIDGE"], pg_bin=pg_bin_dir())
+    namespaces, interfaces = set(cloud.namespaces()), set(cloud.interface_names())
+    users = cloud_users(cloud)
+    cloud.destroy_everything()
+    assert not namespaces & list_namespaces(), "namespaces left behind"
+    assert not interfaces & list_interfaces(), "interfaces left behind"
+    assert_no_users_left(cloud, users)
 
 
 @pytest.fixture(scope="module")
