@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from broker.cloud.local import LocalCloud
-from broker.store.models import READY
+from broker.store.models import READY, Node
 from harness.env import FailoverEnv, HasEngine, background
 from harness.waiting import eventually, settled, unfinished
 from harness.workflows import instance, provision
@@ -59,17 +59,24 @@ class Outcome:
     lost: set[int]
 
 
+def _fault_primary(env: FailoverEnv, instance_id: str, writer: Writer,
+                   fault: Callable[[LocalCloud, str], Any]) -> tuple[Node, float]:
+    """Once the writer is under way, apply `fault` to the primary's server: the primary
+    as it was, and when the fault landed."""
+    primary = instance(env.runtime, instance_id).primary()
+    assert primary is not None and primary.server_id is not None
+    writer.wait_acks(20)
+    kill_at = time.monotonic()
+    fault(env.cloud, primary.server_id)
+    return primary, kill_at
+
+
 def fail_primary(env: FailoverEnv, instance_id: str, creds: dict[str, Any], writer: Writer,
                  fault: Callable[[LocalCloud, str], Any], *, settle_timeout: float = 90.0
                  ) -> Outcome:
     """Apply `fault` to the primary's server under write load; wait until writes resume
     and the instance is ready with a streaming standby again."""
-    inst = instance(env.runtime, instance_id)
-    primary = inst.primary()
-    assert primary is not None and primary.server_id is not None
-    writer.wait_acks(20)
-    kill_at = time.monotonic()
-    fault(env.cloud, primary.server_id)
+    primary, kill_at = _fault_primary(env, instance_id, writer, fault)
     first = writer.wait_acks(5, after=kill_at, timeout=60)
     eventually(lambda: settled(env, instance_id) and
                instance(env.runtime, instance_id).primary().id != primary.id,  # type: ignore[union-attr]
@@ -84,12 +91,7 @@ def fail_primary(env: FailoverEnv, instance_id: str, creds: dict[str, Any], writ
 def fail_primary_standalone(env: FailoverEnv, instance_id: str, creds: dict[str, Any],
                             writer: Writer, fault: Callable[[LocalCloud, str], Any]) -> set[int]:
     """Fault the only server; wait for the resurrect; returns acknowledged ids lost."""
-    inst = instance(env.runtime, instance_id)
-    primary = inst.primary()
-    assert primary is not None and primary.server_id is not None
-    writer.wait_acks(20)
-    kill_at = time.monotonic()
-    fault(env.cloud, primary.server_id)
+    primary, kill_at = _fault_primary(env, instance_id, writer, fault)
     writer.wait_acks(5, after=kill_at, timeout=120)
     eventually(lambda: not unfinished(env, instance_id) and
                instance(env.runtime, instance_id).state == READY and

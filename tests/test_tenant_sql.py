@@ -385,6 +385,20 @@ def test_unbound_credentials_never_log_in_again(env: Env) -> None:
 
 
 # --- an instance made with the earlier model ---------------------------------------------
+def earlier_model_with_a_ledger(env: Env) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A writer and a reader binding, a table the writer made, then the instance put back
+    to the earlier model; returns both bindings' credentials."""
+    writer, reader = env.bind("old-writer"), env.bind("old-reader", read_only=True)
+    app = connect_with(writer)
+    with app.cursor() as cur:
+        cur.execute("CREATE TABLE public.ledger (id int)")
+        cur.execute("INSERT INTO public.ledger VALUES (1)")
+    app.close()
+    downgrade_to_earlier_model(env, reader["username"],
+                               [writer["username"], reader["username"]])
+    return writer, reader
+
+
 def downgrade_to_earlier_model(env: Env, reader_role: str, roles: list[str]) -> None:
     """What earlier versions made: app_owner owns appdb, read-only roles are members of
     pg_read_all_data (and pg_hba names that group), PUBLIC may create large objects."""
@@ -428,14 +442,7 @@ def ha_env(tmp_path: Path) -> Iterator[Env]:
 
 def test_an_instance_of_the_earlier_model_is_hardened_by_its_next_bind(ha_env: Env) -> None:
     env = ha_env
-    writer, reader = env.bind("old-writer"), env.bind("old-reader", read_only=True)
-    app = connect_with(writer)
-    with app.cursor() as cur:
-        cur.execute("CREATE TABLE public.ledger (id int)")
-        cur.execute("INSERT INTO public.ledger VALUES (1)")
-    app.close()
-    downgrade_to_earlier_model(env, reader["username"],
-                               [writer["username"], reader["username"]])
+    writer, reader = earlier_model_with_a_ledger(env)
     ro = connect_with(reader)
     assert value(ro, "SELECT count(*) FROM pg_catalog.pg_authid") > 0  # the old hole
     ro.close()
@@ -509,14 +516,7 @@ def test_an_earlier_model_instance_is_hardened_before_its_pg_hba_is_rewritten(
     """A standby added to an instance of the earlier model rewrites the primary's pg_hba
     with the new read-only group: the earlier read-only roles must be in it by then."""
     env = standalone_env
-    writer, reader = env.bind("old-writer"), env.bind("old-reader", read_only=True)
-    app = connect_with(writer)
-    with app.cursor() as cur:
-        cur.execute("CREATE TABLE public.ledger (id int)")
-        cur.execute("INSERT INTO public.ledger VALUES (1)")
-    app.close()
-    downgrade_to_earlier_model(env, reader["username"],
-                               [writer["username"], reader["username"]])
+    _writer, reader = earlier_model_with_a_ledger(env)
     update(env.runtime, env.engine, env.instance_id, "ha")
     ro = connect_with(reader)  # admitted by the rewritten pg_hba
     assert value(ro, "SELECT id FROM public.ledger") == 1

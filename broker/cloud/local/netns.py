@@ -34,14 +34,22 @@ def namespace_pids(ns: str) -> list[int]:
             continue
         try:
             st = os.stat(f"/proc/{entry.name}/ns/net")
-            if (st.st_ino, st.st_dev) != (ns_stat.st_ino, ns_stat.st_dev):
-                continue
-            state = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
+        except OSError:
             continue  # gone, or a zombie (whose namespaces are already released)
-        if state not in ("Z", "X"):
+        if (st.st_ino, st.st_dev) == (ns_stat.st_ino, ns_stat.st_dev) and is_alive(
+                int(entry.name)):
             pids.append(int(entry.name))
     return pids
+
+
+def is_alive(pid: int) -> bool:
+    """Running, not a zombie: a killed process's entry stays until its parent (often
+    init, which may take a second) reaps it, and holds nothing any more."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:

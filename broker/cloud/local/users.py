@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from broker.cloud.base import CloudError
-from broker.cloud.local.netns import FENCE_TIMEOUT
+from broker.cloud.local.netns import FENCE_TIMEOUT, is_alive
 
 # useradd and userdel lock /etc/passwd and fail at once when another holds it: ours
 # wait for each other on this lock, and retry for a while against anyone else.
@@ -54,22 +54,12 @@ def _pids_of(uid: int) -> list[int]:
     return pids
 
 
-def _alive(pid: int) -> bool:
-    """Not a zombie: a killed process's entry stays until its parent (often init,
-    which may take a second) reaps it, and holds nothing a later user could inherit."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
 def _kill_uid(uid: int, timeout: float = FENCE_TIMEOUT) -> None:
     """SIGKILL every process of `uid` (before its user goes: a later user given the
     same uid must not inherit them)."""
     deadline = time.monotonic() + timeout
     while True:
-        pids = [pid for pid in _pids_of(uid) if _alive(pid)]
+        pids = [pid for pid in _pids_of(uid) if is_alive(pid)]
         if not pids:
             return
         if time.monotonic() > deadline:
