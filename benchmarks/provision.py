@@ -7,7 +7,9 @@ is polled every 50 ms so that the figure is the broker's time, not the platform'
 polling interval (Cloud Controller polls far less often).
 
 Run as root: .venv/bin/python benchmarks/provision.py [--runs 5] [--plans ha-sync,...]
-             [--json FILE]
+             [--json FILE] [--write BENCHMARKS.md]
+With --write the script puts its table into its own section of that file; --from-json
+renders the table of a run saved with --json.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import requests
 from cryptography.fernet import Fernet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from report import markers, write_section  # benchmarks/report.py, beside this script
 
 from broker.api.app import create_app
 from broker.api.server import ApiServer
@@ -124,10 +128,43 @@ def run(plans: list[str], runs: int) -> dict[str, Any]:
     return {
         "benchmark": "provisioning latency (PUT → last_operation succeeded) through the HTTP API",
         "date": datetime.date.today().isoformat(),
+        "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.node()}: {os.cpu_count()} cores, {platform.platform()}",
         "poll_interval_s": POLL,
         "plans": results,
     }
+
+
+def markdown(figures: dict[str, Any]) -> str:
+    """The section of BENCHMARKS.md, from what `run` returned (or its saved JSON)."""
+    start, end = markers("provision.py")
+    plans = figures["plans"]
+    lines = [
+        start,
+        "## Provisioning latency (benchmarks/provision.py)",
+        "",
+        "PUT `/v2/service_instances/:id?accepts_incomplete=true` → `last_operation` "
+        "`succeeded`, through the real HTTP API (the broker's Flask app in `serve`'s own "
+        "bounded server, the operation worker in another thread, as `broker serve` runs "
+        "them), on the local cloud with real PostgreSQL. `last_operation` polled every "
+        f"{figures['poll_interval_s'] * 1000:.0f} ms so the figure is the broker's, not the "
+        "platform's polling interval.",
+        "",
+        "| plan | PUT → succeeded median | min | max | DELETE → succeeded median |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, f in plans.items():
+        lines.append(f"| {name} | {f['provision_median_s']:.2f} s | {f['provision_min_s']:.2f} s "
+                     f"| {f['provision_max_s']:.2f} s | {f['deprovision_median_s']:.2f} s |")
+    runs = sorted({f["runs"] for f in plans.values()})
+    lines += ["", f"{figures.get('when') or figures['date']}; {figures['machine']}; "
+              f"{'/'.join(map(str, runs))} runs per plan."]
+    if "ha-sync" in plans:
+        median = plans["ha-sync"]["provision_median_s"]
+        verdict = "met" if median <= 5.0 else "NOT met"
+        lines.append(f"Target: an `ha-sync` pair ready in ≤ 5 s median: {verdict} "
+                     f"({median:.2f} s).")
+    return "\n".join([*lines, end]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,13 +172,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--plans", default="standalone,ha,ha-sync")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--write", type=Path, help="put the table into this markdown file")
+    parser.add_argument("--from-json", type=Path, help="only render a run saved with --json")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    figures = run([p.strip() for p in args.plans.split(",") if p.strip()], args.runs)
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
-    print(json.dumps(figures, indent=2))
+    if args.from_json:
+        figures = json.loads(args.from_json.read_text())
+    else:
+        logging.basicConfig(level=logging.WARNING)
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        figures = run([p.strip() for p in args.plans.split(",") if p.strip()], args.runs)
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        print(json.dumps(figures, indent=2))
+    section = markdown(figures)
+    print(section)
+    if args.write:
+        write_section(args.write, section, "provision.py")
     return 0
 
 
