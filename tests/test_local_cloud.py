@@ -241,6 +241,12 @@ def test_a_volume_from_before_users_per_volume_boots_as_its_own_user(
                     str(volume_dir)], check=True)
     os.chown(volume_dir, 0, 0)
     volume_dir.chmod(0o711)
+    # Powered off hard, its PostgreSQL left its socket lock behind, the shared user's
+    # then (0600: no other user can read it).
+    run_dir = cloud.root / "servers" / server.id / "run"
+    assert list(run_dir.glob(".s.PGSQL.*.lock"))
+    subprocess.run(["chown", "-R", "--no-dereference", f"{shared.pw_uid}:{shared.pw_gid}",
+                    str(run_dir)], check=True)
     subprocess.run(["userdel", cloud.volume_user(volume.id)], check=True)
 
     cloud.start_server(server.id)

@@ -31,7 +31,7 @@ from broker.operations.queue import (
 )
 from broker.store import Store
 from broker.store.models import OP_FAILED, QUEUED, SUCCEEDED, Instance, Operation, aware, utcnow
-from tests.toy_workflow import ToyParams, make_engine
+from tests.toy_workflow import KEY_ENV, ToyParams, make_engine
 
 KEY = Fernet.generate_key().decode()
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,13 +208,13 @@ def test_threads_racing_for_one_operation_never_both_win(engine: Engine,
 
 def test_processes_racing_for_one_operation_never_both_win(engine: Engine,
                                                            tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), KEY_ENV: KEY}
     for round_ in range(2):
         _instance(engine.store, f"i-{round_}")
         op_id = _queue(engine.store, f"i-{round_}", tmp_path / "j")
         start = time.time() + 3.0  # all four have started and connected by then
         workers = [subprocess.Popen(
-            [sys.executable, "-m", "tests.toy_workflow", engine.store.url, KEY,
+            [sys.executable, "-m", "tests.toy_workflow", engine.store.url,
              "--claim", op_id, "--at", str(start)],
             env={**env, HOST_IDENTITY_ENV: f"host-{i}"}, cwd=ROOT,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
@@ -247,8 +247,9 @@ def test_lease_expiry_hands_an_operation_to_a_worker_on_another_host(
         a.store.dispose()
     else:
         worker_a = subprocess.Popen(
-            [sys.executable, "-m", "tests.toy_workflow", state_url, KEY, "--lease", str(lease)],
-            env={**os.environ, "PYTHONPATH": str(ROOT), HOST_IDENTITY_ENV: "host-a"},
+            [sys.executable, "-m", "tests.toy_workflow", state_url, "--lease", str(lease)],
+            env={**os.environ, "PYTHONPATH": str(ROOT), KEY_ENV: KEY,
+                 HOST_IDENTITY_ENV: "host-a"},
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
         while not (journal.exists() and journal.read_text().split() == ["first"]):

@@ -16,7 +16,7 @@ from broker.operations.engine import CRASH_AFTER_STEP_ENV
 from broker.operations.queue import new_operation
 from broker.store import Store
 from broker.store.models import OP_FAILED, SUCCEEDED, Instance, Operation
-from tests.toy_workflow import ToyParams, make_engine
+from tests.toy_workflow import KEY_ENV, ToyParams, make_engine
 
 KEY = Fernet.generate_key().decode()
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,8 +101,9 @@ def test_worker_killed_after_a_step_resumes_with_that_step(state_url: str,
     _instance(engine.store)
     journal = tmp_path / "journal"
     op_id = _queue(engine.store, "toy", journal)
-    env = {**os.environ, CRASH_AFTER_STEP_ENV: "toy:second", "PYTHONPATH": str(ROOT)}
-    child = subprocess.run([sys.executable, "-m", "tests.toy_workflow", state_url, KEY],
+    env = {**os.environ, CRASH_AFTER_STEP_ENV: "toy:second", "PYTHONPATH": str(ROOT),
+           KEY_ENV: KEY}
+    child = subprocess.run([sys.executable, "-m", "tests.toy_workflow", state_url],
                            env=env, cwd=ROOT, capture_output=True, text=True, check=False)
     assert child.returncode == -9, child.stderr
     with engine.store.session() as s:

@@ -13,6 +13,7 @@ BROKER_HOST_IDENTITY gives the worker the host it says it runs on.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -99,15 +100,19 @@ def _race(engine: Engine, op_id: str, start: float) -> str:
                 return "lost"
 
 
+KEY_ENV = "TOY_WORKFLOW_KEY"
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("url")
-    parser.add_argument("key")
     parser.add_argument("--lease", type=float, default=LEASE_SECONDS)
     parser.add_argument("--claim")
     parser.add_argument("--at", type=float, default=0.0)
     args = parser.parse_args(argv)
-    engine = make_engine(args.url, args.key, lease_seconds=args.lease)
+    # The key comes from the environment: a Fernet key may start with "-", which
+    # argparse would take for an option (and argv is visible to every local user).
+    engine = make_engine(args.url, os.environ[KEY_ENV], lease_seconds=args.lease)
     if args.claim:
         print(_race(engine, args.claim, args.at), flush=True)
     else:

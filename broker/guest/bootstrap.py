@@ -324,6 +324,14 @@ def _remove_stale_lock(lock: Path, data_dir: str) -> None:
     try:
         first = _read_file(lock).splitlines()[0].strip()
         pid = int(first)
+    except PermissionError:
+        # Another user's lock (a node that ran as a different user before): this
+        # server's PostgreSQL runs as us, so that postmaster is not ours or is gone.
+        # We own the directory, so we may remove it.
+        say(f"removing {lock.name} left by another user")
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+        return
     except (OSError, IndexError, ValueError):
         return
     if not process_is_live_postgres(pid, data_dir):
