@@ -54,15 +54,14 @@ typecheck: python-env
 test: setup lint typecheck
 	$(VENV)/bin/pytest -n 2 -p no:cacheprovider $(PYTEST_ARGS)
 
-# The provisioning, failover and TLS-cost scripts rewrite their own sections of
-# BENCHMARKS.md and keep their raw data in benchmarks/results/; the API throughput
-# figures are still copied there from what its script prints.
+# Every script rewrites its own section of BENCHMARKS.md (between its markers) and
+# keeps its raw data in benchmarks/results/.
 # TLS_BASE: the last commit before TLS, which tls_cost.py measures against.
 TLS_BASE ?= f04a4e7
 benchmark: setup
 	@command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk
 	$(PY) benchmarks/provision.py --runs 5 --write BENCHMARKS.md --json benchmarks/results/provision.json
-	$(PY) benchmarks/api_throughput.py
+	$(PY) benchmarks/api_throughput.py --write BENCHMARKS.md --json benchmarks/results/api_throughput.json
 	$(PY) benchmarks/failover.py --rounds 10 --write BENCHMARKS.md --json benchmarks/results/failover.json
 	$(PY) benchmarks/tls_cost.py --base $(TLS_BASE) --write BENCHMARKS.md
 

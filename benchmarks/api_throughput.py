@@ -15,7 +15,7 @@ The load generator is `wrk` when installed (apt-get install wrk), else a small
 keep-alive HTTP client in several processes (slower: it competes for the CPU).
 
     .venv/bin/python benchmarks/api_throughput.py [--rounds 9] [--duration 3]
-        [--connections 8] [--database-url URL] [--json FILE]
+        [--connections 8] [--database-url URL] [--json FILE] [--write BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ from flask import Flask
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from report import markers, write_section  # benchmarks/report.py, beside this script  # noqa: E402
 
 USER, PASSWORD = "bench", "bench-password"
 VERSION = "2.15"
@@ -111,9 +113,15 @@ def bare() -> Flask:
 
 
 # --- load generation ---------------------------------------------------------------------
+# Cloud Controller sends who asked with every request: "cloudfoundry" and a base64 JSON.
+ORIGINATING_IDENTITY = "cloudfoundry " + base64.b64encode(
+    json.dumps({"user_id": "683ea748-3092-4ff4-b656-39cacc4d5360"}).encode()).decode()
+
+
 def _headers() -> dict[str, str]:
     token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-    return {"Authorization": f"Basic {token}", "X-Broker-API-Version": VERSION}
+    return {"Authorization": f"Basic {token}", "X-Broker-API-Version": VERSION,
+            "X-Broker-API-Originating-Identity": ORIGINATING_IDENTITY}
 
 
 def _wrk(url: str, duration: float, connections: int) -> tuple[float, int]:
@@ -329,9 +337,16 @@ def run(rounds: int, duration: float, connections: int, log_level: str = "INFO",
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    lines = [f"API throughput ({summary['date']}; {summary['machine']}; gunicorn "
+    start, end = markers("api_throughput.py")
+    lines = [start, "## API throughput (benchmarks/api_throughput.py)", "",
+             f"{summary['date']}; {summary['machine']}; gunicorn "
              f"{summary['gunicorn']}; {summary['client']}; our state store "
-             f"{summary['state_store']}, log level {summary['log_level']})", "",
+             f"{summary['state_store']}, log level {summary['log_level']}. Our app "
+             "(`broker.api.create_app`) against a minimal in-memory openbrokerapi broker "
+             "defined by the script, with the same settings, measured alternately. Every "
+             "request carries basic auth, `X-Broker-API-Version` and the "
+             "`X-Broker-API-Originating-Identity` header that Cloud Controller always "
+             "sends.", "",
              "| endpoint | ours req/s | bare req/s | ratio | per-round ratio "
              "| ours CPU/req | bare CPU/req | CPU ratio (bare/ours) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -343,8 +358,9 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += ["", "req/s and CPU/req are medians over the rounds; per-round ratio is the "
               "median of ours/bare within each round; CPU/req is the servers' (master and "
               "workers) user+system CPU per request, the figure least disturbed by other "
-              "load on the machine."]
-    return "\n".join(lines)
+              "load on the machine. Target: ours ≥ 0.8x the bare library (per-round ratio). "
+              "Raw data: `benchmarks/results/api_throughput.json`.", end]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
@@ -357,10 +373,13 @@ def main() -> int:
     parser.add_argument("--database-url", help="our state store (default: SQLite in a temp "
                         "dir); an empty PostgreSQL database works too")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--write", type=Path, help="put the figures into this markdown file")
     args = parser.parse_args()
     summary = run(args.rounds, args.duration, args.connections, args.log_level,
                   args.database_url)
     print(markdown(summary))
+    if args.write:
+        write_section(args.write, markdown(summary), "api_throughput.py")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
     return 0

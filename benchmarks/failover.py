@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -77,6 +78,7 @@ class Round:
     promoted: float           # s from the fault to the promotion
     lost: int                 # acknowledged writes missing afterwards
     lag_at_promotion: int | None
+    phase: float = float("nan")  # s after the settle delay that the fault landed
 
 
 def _since(moment: float, value: dt.datetime | None) -> float:
@@ -92,7 +94,10 @@ def one_round(env: FailoverEnv, instance_id: str, creds: dict[str, Any], writer:
         return settled(env, instance_id) and standby is not None and \
             inst.sync_standby_node_id == standby.id
     eventually(ready, "ready with a synchronous standby", 120)
-    time.sleep(1.5)  # a few healthy checks, and a random phase against the monitor's tick
+    # A few healthy checks, then the fault lands at a random phase of the monitor's tick:
+    # a fixed delay would measure one phase only, and p95 would describe nothing.
+    phase = random.uniform(0.0, env.runtime.settings.monitor.check_interval)
+    time.sleep(1.5 + phase)
     inst = instance(env.runtime, instance_id)
     primary = inst.primary()
     assert primary is not None and primary.server_id is not None
@@ -118,7 +123,7 @@ def one_round(env: FailoverEnv, instance_id: str, creds: dict[str, Any], writer:
     return Round(scenario=scenario, first_write=first - mono, standby_again=standby_again,
                  detected=_since(wall, event.detected_at),
                  promoted=_since(wall, event.promoted_at), lost=len(lost),
-                 lag_at_promotion=event.lag_bytes_at_promotion)
+                 lag_at_promotion=event.lag_bytes_at_promotion, phase=phase)
 
 
 
@@ -184,8 +189,9 @@ def markdown(stats: dict[str, dict[str, Any]], plan: str, acked: int, when: str)
         "frozen or black-holed p50 ≤ 4 s; a streaming standby again ≤ 10 s; 0 lost in "
         "ha-sync. `crashed`: kill -9 of every process in the primary's server (the host "
         "refuses connections); `frozen`: SIGSTOP of the postmaster and its children; "
-        "`blackholed`: kill -9 and the server's links down (connects time out). Times are "
-        "from the fault; \"decision\" is when the monitor queued the failover. The client's "
+        "`blackholed`: kill -9 and the server's links down (connects time out). Each fault "
+        "lands at a uniformly random phase of the monitor's tick. Times are from the "
+        "fault; \"decision\" is when the monitor queued the failover. The client's "
         "first write trails the promotion by ~0.3 s: its connect attempt that began while "
         "the address was between servers runs into its 0.5 s deadline. The local cloud "
         "pins its bridge's MAC: with a bridge that changed its MAC when a rebuilt server "
