@@ -24,9 +24,10 @@ from harness.waiting import failovers, operations, standby_streaming
 from harness.workflows import deprovision, instance, resource_counts
 
 pytestmark = pytest.mark.e2e
-# Seconds from the fault to the first acknowledged write: a loose bound (the failover
-# benchmark keeps the real figures), so that a slow failover fails the test.
-FIRST_WRITE_BOUND = 10.0
+# Seconds from the fault to the first acknowledged write. Only a guard against a failover
+# stuck on a timeout (a lease, a TCP retry, a statement deadline): this machine is shared
+# and a loaded run takes several times the real figure, which the failover benchmark keeps.
+FIRST_WRITE_BOUND = 45.0
 
 
 def _hardware_outage(cloud: LocalCloud, server_id: str) -> None:

