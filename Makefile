@@ -17,13 +17,17 @@ export BROKER_STATE_DIR ?= /var/lib/pgha-broker
 setup: system-packages python-env
 
 # apt packages: PostgreSQL server binaries (without the distribution's default
-# cluster), iproute2 for namespaces and veths, venv support for python3.
+# cluster), iproute2 for namespaces and veths, venv support for python3; for the
+# tests, chromium (the status page in a real browser) and prometheus (its promtool
+# checks the example alert rules).
 system-packages:
 	@if [ "$$(id -u)" != 0 ]; then echo "make: run as root (the local cloud creates network namespaces)"; exit 1; fi
 	@missing=""; \
 	  [ -x $(PG_BIN)/initdb ] || missing="$$missing postgresql-$(PG_MAJOR) postgresql-contrib-$(PG_MAJOR)"; \
 	  command -v ip >/dev/null || missing="$$missing iproute2"; \
 	  $(PYTHON) -m venv --help >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	  command -v chromium >/dev/null || missing="$$missing chromium"; \
+	  command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing:$$missing"; \
 	    mkdir -p /etc/postgresql-common; \
