@@ -83,7 +83,7 @@ def _exposed_names(tmp_path: Path) -> set[str]:
     response = app.test_client().get("/metrics", auth=(USERNAME, PASSWORD))
     runtime.store.dispose()
     assert response.status_code == 200
-    names = set()
+    names: set[str] = set()
     for kind_name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", response.text, re.M):
         suffixes = ("_bucket", "_count", "_sum") if kind == "histogram" else ("",)
         names.update(kind_name + suffix for suffix in suffixes)

@@ -45,6 +45,7 @@ th { background: #f2f2f2; }
 .state-ready { color: #186a1c; font-weight: bold; }
 .state-degraded, .state-failed { color: #a31515; font-weight: bold; }
 .muted { color: #666; }
+.phase { white-space: nowrap; }
 </style>
 </head>
 <body>
