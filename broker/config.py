@@ -206,6 +206,9 @@ def _observability(env: dict[str, str]) -> ObservabilitySettings:
     except ValueError:
         raise ConfigError("BROKER_METRICS_LISTEN must be an IP address (e.g. 127.0.0.1), "
                           f"got {listen!r}") from None
+    if port is not None and not (env.get("BROKER_USERNAME") and env.get("BROKER_PASSWORD")):
+        raise ConfigError("BROKER_METRICS_PORT needs BROKER_USERNAME and BROKER_PASSWORD: the "
+                          "metrics endpoint asks for the broker's basic auth")
     external = _external_url(env)
     return ObservabilitySettings(metrics_port=port, metrics_listen=listen, external_url=external)
 

@@ -117,6 +117,11 @@ def test_bad_observability_settings_stop_with_their_name(variable: str, raw: str
         load_settings(env)
 
 
+def test_worker_metrics_never_served_without_credentials() -> None:
+    with pytest.raises(ConfigError, match="BROKER_METRICS_PORT needs BROKER_USERNAME"):
+        load_settings({"BROKER_METRICS_PORT": "9187"}, require_auth=False)
+
+
 def test_dashboard_base_defaults_to_the_apps_cloud_foundry_route() -> None:
     env = {"BROKER_USERNAME": "u", "BROKER_PASSWORD": "p",
            "VCAP_APPLICATION": '{"application_uris": ["pgha-broker.apps.example.com"]}'}
