@@ -4,10 +4,12 @@ provisioned through the API on the local cloud, its primary killed. What an oper
 scrapes and what a user's status page shows must follow: the instance ready with a
 synchronous standby, the monitor probing it, then one failover succeeded with its
 phases observed, the probes that saw the primary down, and the page's new nodes and
-failover timings in a real headless Chromium."""
+failover timings in a real headless Chromium; once the worker is killed, the instance
+counts as unwatched."""
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -60,6 +62,8 @@ def test_provision_and_failover_show_in_metrics_and_status_page(tmp_path: Path) 
         with run_web(web_env, env.base / "web.log") as base:
             web_metrics = f"{base}/metrics"
             worker_metrics = f"http://127.0.0.1:{worker_port}/metrics"
+            eventually(lambda: requests.get(worker_metrics, timeout=10).status_code == 401,
+                       "the worker's metrics endpoint up", timeout=60, interval=0.2)
             for url in (web_metrics, worker_metrics):
                 assert requests.get(url, timeout=10).status_code == 401
                 assert requests.get(url, auth=(USERNAME, "wrong"), timeout=10).status_code == 401
@@ -76,7 +80,9 @@ def test_provision_and_failover_show_in_metrics_and_status_page(tmp_path: Path) 
                         and value(samples, "pgha_instance_sync_standby", **ids) == 1
                         and value(samples, "pgha_instance_standbys_running", **ids) == 1
                         and value(samples, "pgha_instance_replication_lag_bytes", **ids)
-                        is not None)
+                        is not None
+                        and value(samples, "pgha_instances_unwatched") == 0
+                        and value(samples, "pgha_workers_live") == 1)
 
             eventually(lambda: healthy(scrape(web_metrics)),
                        "web's metrics: ready, a synchronous standby, its lag", timeout=60)
@@ -131,3 +137,14 @@ def test_provision_and_failover_show_in_metrics_and_status_page(tmp_path: Path) 
             token = dashboard.rsplit("/", 1)[1]
             time.sleep(0.5)  # gunicorn writes its access log line after the answer
             assert token not in (env.base / "web.log").read_text(errors="replace")
+
+            # The only worker dies: once its leases expire, nobody watches the instance.
+            env.workers[0].send_signal(signal.SIGKILL)
+            env.workers[0].wait()
+
+            def unwatched(samples: Samples) -> bool:
+                return (value(samples, "pgha_instances_unwatched") == 1
+                        and value(samples, "pgha_workers_live") == 0)
+
+            eventually(lambda: unwatched(scrape(web_metrics)),
+                       "the instance unwatched, no live worker", timeout=60)

@@ -115,8 +115,13 @@ def worker(settings: Settings) -> int:
     if observability.metrics_port is not None:
         from broker.metrics.endpoint import serve_metrics
 
-        serve_metrics(observability.metrics_listen, observability.metrics_port,
-                      settings.username, settings.password, background.stop)
+        try:
+            serve_metrics(observability.metrics_listen, observability.metrics_port,
+                          settings.username, settings.password, background.stop)
+        except OSError as exc:
+            raise ConfigError(f"BROKER_METRICS_PORT: cannot listen on "
+                              f"{observability.metrics_listen}:{observability.metrics_port}"
+                              f" ({exc.strerror or exc})") from None
     background.start()
     log.info("worker running (cloud %s)", settings.cloud)
     background.stop.wait()

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from broker.catalog import Catalog
+from broker.monitor.leases import MONITOR_PREFIX, WORKER_PREFIX
 from broker.store.db import Store
 from broker.store.models import (
     DEGRADED,
@@ -39,6 +40,7 @@ from broker.store.models import (
     UPDATING,
     Failover,
     Instance,
+    Lease,
     Node,
     Operation,
     aware,
@@ -93,8 +95,12 @@ class StoreCollector(Collector):
             operations = s.execute(select(Operation.kind, Operation.state, func.count())
                                    .group_by(Operation.kind, Operation.state)).all()
             failovers = list(s.scalars(select(Failover)))
+            leases = s.execute(select(Lease.name, Lease.expires_at)
+                               .where(Lease.name.startswith(MONITOR_PREFIX)
+                                      | Lease.name.startswith(WORKER_PREFIX))).all()
         yield self._instances(by_state)
         yield from self._replication(watched, standbys)
+        yield from self._watchers([row[0] for row in watched], leases)
         yield from self._operations(operations)
         yield from self._failovers(failovers)
 
@@ -124,16 +130,14 @@ class StoreCollector(Collector):
                                     "Running standbys of an instance whose plan has one.",
                                     labels=["instance_id", "plan"])
         checked = GaugeMetricFamily("pgha_instance_last_check_timestamp_seconds",
-                                    "When the monitor last recorded a check of the instance "
-                                    "(Unix time).", labels=["instance_id", "plan"])
-        now = utcnow()
-        oldest = 0.0
+                                    "When the monitor last recorded a check that found the "
+                                    "primary answering (Unix time).",
+                                    labels=["instance_id", "plan"])
         for instance_id, plan_id, replication, lag_bytes, sync_id, last_checked in rows:
             labels = [instance_id, self._plan(plan_id)]
             at = aware(last_checked)
             if at is not None:
                 checked.add_metric(labels, at.timestamp())
-                oldest = max(oldest, (now - at).total_seconds())
             if replication == "none":
                 continue  # one node: nothing replicates, no standby is expected
             running.add_metric(labels, standbys.get(instance_id, 0))
@@ -142,9 +146,19 @@ class StoreCollector(Collector):
             if replication == "sync":
                 sync.add_metric(labels, 1 if sync_id else 0)
         yield from (lag, sync, running, checked)
-        yield GaugeMetricFamily("pgha_instances_oldest_check_age_seconds",
-                                "Seconds since the least recently checked watched instance "
-                                "was checked (any monitor).", value=oldest)
+
+    def _watchers(self, watched: list[str],
+                  leases: Sequence[tuple[str, datetime]]) -> Iterable[Metric]:
+        now = utcnow()
+        live = [name for name, expires in leases if (aware(expires) or now) > now]
+        held = {name.removeprefix(MONITOR_PREFIX) for name in live
+                if name.startswith(MONITOR_PREFIX)}
+        yield GaugeMetricFamily("pgha_instances_unwatched",
+                                "Instances the monitor should watch that no live worker "
+                                "holds a lease on.", value=sum(1 for i in watched if i not in held))
+        yield GaugeMetricFamily("pgha_workers_live",
+                                "Workers whose monitor heartbeat lease is current.",
+                                value=sum(1 for n in live if n.startswith(WORKER_PREFIX)))
 
     def _operations(self, rows: Sequence[tuple[str, str, int]]) -> Iterable[Metric]:
         in_flight = GaugeMetricFamily("pgha_operations_in_flight",
