@@ -121,6 +121,10 @@ def test_provision_and_failover_show_in_metrics_and_status_page(tmp_path: Path) 
             worker = scrape(worker_metrics)
             assert (value(worker, "pgha_monitor_probe_duration_seconds_count", role="primary",
                           outcome="down") or 0) >= 1
+            # Detection: from the first failed probe to the failover queued, seen once.
+            assert value(worker, "pgha_failover_detect_seconds_count") == 1
+            detect = value(worker, "pgha_failover_detect_seconds_sum")
+            assert detect is not None and 0 < detect < 30
 
             new = instance(env.runtime, instance_id)
             primary, standby = new.primary(), new.standby()

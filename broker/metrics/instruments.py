@@ -33,6 +33,11 @@ primary_failed_probes = Gauge(
 operation_retries = Counter(
     "pgha_operation_retries", "Times an operation was released to be run again later.",
     ["kind"], registry=REGISTRY)
+# From the start of the first failed probe of a primary to its failover being queued.
+detect_seconds = Histogram(
+    "pgha_failover_detect_seconds",
+    "Time from the first failed probe of a primary to its failover (or resurrect) queued.",
+    buckets=(0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0), registry=REGISTRY)
 cloud_api_errors = Counter(
     "pgha_cloud_api_errors", "Failed cloud API calls (each failed attempt), by call.",
     ["call"], registry=REGISTRY)
@@ -73,6 +78,31 @@ class CheckClock(Collector):
 
 check_clock = CheckClock()
 REGISTRY.register(check_clock)
+
+
+class Detection:
+    """When each primary's current run of failed probes began (monotonic seconds)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since: dict[str, float] = {}
+
+    def probed(self, instance_id: str, *, down: bool, first_started: float | None) -> None:
+        """`first_started`: when the probe began, if it was the first after a success."""
+        with self._lock:
+            if not down:
+                self._since.pop(instance_id, None)
+            elif first_started is not None:
+                self._since.setdefault(instance_id, first_started)
+
+    def acted(self, instance_id: str) -> None:
+        with self._lock:
+            since = self._since.pop(instance_id, None)
+        if since is not None:
+            detect_seconds.observe(time.monotonic() - since)
+
+
+detection = Detection()
 
 
 def observe_probe(role: str, outcome: str, seconds: float) -> None:

@@ -133,6 +133,9 @@ class Observer:
                 break
             failures += 1
             seen = result
+        instruments.detection.probed(snap.instance_id, down=seen.outcome == "down",
+                                     first_started=first if snap.watch.primary_failures == 0
+                                     else None)
         return replace(
             snap, watch=replace(snap.watch, primary_failures=failures), primary_seen=seen,
             standby_seen=standby_seen,
