@@ -58,7 +58,7 @@ typecheck: python-env
 test: setup lint typecheck
 	$(VENV)/bin/pytest -n 2 -p no:cacheprovider $(PYTEST_ARGS)
 
-# The provisioning, failover and TLS-cost scripts rewrite their own sections of
+# The provisioning, failover, TLS-cost and metrics-scrape scripts rewrite their own sections of
 # BENCHMARKS.md and keep their raw data in benchmarks/results/; the API throughput
 # figures are still copied there from what its script prints.
 # TLS_BASE: the last commit before TLS, which tls_cost.py measures against.

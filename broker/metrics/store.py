@@ -13,6 +13,7 @@ import logging
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
+from typing import Any, Protocol
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -58,6 +59,21 @@ _STAMPS = (("fence", "fenced_at"), ("port", "port_attached_at"),
            ("promote", "promoted_at"), ("standby", "standby_streaming_at"))
 
 
+class Stamps(Protocol):
+    """A failover's timestamps: a `Failover` row, or a result row of those columns."""
+
+    @property
+    def detected_at(self) -> datetime | None: ...
+    @property
+    def fenced_at(self) -> datetime | None: ...
+    @property
+    def port_attached_at(self) -> datetime | None: ...
+    @property
+    def promoted_at(self) -> datetime | None: ...
+    @property
+    def standby_streaming_at(self) -> datetime | None: ...
+
+
 class StoreCollector(Collector):
     def __init__(self, store: Store, catalog: Catalog) -> None:
         self.store = store
@@ -94,7 +110,11 @@ class StoreCollector(Collector):
                 .where(Node.state == NODE_RUNNING).group_by(Node.instance_id)).all())
             operations = s.execute(select(Operation.kind, Operation.state, func.count())
                                    .group_by(Operation.kind, Operation.state)).all()
-            failovers = list(s.scalars(select(Failover)))
+            # Columns, not ORM objects: a scrape reads every failover ever recorded.
+            failovers = s.execute(select(
+                Failover.kind, Failover.outcome, Failover.detected_at, Failover.fenced_at,
+                Failover.port_attached_at, Failover.promoted_at,
+                Failover.standby_streaming_at)).all()
             leases = s.execute(select(Lease.name, Lease.expires_at)
                                .where(Lease.name.startswith(MONITOR_PREFIX)
                                       | Lease.name.startswith(WORKER_PREFIX))).all()
@@ -174,7 +194,7 @@ class StoreCollector(Collector):
         yield in_flight
         yield failed
 
-    def _failovers(self, rows: Sequence[Failover]) -> Iterable[Metric]:
+    def _failovers(self, rows: Sequence[Any]) -> Iterable[Metric]:
         done = CounterMetricFamily("pgha_failovers",
                                    "Finished failovers, switchovers and resurrects by outcome.",
                                    labels=["kind", "outcome"])
@@ -207,7 +227,7 @@ class StoreCollector(Collector):
         yield from (done, running, histogram)
 
 
-def failover_phases(row: Failover) -> list[tuple[str, float]]:
+def failover_phases(row: Stamps) -> list[tuple[str, float]]:
     """(phase, seconds) for each stage the failover reached, plus `total` once promoted."""
     detected = aware(row.detected_at)
     if detected is None:
