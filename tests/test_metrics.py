@@ -22,7 +22,7 @@ from broker.metrics.endpoint import serve_metrics
 from harness.machine import free_port
 from tests.fakes.openstack import FakeOpenStack
 from tests.support.api import PASSWORD, USERNAME, broker_env, make_runtime
-from tests.support.scrape import scrape, value
+from tests.support.scrape import parse, scrape, value
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus"
@@ -129,3 +129,21 @@ def test_dashboard_base_defaults_to_the_apps_cloud_foundry_route() -> None:
         "https://pgha-broker.apps.example.com"
     env["BROKER_EXTERNAL_URL"] = "https://status.example.com/"
     assert load_settings(env).observability.external_url == "https://status.example.com"
+
+
+def test_a_scrape_without_the_state_store_says_so(tmp_path: Path) -> None:
+    from broker.api.app import create_app
+
+    home = tmp_path / "store"
+    runtime = make_runtime(broker_env(f"sqlite:///{home / 's.db'}", home))
+    client = create_app(runtime).test_client()
+    up = parse(client.get("/metrics", auth=(USERNAME, PASSWORD)).get_data(as_text=True))
+    assert value(up, "pgha_state_store_up") == 1
+    runtime.store.dispose()
+    home.rename(tmp_path / "gone")  # the database file can no longer be opened
+    answer = client.get("/metrics", auth=(USERNAME, PASSWORD))
+    assert answer.status_code == 200
+    down = parse(answer.get_data(as_text=True))
+    assert value(down, "pgha_state_store_up") == 0
+    assert value(down, "pgha_instances", plan="ha-sync", state="ready") is None
+    runtime.store.dispose()
