@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 export BROKER_STATE_DIR ?= /var/lib/pgha-broker
 
-.PHONY: setup system-packages python-env serve test lint typecheck unit benchmark clean-local
+.PHONY: setup system-packages test-packages python-env serve test lint typecheck unit benchmark clean-local
 
 setup: system-packages python-env
 
@@ -51,7 +51,21 @@ lint: python-env
 typecheck: python-env
 	$(VENV)/bin/mypy
 
-test: setup lint typecheck
+# Only the tests need these: chromium (the status page in a real browser) and
+# prometheus for its promtool (checks the example alert rules). The package's own
+# Prometheus server is not started: a test machine serves nothing on :9090.
+test-packages:
+	@missing=""; \
+	  command -v chromium >/dev/null || missing="$$missing chromium"; \
+	  command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing for the tests:$$missing"; \
+	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	    status=$$?; rm -f /usr/sbin/policy-rc.d; exit $$status; \
+	  fi
+
+test: setup test-packages lint typecheck
 	$(VENV)/bin/pytest -n 2 -p no:cacheprovider $(PYTEST_ARGS)
 
 # Every script rewrites its own section of BENCHMARKS.md (between its markers) and
@@ -64,6 +78,7 @@ benchmark: setup
 	$(PY) benchmarks/api_throughput.py --write BENCHMARKS.md --json benchmarks/results/api_throughput.json
 	$(PY) benchmarks/failover.py --rounds 10 --write BENCHMARKS.md --json benchmarks/results/failover.json
 	$(PY) benchmarks/tls_cost.py --base $(TLS_BASE) --write BENCHMARKS.md
+	$(PY) benchmarks/metrics_scrape.py --instances 1000 --failovers 500 --scrapes 30 --write BENCHMARKS.md --json benchmarks/results/metrics_scrape.json
 
 # Remove every namespace, interface and data directory of the dev broker's local cloud.
 clean-local: python-env

@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 
 class ConfigError(Exception):
@@ -43,6 +44,15 @@ class TlsSettings:
 
 
 @dataclass(frozen=True)
+class ObservabilitySettings:
+    """Where metrics and status pages are served."""
+
+    metrics_port: int | None = None       # a worker's own /metrics endpoint; None: none
+    metrics_listen: str = "127.0.0.1"
+    external_url: str | None = None       # the broker's URL as browsers reach it
+
+
+@dataclass(frozen=True)
 class Settings:
     username: str
     password: str
@@ -60,6 +70,7 @@ class Settings:
     log_level: str
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
+    observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
 
     @property
     def is_sqlite(self) -> bool:
@@ -178,4 +189,45 @@ def load_settings(env: dict[str, str] | None = None, *, require_auth: bool = Tru
         monitor=monitor,
         tls=TlsSettings(cert_days=_float(env, "BROKER_TLS_CERT_DAYS", 365.0),
                         renew_days=_float(env, "BROKER_TLS_RENEW_DAYS", 30.0)),
+        observability=_observability(env),
     )
+
+
+def _observability(env: dict[str, str]) -> ObservabilitySettings:
+    port_raw = env.get("BROKER_METRICS_PORT") or ""
+    port = None
+    if port_raw:
+        if not port_raw.isdigit() or not 1 <= int(port_raw) <= 65535:
+            raise ConfigError(f"BROKER_METRICS_PORT must be a port number, got {port_raw!r}")
+        port = int(port_raw)
+    listen = env.get("BROKER_METRICS_LISTEN") or "127.0.0.1"
+    try:
+        ipaddress.ip_address(listen)
+    except ValueError:
+        raise ConfigError("BROKER_METRICS_LISTEN must be an IP address (e.g. 127.0.0.1), "
+                          f"got {listen!r}") from None
+    if port is not None and not (env.get("BROKER_USERNAME") and env.get("BROKER_PASSWORD")):
+        raise ConfigError("BROKER_METRICS_PORT needs BROKER_USERNAME and BROKER_PASSWORD: the "
+                          "metrics endpoint asks for the broker's basic auth")
+    external = _external_url(env)
+    return ObservabilitySettings(metrics_port=port, metrics_listen=listen, external_url=external)
+
+
+def _external_url(env: dict[str, str]) -> str | None:
+    """BROKER_EXTERNAL_URL, else the first route Cloud Foundry gave the app, else None."""
+    raw = env.get("BROKER_EXTERNAL_URL") or ""
+    if raw:
+        parsed = urlsplit(raw)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.query \
+                or parsed.fragment:
+            raise ConfigError("BROKER_EXTERNAL_URL must be an http(s) URL without query "
+                              f"(e.g. https://pgha-broker.example.com), got {raw!r}")
+        return raw.rstrip("/")
+    vcap = env.get("VCAP_APPLICATION") or ""
+    if not vcap:
+        return None
+    try:
+        uris = json.loads(vcap).get("application_uris") or []
+    except (json.JSONDecodeError, AttributeError):
+        raise ConfigError("VCAP_APPLICATION is not a JSON object") from None
+    return f"https://{uris[0]}" if uris and isinstance(uris[0], str) else None

@@ -6,6 +6,9 @@ The embedded default generates one in the state directory with mode 0600.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import os
 import secrets
 import string
@@ -30,6 +33,15 @@ class Vault:
                 "base64-encoded bytes (python -c 'from cryptography.fernet import Fernet; "
                 "print(Fernet.generate_key().decode())')"
             ) from None
+        self._mac_key = hashlib.sha256(b"pgha-broker mac\0" + (
+            key.encode() if isinstance(key, str) else key)).digest()
+
+    def mac(self, purpose: str, message: str) -> str:
+        """A URL-safe HMAC-SHA256 of `message` under a key derived from the broker's
+        key: a per-object secret that needs no storage (e.g. a status page's token)."""
+        digest = hmac.new(self._mac_key, f"{purpose}\0{message}".encode(),
+                          hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
     def encrypt(self, plaintext: str) -> str:
         return self._fernet.encrypt(plaintext.encode()).decode()

@@ -19,6 +19,8 @@ _PATTERNS = [
     (re.compile(r"(?i)(password\s*[=:]\s*['\"]?)[^'\"\s&;,]+"), r"\1***"),
     (re.compile(r"(?i)(authorization:\s*basic\s+)\S+"), r"\1***"),
     (re.compile(r"(?i)(PASSWORD\s+)'[^']*'"), r"\1'***'"),
+    # A status page's URL holds its token (broker/web/dashboard.py).
+    (re.compile(r"(/dashboard/[^/\s\"?]*/)[^/\s\"?]+"), r"\1***"),
 ]
 
 # C0, DEL, C1; the Unicode line and paragraph separators (str.splitlines() and some
@@ -67,10 +69,13 @@ class OneLine(logging.Formatter):
 
 
 def one_line_handlers(logger: logging.Logger) -> None:
-    """Wrap the formatter of every handler of `logger` (one set up by a library) in `OneLine`."""
+    """Wrap the formatter of every handler of `logger` (one set up by a library) in
+    `OneLine`, and mask secrets there too (an access log line holds the request's URL)."""
     for handler in logger.handlers:
         if not isinstance(handler.formatter, OneLine):
             handler.setFormatter(OneLine(handler.formatter))
+        if not any(isinstance(f, RedactSecrets) for f in handler.filters):
+            handler.addFilter(RedactSecrets())
 
 
 def make_handler(stream: TextIO) -> logging.Handler:

@@ -44,6 +44,7 @@ from broker.store.models import (
     Instance,
     Node,
 )
+from broker.web.dashboard import token_for
 from harness.machine import free_port
 from tests.support.api import (
     API_VERSION,
@@ -430,7 +431,10 @@ def test_maintenance_info(cc: CloudController) -> None:
 def test_provision_repeats_and_conflicts(cc: CloudController) -> None:
     iid = cc.ready_instance("ha", extensions=["citext"])
     identical = cc.provision(iid, "ha", parameters={"extensions": ["citext"]})
-    assert identical.status_code == 200 and identical.json == {}
+    # The same status page as the first answer gave (the only field of a 200 here).
+    assert identical.status_code == 200 and set(identical.json) == {"dashboard_url"}
+    assert identical.json["dashboard_url"].endswith(f"/dashboard/{iid}/"
+                                                    f"{token_for(cc.runtime, iid)}")
     # Identical and finished needs no async support.
     assert cc.provision(iid, "ha", accepts_incomplete=False,
                         parameters={"extensions": ["citext"]}).status_code == 200

@@ -12,6 +12,7 @@ from openbrokerapi.helper import to_json_response
 from openbrokerapi.response import CatalogResponse
 from sqlalchemy import text
 
+from broker import web
 from broker.api import hooks
 from broker.api.responses import install_views
 from broker.api.service_broker import PgHaServiceBroker
@@ -23,8 +24,10 @@ log = logging.getLogger("broker.api")
 MAX_BODY = 1024 * 1024
 
 
-def create_app(runtime: Runtime, *, on_enqueue: Callable[[], None] | None = None) -> Flask:
-    """The broker's Flask app; `on_enqueue` is called after an operation was queued."""
+def create_app(runtime: Runtime, *, on_enqueue: Callable[[], None] | None = None,
+               process_metrics: bool = False) -> Flask:
+    """The broker's Flask app; `on_enqueue` is called after an operation was queued;
+    `process_metrics`: `/metrics` includes this process's worker metrics (`serve`)."""
     # The library dumps every header (Authorization included) at DEBUG: keep it quiet.
     logging.getLogger("openbrokerapi.request_filter").setLevel(logging.INFO)
     app = Flask("broker.api")
@@ -40,6 +43,7 @@ def create_app(runtime: Runtime, *, on_enqueue: Callable[[], None] | None = None
     _render_catalog_once(app, service_broker)
     install_views(app, last_operation=service_broker.operation_status,
                   get_instance=service_broker.instance_details)
+    web.install(app, runtime, process_metrics=process_metrics)
 
     @app.get("/health")
     def health() -> tuple[Response, int]:

@@ -42,7 +42,10 @@ IDENTITY_HEADER = "X-Broker-API-Originating-Identity"
 REQUEST_ID_HEADER = "X-Broker-API-Request-Identity"
 MIN_MINOR = 13
 _VERSION = re.compile(r"^2\.([0-9]{1,4})$")
-_UNAUTHENTICATED = frozenset({"health"})
+# The status page is reached by its URL's own secret (broker/web/dashboard.py).
+_UNAUTHENTICATED = frozenset({"health", "dashboard"})
+# Basic auth only: Prometheus sends no OSB headers.
+_AUTH_ONLY = frozenset({"metrics"})
 _MAX_LOGGED = 300
 _MAX_PLATFORM = 64
 
@@ -134,6 +137,8 @@ def install(app: Flask, blueprint: Blueprint, runtime: Runtime) -> None:
             response, status = error_response(401, "missing or wrong broker credentials")
             response.headers["WWW-Authenticate"] = 'Basic realm="pgha-broker"'
             return response, status
+        if request.endpoint in _AUTH_ONLY:
+            return None
         refused = check_version() or check_identity()
         if refused is not None:
             return refused

@@ -60,6 +60,7 @@ from broker.store.models import (
 from broker.store.models import (
     Binding as BindingRow,
 )
+from broker.web.dashboard import dashboard_url
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +128,12 @@ class PgHaServiceBroker(ServiceBroker):  # type: ignore[misc]
             maintenance_version=requested_maintenance_version(current_body()))
         accepted = requests.provision(self.store, self.runtime.vault, request, async_allowed)
         self._accepted(accepted)
+        url = dashboard_url(self.runtime, instance_id)
         if accepted.operation_id is None:
-            return ProvisionedServiceSpec(ProvisionState.IDENTICAL_ALREADY_EXISTS)
-        return ProvisionedServiceSpec(ProvisionState.IS_ASYNC, operation=accepted.operation_id)
+            return ProvisionedServiceSpec(ProvisionState.IDENTICAL_ALREADY_EXISTS,
+                                          dashboard_url=url)
+        return ProvisionedServiceSpec(ProvisionState.IS_ASYNC, dashboard_url=url,
+                                      operation=accepted.operation_id)
 
     def update(self, instance_id: str, details: UpdateDetails, async_allowed: bool,
                **kwargs: Any) -> UpdateServiceSpec:
@@ -226,6 +230,7 @@ class PgHaServiceBroker(ServiceBroker):  # type: ignore[misc]
                     maintenance["description"] = description
             return OsbResponse({
                 "service_id": inst.service_id, "plan_id": inst.plan_id,
+                "dashboard_url": dashboard_url(self.runtime, instance_id),
                 "parameters": dict(inst.parameters or {}), "maintenance_info": maintenance,
                 "metadata": {"attributes": {k: v for k, v in attributes.items()
                                             if v is not None}}})

@@ -89,7 +89,7 @@ def serve(settings: Settings) -> int:
     runtime = build_runtime(settings)
     _check_cloud(runtime)
     background = Background(runtime)
-    app = create_app(runtime, on_enqueue=background.engine.wake)
+    app = create_app(runtime, on_enqueue=background.engine.wake, process_metrics=True)
     listen = os.environ.get("BROKER_LISTEN", "127.0.0.1")
     server = ApiServer(listen, settings.port, app, threads=threads, timeout=timeout)
     _on_term(background.stop, server.shutdown)
@@ -111,6 +111,17 @@ def worker(settings: Settings) -> int:
     _check_cloud(runtime)
     background = Background(runtime)
     _on_term(background.stop)
+    observability = settings.observability
+    if observability.metrics_port is not None:
+        from broker.metrics.endpoint import serve_metrics
+
+        try:
+            serve_metrics(observability.metrics_listen, observability.metrics_port,
+                          settings.username, settings.password, background.stop)
+        except OSError as exc:
+            raise ConfigError(f"BROKER_METRICS_PORT: cannot listen on "
+                              f"{observability.metrics_listen}:{observability.metrics_port}"
+                              f" ({exc.strerror or exc})") from None
     background.start()
     log.info("worker running (cloud %s)", settings.cloud)
     background.stop.wait()

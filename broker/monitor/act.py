@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from broker.ha import rules
+from broker.metrics import instruments
 from broker.monitor.decide import (
     Action,
     Decision,
@@ -180,6 +181,7 @@ class Executor:
             old_primary_id=action.old_primary_id, standby_id=action.standby_id,
             detected_at=utcnow(), last_primary_lsn=action.last_primary_lsn,
             detail=action.detail, owner=self.runner_owner())
+        instruments.detection.acted(snap.instance_id)
         self._decision(logging.WARNING, snap.instance_id, f"{status} (operation {op_id})")
         return status, (op_id,)
 

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 
 from broker.config import MonitorSettings
+from broker.metrics import instruments
 from broker.monitor.act import Executor
 from broker.monitor.decide import Watch, decide, recheck_delay
 from broker.monitor.leases import WORKER_PREFIX, Leases, monitor_lease_name
@@ -179,6 +180,7 @@ class Monitor:
         self._held.pop(instance_id, None)
         self._watch.pop(instance_id, None)
         self.observer.last_probe_start.pop(instance_id, None)
+        instruments.check_clock.forget(instance_id)
         if release:
             try:
                 self.leases.release(monitor_lease_name(instance_id))
@@ -197,6 +199,7 @@ class Monitor:
         return False
 
     def _watch_loop(self, instance_id: str, stop: threading.Event) -> None:
+        instruments.check_clock.watch(instance_id)
         while not stop.is_set() and instance_id in self._held:
             started = time.monotonic()
             try:
@@ -207,6 +210,7 @@ class Monitor:
             watch = self._watch.get(instance_id)
             if watch is None:
                 break
+            instruments.checked(instance_id, watch.counters.primary_failures)
             if watch.decided:
                 pass  # already said, in words, by the decision itself
             elif _status_class(status) != _status_class(watch.last_status):

@@ -16,6 +16,7 @@ from datetime import timedelta
 from sqlalchemy import select
 
 from broker.config import MonitorSettings
+from broker.metrics import instruments
 from broker.monitor.decide import Certificates, NodeView, Snapshot, Watch, before_probe
 from broker.operations import certs, queue
 from broker.operations import failover as failover_ops
@@ -121,6 +122,10 @@ class Observer:
             cloud_future = self.pool.submit(probe.cloud_state, self.runtime.cloud,
                                             primary.server_id)
         results = [f.result() for f in primary_futures]
+        standby_seen = standby_future.result() if standby_future is not None else None
+        for role, result in [*(("primary", r) for r in results), ("standby", standby_seen)]:
+            if result is not None:
+                instruments.observe_probe(role, result.outcome, result.elapsed)
         seen = results[-1]
         for result in results:
             if result.outcome != "down":
@@ -128,9 +133,12 @@ class Observer:
                 break
             failures += 1
             seen = result
+        instruments.detection.probed(snap.instance_id, down=seen.outcome == "down",
+                                     first_started=first if snap.watch.primary_failures == 0
+                                     else None)
         return replace(
             snap, watch=replace(snap.watch, primary_failures=failures), primary_seen=seen,
-            standby_seen=standby_future.result() if standby_future is not None else None,
+            standby_seen=standby_seen,
             cloud=cloud_future.result() if cloud_future is not None else None)
 
     def _last_failover_age(self, inst: Instance) -> float | None:

@@ -30,6 +30,7 @@ from broker.catalog import Catalog, Plan
 from broker.cloud.base import Cloud, TransientCloudError
 from broker.config import Settings
 from broker.crypto import Vault
+from broker.metrics import instruments
 from broker.operations import queue
 from broker.operations.params import Params, ParamsError
 from broker.store.db import Store
@@ -278,6 +279,7 @@ class Engine:
     def _retry(self, ctx: Context, reason: str, delay: float, *, count_attempt: bool = True) -> str:
         self.queue.release(ctx.operation_id, delay=delay,
                            note=reason if count_attempt else None)
+        instruments.operation_retries.labels(kind=ctx.kind).inc()
         log.info("operation %s (%s) will retry in %.1fs: %s", ctx.operation_id, ctx.kind,
                  delay, reason)
         return IN_PROGRESS

@@ -25,6 +25,7 @@ from keystoneauth1 import exceptions as ks_exc
 from openstack import exceptions as os_exc
 
 from broker.cloud.base import CloudError, TransientCloudError
+from broker.metrics import instruments
 
 log = logging.getLogger("broker.cloud.openstack")
 
@@ -132,6 +133,7 @@ def call(what: str, fn: Callable[[], T], policy: RetryPolicy, *,
             verdict = classify(exc, secrets)
             if verdict is None:
                 raise
+            instruments.cloud_error(what)
             transient = verdict.transient and (retry_conflicts or verdict.status != 409)
             elapsed = time.monotonic() - start
             if transient and elapsed + delay <= policy.budget:
