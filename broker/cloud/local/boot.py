@@ -14,9 +14,11 @@ from pathlib import Path
 from broker.cloud.base import CloudError
 from broker.cloud.local.netns import namespace
 from broker.cloud.local.records import open_private
-from broker.guest import bootstrap
+from broker.guest import bootstrap, nic_agent
 
 BOOTSTRAP_SCRIPT = Path(bootstrap.__file__).resolve()
+NIC_AGENT_SCRIPT = Path(nic_agent.__file__).resolve()
+NIC_AGENT_TIMEOUT = 60.0
 BOOT_TIMEOUT = 3600.0  # a base backup of a large database takes its time
 GUEST_CONFIG = "guest.json"
 
@@ -34,6 +36,11 @@ def _tail(path: Path, lines: int = 3, limit: int = 65536) -> list[str]:
             return []
         f.seek(max(0, st.st_size - limit))
         return f.read(limit).decode(errors="replace").strip().splitlines()[-lines:]
+
+
+def server_dir(root: Path, server_id: str) -> Path:
+    """Where root keeps a server's guest config, boot log and lock."""
+    return root / "servers" / server_id
 
 
 def saved_guest_config(server_dir: Path) -> bootstrap.GuestConfig:
@@ -74,3 +81,23 @@ def boot(server_dir: Path, server_id: str, guest: bootstrap.GuestConfig) -> None
         if pg_tail:
             tail += " | postgresql.log: " + " | ".join(pg_tail)
         raise CloudError(f"server {server_id}: guest bootstrap failed: {tail}")
+
+
+def run_nic_agent(server_dir: Path, server_id: str) -> None:
+    """What udev does in a VM when a NIC appears: run the guest's NIC agent (namespaces
+    get no udev events). It reads the server's guest config, as in a VM."""
+    try:
+        result = subprocess.run(
+            ["ip", "netns", "exec", namespace(server_id), sys.executable, "-I",
+             str(NIC_AGENT_SCRIPT), str(server_dir / GUEST_CONFIG)],
+            capture_output=True, text=True, timeout=NIC_AGENT_TIMEOUT, check=False,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    except subprocess.TimeoutExpired:
+        raise CloudError(f"server {server_id}: the NIC agent did not finish within "
+                         f"{NIC_AGENT_TIMEOUT:.0f} s") from None
+    with os.fdopen(open_private(server_dir / "bootstrap.log", os.O_WRONLY | os.O_APPEND),
+                   "w") as f:
+        f.write(result.stdout + result.stderr)
+    if result.returncode != 0:
+        raise CloudError(f"server {server_id}: the NIC agent failed: "
+                         f"{result.stderr.strip()}")

@@ -185,7 +185,7 @@ class LocalCloud(LocalPorts, Cloud):
                      "log_file": str(volume_dir / "postgresql.log")})
 
     def _server_dir(self, server_id: str) -> Path:
-        return self.root / "servers" / server_id
+        return boot.server_dir(self.root, server_id)
 
     def _set_status(self, server_id: str, status: ServerStatus) -> Server | None:
         with self.records.locked() as st:
@@ -265,8 +265,9 @@ class LocalCloud(LocalPorts, Cloud):
             # A server from before users per volume ran as another user: now the volume's.
             guest = dataclasses.replace(guest, run_as=self._own_volume(rec.volume_id))
             self.plumbing.setup_namespace(server_id, port_rec)
-            for port in self.records.read().service_ports_of(server_id):
-                ip("link", "set", veth_names(port)[1], "up", ns=namespace(server_id))
+            # The bootstrap's NIC agent configures the service port's NIC again.
+            self.plumbing.reset_service_links(
+                self.records.read().service_ports_of(server_id), server_id)
             boot.boot(self._server_dir(server_id), server_id, guest)
         except CloudError:
             self._set_status(server_id, ServerStatus.ERROR)
