@@ -7,6 +7,8 @@ namespaces with `ip -n`, as one would inside a VM."""
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +18,7 @@ from broker.guest.bootstrap import GuestConfig
 from broker.guest.nic_agent import MANAGEMENT_TABLE, SERVICE_TABLE
 from broker.operations.failover import start_switchover
 from broker.pg import connection, replication
-from harness.env import failover_env
+from harness.env import HasEngine, failover_env
 from harness.waiting import eventually, standby_streaming, unfinished
 from harness.workflows import (
     connect_with,
@@ -26,6 +28,7 @@ from harness.workflows import (
     provision,
 )
 from harness.writer import app_credentials
+from tests.test_openstack_e2e import openstack_on_namespaces
 
 pytestmark = pytest.mark.e2e
 
@@ -196,48 +199,73 @@ def test_an_attach_whose_guest_never_answers_fails_clearly(
     cloud.delete_volume(volume)
 
 
-def test_a_rebuilt_primary_rebooted_streams_again_and_commits_go_on() -> None:
+def rebuilt_primary_rebooted(env: HasEngine, reboot: Callable[[str], None]) -> None:
     """ha-sync: a switchover makes the standby primary and rebuilds a new standby, whose
     replication line the broker added to the primary's pg_hba over SQL. The primary is
     then powered off and on: its bootstrap replays its first-boot config (where it was
     a standby of a node that is gone), yet keeps the broker's pg_hba; its NIC agent puts
     the service address back. The standby streams again and commits do not hang."""
-    with failover_env() as env:
-        instance_id = provision(env.runtime, env.engine, "ha-sync")
-        creds = app_credentials(env, instance_id)
-        before = instance(env.runtime, instance_id)
-        old_standby = before.standby()
-        assert old_standby is not None
-        finish(env.engine, start_switchover(env.runtime.store, instance_id))
-        for op in unfinished(env, instance_id):  # the rebuild of a new standby
-            finish(env.engine, op.id)
-        rebuilt = instance(env.runtime, instance_id)
-        primary, standby = rebuilt.primary(), rebuilt.standby()
-        assert primary is not None and standby is not None and primary.id == old_standby.id
-        assert primary.server_id and primary.management_address
-        assert standby_streaming(env, rebuilt) is not None
+    instance_id = provision(env.runtime, env.engine, "ha-sync")
+    creds = app_credentials(env, instance_id)
+    old_standby = instance(env.runtime, instance_id).standby()
+    assert old_standby is not None
+    finish(env.engine, start_switchover(env.runtime.store, instance_id))
+    for op in unfinished(env, instance_id):  # the rebuild of a new standby
+        finish(env.engine, op.id)
+    rebuilt = instance(env.runtime, instance_id)
+    primary, standby = rebuilt.primary(), rebuilt.standby()
+    assert primary is not None and standby is not None and primary.id == old_standby.id
+    assert primary.server_id and primary.management_address
+    assert standby_streaming(env, rebuilt) is not None
 
-        env.cloud.stop_server(primary.server_id)
-        env.cloud.start_server(primary.server_id)
-        eventually(lambda: standby_streaming(env, instance(env.runtime, instance_id))
-                   is not None, "the new standby streams from the rebooted primary", 60)
-        conn = connect_with(creds, timeout=10)
-        try:
-            with conn.cursor() as cur:
-                # ha-sync: this commit returns only once the standby has it. A wait cut
-                # short by the timeout would return with a warning instead.
-                cur.execute("SET statement_timeout = '30s'")
-                cur.execute("CREATE TABLE IF NOT EXISTS after_reboot (v int)")
-                cur.execute("INSERT INTO after_reboot VALUES (1)")
-            assert not [n for n in conn.notices if "synchronous replication" in n]
-        finally:
-            conn.close()
-        admin = connection.connect(primary.management_address,
-                                   env.runtime.vault.decrypt(rebuilt.admin_password_enc))
-        try:
-            status = replication.replication_status(admin)
-        finally:
-            admin.close()
-        assert status.synchronous_standby_names and [
-            s.sync_state for s in status.standbys] == ["sync"]
-        deprovision(env.runtime, env.engine, instance_id)
+    reboot(primary.server_id)
+    eventually(lambda: standby_streaming(env, instance(env.runtime, instance_id))
+               is not None, "the new standby streams from the rebooted primary", 60)
+    conn = connect_with(creds, timeout=10)  # through the service address
+    try:
+        with conn.cursor() as cur:
+            # ha-sync: this commit returns only once the standby has it. A wait cut
+            # short by the timeout would return with a warning instead.
+            cur.execute("SET statement_timeout = '30s'")
+            cur.execute("CREATE TABLE IF NOT EXISTS after_reboot (v int)")
+            cur.execute("INSERT INTO after_reboot VALUES (1)")
+        assert not [n for n in conn.notices if "synchronous replication" in n]
+    finally:
+        conn.close()
+    admin = connection.connect(primary.management_address,
+                               env.runtime.vault.decrypt(rebuilt.admin_password_enc))
+    try:
+        status = replication.replication_status(admin)
+    finally:
+        admin.close()
+    assert status.synchronous_standby_names and [
+        s.sync_state for s in status.standbys] == ["sync"]
+    deprovision(env.runtime, env.engine, instance_id)
+
+
+def test_a_rebuilt_primary_rebooted_streams_again_and_commits_go_on() -> None:
+    with failover_env() as env:
+        def reboot(server_id: str) -> None:
+            env.cloud.stop_server(server_id)
+            env.cloud.start_server(server_id)
+
+        rebuilt_primary_rebooted(env, reboot)
+
+
+def test_through_openstack_a_rebuilt_primary_rebooted_streams_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same through the OpenStack driver and Nova's stop and start: the guest runs
+    the bootstrap and the NIC agent the broker's user-data carries."""
+    with openstack_on_namespaces(tmp_path, monkeypatch) as env:
+        compute = env.cloud.conn.compute
+
+        def status_is(server_id: str, wanted: str) -> bool:
+            return bool(compute.get_server(server_id).status == wanted)
+
+        def reboot(server_id: str) -> None:
+            compute.stop_server(server_id)
+            eventually(lambda: status_is(server_id, "SHUTOFF"), "the primary stopped", 60)
+            compute.start_server(server_id)
+            eventually(lambda: status_is(server_id, "ACTIVE"), "the primary started", 60)
+
+        rebuilt_primary_rebooted(env, reboot)

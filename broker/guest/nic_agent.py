@@ -109,13 +109,14 @@ def nic_with_address(address: str) -> tuple[str, int] | None:
     return None
 
 
-def missing_rules(address: str, table: int, priority: int) -> list[str]:
+def missing_rule(rules: str, address: str, table: int, priority: int) -> list[str]:
+    """The `ip rule` command that sends `address`'s packets to `table`, unless present."""
     wanted = f"from {address} lookup {table}"
-    present = any(wanted in line for line in ip("-4", "rule", "show").splitlines())
+    present = any(line.endswith(wanted) for line in rules.splitlines())
     return [] if present else [f"rule add {wanted} priority {priority}"]
 
 
-def configure_service(plan: NicPlan, dev: str) -> None:
+def configure_service(plan: NicPlan, dev: str, rules: str) -> None:
     network = ipaddress.ip_interface(
         f"{plan.service_address}/{plan.service_prefix_length}").network
     # Before the link goes up: the kernel then announces the address itself too.
@@ -129,7 +130,8 @@ def configure_service(plan: NicPlan, dev: str) -> None:
     if plan.service_gateway:
         commands.append(f"route replace default via {plan.service_gateway} dev {dev} "
                         f"table {SERVICE_TABLE}")
-    commands += missing_rules(plan.service_address, SERVICE_TABLE, SERVICE_RULE_PRIORITY)
+    commands += missing_rule(rules, plan.service_address, SERVICE_TABLE,
+                             SERVICE_RULE_PRIORITY)
     ip_batch(commands)
     # Whatever else configured the NIC (a DHCP client, cloud-init) may have put routes
     # through it into the main table: the service NIC carries only its own replies.
@@ -139,7 +141,7 @@ def configure_service(plan: NicPlan, dev: str) -> None:
     say(f"service address {plan.service_address}/{plan.service_prefix_length} on {dev}")
 
 
-def configure_management(plan: NicPlan) -> None:
+def configure_management(plan: NicPlan, rules: str) -> None:
     found = nic_with_address(plan.management_address)
     if found is None:
         raise AgentError(f"no interface holds the management address "
@@ -154,8 +156,8 @@ def configure_management(plan: NicPlan) -> None:
             commands.append(f"route replace default via {words[words.index('via') + 1]} "
                             f"dev {dev} table {MANAGEMENT_TABLE}")
             break
-    commands += missing_rules(plan.management_address, MANAGEMENT_TABLE,
-                              MANAGEMENT_RULE_PRIORITY)
+    commands += missing_rule(rules, plan.management_address, MANAGEMENT_TABLE,
+                             MANAGEMENT_RULE_PRIORITY)
     ip_batch(commands)
 
 
@@ -179,12 +181,13 @@ def announce(dev: str, address: str) -> None:
 
 
 def run(plan: NicPlan) -> None:
+    rules = ip("-4", "rule", "show")
     if plan.management_address:
-        configure_management(plan)
+        configure_management(plan, rules)
     if plan.service_mac and plan.service_address:
         dev = nic_with_mac(plan.service_mac)
         if dev is not None:  # not plugged here (yet): its add event runs us again
-            configure_service(plan, dev)
+            configure_service(plan, dev, rules)
 
 
 def main(argv: list[str]) -> int:

@@ -250,10 +250,12 @@ class LocalCloud(LocalPorts, Cloud):
         return None if rec is None else self._server(rec, st)
 
     def start_server(self, server_id: str) -> Server:
-        """Power a stopped server on again: links up, the guest bootstrap starts PostgreSQL
-        on its existing data (local cloud only; like a VM reboot). The guest config is the
-        first boot's, as a VM's user-data is: its peers may have left since, which is why
-        the bootstrap leaves an existing cluster's pg_hba (the broker's) as it is."""
+        """Power a stopped server on again (local cloud only; like a VM reboot): the
+        management link up, the service port's NIC bare again, then the guest bootstrap
+        configures that NIC (its NIC agent) and starts PostgreSQL on its existing data.
+        The guest config is the first boot's, as a VM's user-data is: its peers may have
+        left since, which is why the bootstrap leaves an existing cluster's pg_hba (the
+        broker's) as it is."""
         with self.records.locked() as st:
             rec = st.servers.get(server_id)
             if rec is None:
