@@ -6,6 +6,7 @@ namespaces with `ip -n`, as one would inside a VM."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from broker.cloud.base import CloudError, Port, ServerSpec
 from broker.cloud.local import LocalCloud
-from broker.guest.bootstrap import GuestConfig
+from broker.guest.bootstrap import NETWORK_FIELDS, GuestConfig
 from broker.guest.nic_agent import MANAGEMENT_TABLE, SERVICE_TABLE
 from broker.operations.failover import start_switchover
 from broker.pg import connection, replication
@@ -139,6 +140,15 @@ def assert_configured(cloud: LocalCloud, server_id: str, mgmt: Port, service: Po
     return dev
 
 
+def forget_service_nic(cloud: LocalCloud, server_id: str) -> None:
+    """Make the server's saved config one from before the guest configured the NIC."""
+    path = cloud.root / "servers" / server_id / "guest.json"
+    config = json.loads(path.read_text())
+    for name in NETWORK_FIELDS:
+        config.pop(name)
+    path.write_text(json.dumps(config))
+
+
 def test_the_guest_configures_the_service_nic_it_finds_by_mac(local_cloud: LocalCloud) -> None:
     cloud = local_cloud
     service = cloud.create_port("pgha-netinst-service", "service", {"pgha-instance": "netinst"})
@@ -165,11 +175,17 @@ def test_the_guest_configures_the_service_nic_it_finds_by_mac(local_cloud: Local
     assert_configured(cloud, second, mgmt2, service)
     assert system_identifier(service.address) == system_identifier(mgmt2.address)
 
-    # A reboot loses the NIC's configuration; the bootstrap's agent puts it back.
+    # A reboot loses the NIC's configuration; the bootstrap's agent puts it back, also
+    # on a server booted before guests configured the NIC (its config names none).
+    forget_service_nic(cloud, second)
     cloud.stop_server(second)
     cloud.start_server(second)
     connection.wait_ready(service.address, ADMIN_PW, timeout=60)
     assert_configured(cloud, second, mgmt2, service)
+    forget_service_nic(cloud, first)
+    cloud.detach_port(service.id, second)
+    cloud.attach_port(service.id, first)
+    assert_configured(cloud, first, mgmt1, service)
 
     for server_id in (first, second):
         cloud.delete_server(server_id)

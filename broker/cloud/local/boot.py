@@ -4,6 +4,7 @@ are 0600 in a directory others may traverse but not list."""
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import stat
@@ -11,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from broker.cloud.base import CloudError
+from broker.cloud.base import CloudError, PortNic
 from broker.cloud.local.netns import namespace
 from broker.cloud.local.records import open_private
 from broker.guest import bootstrap, nic_agent
@@ -48,13 +49,29 @@ def saved_guest_config(server_dir: Path) -> bootstrap.GuestConfig:
     return bootstrap.GuestConfig.from_json((server_dir / GUEST_CONFIG).read_text())
 
 
-def boot(server_dir: Path, server_id: str, guest: bootstrap.GuestConfig) -> None:
-    """Run the guest bootstrap inside the namespace, as a VM runs its user-data."""
+def save_guest_config(server_dir: Path, guest: bootstrap.GuestConfig) -> None:
     server_dir.mkdir(exist_ok=True)
     server_dir.chmod(0o711)
-    config_path = server_dir / GUEST_CONFIG
-    with os.fdopen(open_private(config_path, os.O_WRONLY | os.O_TRUNC), "w") as f:
+    with os.fdopen(open_private(server_dir / GUEST_CONFIG, os.O_WRONLY | os.O_TRUNC), "w") as f:
         f.write(guest.to_json())
+
+
+def with_service_nic(server_dir: Path, nic: PortNic, management_address: str) -> None:
+    """A server booted before guests configured the service NIC themselves (the host
+    did) learns the port's NIC, as an updated image would bring it."""
+    guest = saved_guest_config(server_dir)
+    if not guest.service_mac:
+        save_guest_config(server_dir, dataclasses.replace(
+            guest, management_address=guest.management_address or management_address,
+            service_mac=nic.mac, service_address=nic.address,
+            service_prefix_length=nic.prefix_length, service_gateway=nic.gateway,
+            service_mtu=nic.mtu))
+
+
+def boot(server_dir: Path, server_id: str, guest: bootstrap.GuestConfig) -> None:
+    """Run the guest bootstrap inside the namespace, as a VM runs its user-data."""
+    save_guest_config(server_dir, guest)
+    config_path = server_dir / GUEST_CONFIG
     boot_log = server_dir / "bootstrap.log"
     # One boot at a time per server, whichever process asks. The bootstrap holds
     # the lock too (inherited): a worker killed mid-boot leaves its bootstrap

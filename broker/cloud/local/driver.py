@@ -261,6 +261,7 @@ class LocalCloud(LocalPorts, Cloud):
             if rec is None:
                 raise CloudError(f"server {server_id} does not exist")
             port_rec = dataclasses.replace(st.ports[rec.management_port_id])
+            self._guest_knows_nics(st, rec)
             guest = boot.saved_guest_config(self._server_dir(server_id))
             rec.status = ServerStatus.BUILD
         try:

@@ -10,7 +10,7 @@ from broker.cloud.base import CloudError, Port, PortNic, ServerStatus
 from broker.cloud.local import boot
 from broker.cloud.local.netns import ip, link_exists, live_status, namespace, ns_exists
 from broker.cloud.local.plumbing import Plumbing, service_mac, veth_names
-from broker.cloud.local.records import PortRecord, RecordStore, by_name
+from broker.cloud.local.records import PortRecord, Records, RecordStore, ServerRecord, by_name
 from broker.cloud.reach import wait_reachable
 
 VETH_MTU = 1500
@@ -52,10 +52,20 @@ class LocalPorts:
             raise CloudError(f"port {port_id} does not exist")
         if rec.purpose != "service":
             raise CloudError(f"port {rec.name} is a management port: its NIC is set up at boot")
+        return self._nic(rec)
+
+    def _nic(self, rec: PortRecord) -> PortNic:
         # The bridge's address stands for the subnet's router (the host routes nothing).
         return PortNic(mac=service_mac(rec), address=rec.address,
                        prefix_length=self.plumbing.network.prefixlen,
                        gateway=self.plumbing.broker_address, mtu=VETH_MTU)
+
+    def _guest_knows_nics(self, st: Records, server: ServerRecord) -> None:
+        """A server booted before guests configured their service NIC learns it."""
+        mgmt = st.ports.get(server.management_port_id)
+        for port in st.service_ports_of(server.id):
+            boot.with_service_nic(boot.server_dir(self.root, server.id), self._nic(port),
+                                  mgmt.address if mgmt else "")
 
     def attach_port(self, port_id: str, server_id: str) -> None:
         """Plug the port, then wait until PostgreSQL answers on its address (the guest's
@@ -91,6 +101,7 @@ class LocalPorts:
             self.plumbing.move_in(port, server_id)
             if live_status(server) != ServerStatus.ACTIVE:
                 return False
+            self._guest_knows_nics(st, server)
             boot.run_nic_agent(boot.server_dir(self.root, server_id), server_id)
             return True
 

@@ -7,9 +7,10 @@ cloud would make to the data plane is passed on to a LocalCloud:
 - booting a server reads the broker's cloud-init user-data, takes the node's
   GuestConfig and the bootstrap from it, and boots a namespace that runs that very
   bootstrap (the LocalCloud adapts only the placement: data directory, sockets);
-- an interface attach delivers the service veth as a bare NIC (the port's MAC, no
-  address) and, as udev would, runs the NIC agent from the user-data in the guest: only
-  the guest configures the address; a detach takes the veth back; a stop kills the namespace's
+- an interface attach delivers the service veth as a bare NIC (the port's MAC, which
+  Neutron reports, no address) and, as udev would, runs the guest's NIC agent (the
+  user-data's, checked at boot to be broker/guest/nic_agent.py): only the guest
+  configures the address; a detach takes the veth back; a stop kills the namespace's
   processes; a delete removes the namespace; a dead hypervisor (`kill_host`) kills
   its guests and takes their links down, and then does nothing more, like a real one.
 """
