@@ -163,6 +163,13 @@ def test_the_guest_configures_the_service_nic_it_finds_by_mac(local_cloud: Local
 
     plug_announced(cloud, service, first)
     cloud.attach_port(service.id, first)  # idempotent; returns once PostgreSQL answers
+    dev = assert_configured(cloud, first, mgmt1, service)
+    # Another tool (a DHCP client) routes through the service NIC: the agent, run again
+    # (another add event), takes those routes out of the main table.
+    gateway = cloud.port_nic(service.id).gateway
+    ip_out("route", "add", "default", "via", gateway, "dev", dev, "onlink", ns=ns1)
+    ip_out("route", "add", str(cloud.network), "dev", dev, "metric", "50", ns=ns1)
+    cloud.plug_port(service.id, first)
     assert_configured(cloud, first, mgmt1, service)
     assert addresses(ns1, "decoy0") == [] and "state DOWN" in ip_out(
         "link", "show", "dev", "decoy0", ns=ns1)
