@@ -2,8 +2,8 @@
 port, and keeps replies on the interface they came in on.
 
 The SAME script runs in both clouds, beside the bootstrap (stdlib only):
-- `openstack`: a udev rule runs it for every `net` add event (the service port's NIC
-  is hot-plugged during a failover), and the bootstrap runs it at every boot. It
+- `openstack`: a udev rule runs it when a NIC with the service port's MAC appears
+  (hot-plugged during a failover), and the bootstrap runs it at every boot. It
   needs neither cloud-init's hotplug nor the metadata service: the guest config
   already names the port's MAC, address, prefix, gateway and MTU (the port exists
   before the first server boots), so a config drive is enough.
@@ -182,12 +182,13 @@ def announce(dev: str, address: str) -> None:
 
 def run(plan: NicPlan) -> None:
     rules = ip("-4", "rule", "show")
-    if plan.management_address:
-        configure_management(plan, rules)
+    # The service NIC first: it is the failover's path, and does not depend on the other.
     if plan.service_mac and plan.service_address:
         dev = nic_with_mac(plan.service_mac)
         if dev is not None:  # not plugged here (yet): its add event runs us again
             configure_service(plan, dev, rules)
+    if plan.management_address:
+        configure_management(plan, rules)
 
 
 def main(argv: list[str]) -> int:
