@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from broker.cloud.base import CloudError, ServerSpec, ServerStatus
+from broker.cloud.base import CloudError, Port, ServerSpec, ServerStatus
 from broker.cloud.local import LocalCloud, LocalCloudUnavailable
 from broker.guest.bootstrap import GuestConfig
 from broker.pg import connection, replication, tenants
@@ -26,12 +26,19 @@ INSTANCE = "inst1"
 
 
 def guest(cloud: LocalCloud, node: str, role: str, peers: tuple[str, ...], *,
-          primary: str | None = None, slot: str | None = None) -> GuestConfig:
+          primary: str | None = None, slot: str | None = None,
+          service: Port | None = None, address: str = "") -> GuestConfig:
+    """A node's config; with `service`, the service port's NIC as the broker gives it."""
+    nic = cloud.port_nic(service.id) if service is not None else None
     return GuestConfig(
         instance_id=INSTANCE, node_id=node, role=role, admin_password=ADMIN_PW,
         replication_password=REPL_PW, replication="sync", application_name=f"node_{node}",
         primary_address=primary, slot_name=slot, admin_cidrs=(cloud.broker_address,),
-        peer_addresses=peers, app_cidrs=(cloud.broker_address,))
+        peer_addresses=peers, app_cidrs=(cloud.broker_address,),
+        management_address=address, service_mac=nic.mac if nic else "",
+        service_address=nic.address if nic else "",
+        service_prefix_length=nic.prefix_length if nic else 0,
+        service_gateway=nic.gateway if nic else "", service_mtu=nic.mtu if nic else 0)
 
 
 def spec(name: str, zone: str, port_id: str, volume_id: str, config: GuestConfig) -> ServerSpec:
@@ -98,7 +105,8 @@ def test_primary_standby_service_port_fence_delete(local_cloud: LocalCloud) -> N
     peers = (p1.address, p2.address)
 
     # Primary: booted by the guest bootstrap inside its namespace.
-    primary_spec = spec("pgha-inst1-a", "az1", p1.id, v1.id, guest(cloud, "a", "primary", peers))
+    primary_spec = spec("pgha-inst1-a", "az1", p1.id, v1.id, guest(
+        cloud, "a", "primary", peers, service=service, address=p1.address))
     primary = cloud.create_server(primary_spec)
     assert primary.status == ServerStatus.ACTIVE
     assert primary.management_address == p1.address
@@ -124,7 +132,8 @@ def test_primary_standby_service_port_fence_delete(local_cloud: LocalCloud) -> N
 
     # Standby: base backup through its slot, then streaming.
     standby = cloud.create_server(spec("pgha-inst1-b", "az2", p2.id, v2.id, guest(
-        cloud, "b", "standby", peers, primary=p1.address, slot="slot_b")))
+        cloud, "b", "standby", peers, primary=p1.address, slot="slot_b", service=service,
+        address=p2.address)))
     replication.wait_streaming(conn1, "node_b", timeout=30)
     conn2 = connection.connect(p2.address, ADMIN_PW)
     assert replication.replication_status(conn2).in_recovery

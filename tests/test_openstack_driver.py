@@ -10,6 +10,7 @@ import base64
 import gzip
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,11 @@ from broker.cloud.base import (
     TransientCloudError,
 )
 from broker.cloud.openstack import OpenStackCloud
-from broker.cloud.openstack.userdata import NOVA_USER_DATA_LIMIT, bootstrap_source
+from broker.cloud.openstack.userdata import (
+    NOVA_USER_DATA_LIMIT,
+    bootstrap_source,
+    nic_agent_source,
+)
 from broker.config import ConfigError
 from tests.fakes.openstack import FakeOpenStack
 from tests.fakes.openstack.state import SecurityGroup
@@ -37,6 +42,7 @@ from tests.support.openstack import (
     guest,
     make_cloud,
     node_tags,
+    with_tls,
 )
 
 INSTANCE = "6f1c2a4e-0b9d-4c1e-8f7a-3d2b1c0e9f8a"
@@ -220,16 +226,34 @@ def test_a_node_is_built_with_zone_anti_affinity_fixed_ip_security_groups_and_ta
     assert leftovers(fake_openstack) == []
 
 
-def test_user_data_runs_the_real_bootstrap_with_hotplug_and_the_data_volume(
+def test_user_data_runs_the_real_bootstrap_and_nic_agent_with_the_data_volume(
         openstack_cloud: OpenStackCloud, fake_openstack: FakeOpenStack) -> None:
-    _, mgmt, volume, _ = build_node(openstack_cloud, INSTANCE, "0badcafe", "az1")
+    cloud = openstack_cloud
+    service = cloud.create_port(f"pgha-{INSTANCE}-service", "service", instance_tags())
+    nic = cloud.port_nic(service.id)
+    raw = fake_openstack.state.ports[service.id]
+    assert (nic.mac, nic.address, nic.prefix_length, nic.gateway, nic.mtu) == (
+        raw.mac_address, service.address, 24, "10.80.0.1", 1450)
+    name, tags = f"pgha-{INSTANCE}-0badcafe", node_tags(INSTANCE, "0badcafe", "primary")
+    port = cloud.create_port(name, "management", tags)
+    volume = cloud.create_volume(name, 10, "az1", None, tags)
+    node = replace(with_tls(guest(INSTANCE, "0badcafe"), port.address),
+                   management_address=port.address, service_mac=nic.mac,
+                   service_address=nic.address, service_prefix_length=nic.prefix_length,
+                   service_gateway=nic.gateway, service_mtu=nic.mtu)
+    cloud.create_server(ServerSpec(name=name, availability_zone="az1", flavor="m1.small",
+                                   image="pgha-postgresql-15", management_port_id=port.id,
+                                   volume_id=volume.id, guest=node, tags=tags))
     text, doc = decoded_user_data(fake_openstack)
-    assert doc["updates"] == {"network": {"when": ["boot", "hotplug"]}}
+    # Nothing from cloud-init's hotplug, which a config drive does not get.
+    assert "updates" not in doc
     files = {f["path"]: f for f in doc["write_files"]}
 
-    script = files["/opt/pgha/bootstrap.py"]
-    assert script["encoding"] == "gz+b64" and script["permissions"] == "0755"
-    assert gzip.decompress(base64.b64decode(script["content"])) == bootstrap_source()
+    for path, source in (("/opt/pgha/bootstrap.py", bootstrap_source()),
+                         ("/opt/pgha/nic_agent.py", nic_agent_source())):
+        script = files[path]
+        assert script["encoding"] == "gz+b64" and script["permissions"] == "0755"
+        assert gzip.decompress(base64.b64decode(script["content"])) == source
 
     config = files["/etc/pgha/guest.json"]
     assert config["permissions"] == "0600"
@@ -238,6 +262,9 @@ def test_user_data_runs_the_real_bootstrap_with_hotplug_and_the_data_volume(
     assert written["role"] == "primary" and written["node_id"] == "0badcafe"
     assert written["admin_password"] == ADMIN_PASSWORD  # the guest needs it ...
     assert ADMIN_PASSWORD not in text                     # ... never in clear text
+    # The service port's NIC, known before it is ever plugged.
+    assert (written["service_mac"], written["service_address"], written["service_gateway"],
+            written["management_address"]) == (nic.mac, nic.address, "10.80.0.1", port.address)
     # The node's TLS key travels the same way, and it all fits Nova's user-data limit.
     assert written["tls_key"].startswith("-----BEGIN PRIVATE KEY-----")
     assert written["tls_key"] not in text and written["tls_issued_at"] > 0
@@ -249,14 +276,12 @@ def test_user_data_runs_the_real_bootstrap_with_hotplug_and_the_data_volume(
     assert f"[ -b /dev/disk/by-id/virtio-{volume.id[:20]} ]" in unit
     assert ["systemctl", "enable", "--now", "pgha-bootstrap.service"] in doc["runcmd"]
 
-    # The service NIC: hot-plugged, source-routed out of its own interface.
-    nic = files["/usr/local/sbin/pgha-service-nic"]["content"]
-    assert 'SUBNET="10.80.0.0/24"' in nic and 'GATEWAY="10.80.0.1"' in nic
-    assert f'MANAGEMENT="{mgmt.address}"' in nic
-    assert "systemd-run --no-block /usr/local/sbin/pgha-service-nic" in \
-        files["/etc/udev/rules.d/90-pgha-service-nic.rules"]["content"]
+    # udev runs the agent when the NIC with the service port's MAC appears.
+    rule = files["/etc/udev/rules.d/90-pgha-service-nic.rules"]["content"]
+    assert f'ATTR{{address}}=="{nic.mac}"' in rule
+    assert "/usr/bin/python3 -I /opt/pgha/nic_agent.py /etc/pgha/guest.json" in rule
     assert "arp_ignore = 1" in files["/etc/sysctl.d/90-pgha.conf"]["content"]
-    cleanup(openstack_cloud)
+    cleanup(cloud)
 
 
 def test_creating_twice_or_after_a_crash_adopts_instead_of_duplicating(

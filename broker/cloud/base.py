@@ -67,6 +67,17 @@ class Port(Resource):
 
 
 @dataclass(frozen=True)
+class PortNic:
+    """What a guest needs to configure the port's NIC itself when it appears."""
+
+    mac: str
+    address: str
+    prefix_length: int
+    gateway: str                   # "" when the subnet has none
+    mtu: int                       # 0 when the cloud does not say
+
+
+@dataclass(frozen=True)
 class Volume(Resource):
     availability_zone: str
     size_gb: int
@@ -136,8 +147,16 @@ class Cloud(abc.ABC):
     def get_port(self, port_id: str) -> Port | None: ...
 
     @abc.abstractmethod
+    def port_nic(self, port_id: str) -> PortNic:
+        """The port's MAC and network, for the guest config of every server the port
+        may be plugged into (its NIC agent configures the address itself)."""
+
+    @abc.abstractmethod
     def attach_port(self, port_id: str, server_id: str) -> None:
-        """Hot-plug the port into the server; returns once the guest has the address.
+        """Hot-plug the port into the running server; returns once the guest has the
+        address: the broker reaches PostgreSQL on it (a TCP connect, bounded wait;
+        CloudError otherwise). The cloud only plugs the NIC: the guest's NIC agent
+        configures it.
 
         Raises CloudError if the port is bound to another server (never steals it)."""
 

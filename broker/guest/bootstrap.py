@@ -10,7 +10,9 @@ image has python3 and PostgreSQL but none of the broker's packages.
 
 What it does, every step idempotent (running it twice, or after a crash, is safe):
 As root, only on paths root alone controls:
-1. (OpenStack) format the data volume if it has no filesystem, mount it.
+1. (OpenStack) format the data volume if it has no filesystem, mount it. Run the NIC
+   agent (nic_agent.py beside this file): policy routing, and the service address
+   when the service port is plugged here.
 2. Give the volume's root (the mount point) and the socket directory to the
    unprivileged PostgreSQL user, mode 0700.
 Then in a child that dropped every privilege (no groups, the user's uid and gid),
@@ -77,6 +79,9 @@ TLS_ISSUED_FILE = "issued_at"  # the issue number of the files beside it
 # the files when the broker rotates certificates) cannot make one: its files then
 # live in the data directory under this prefix.
 LEGACY_TLS_PREFIX = "pgha-tls-"
+NIC_AGENT = "nic_agent.py"
+NETWORK_FIELDS = ("management_address", "service_mac", "service_address",
+                  "service_prefix_length", "service_gateway", "service_mtu")
 _SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 
 
@@ -113,6 +118,14 @@ class GuestConfig:
     tls_cert: str = ""
     tls_key: str = ""
     tls_issued_at: int = 0
+    # The network, configured by the guest's NIC agent (nic_agent.py, shipped beside
+    # this file): the service port's NIC is recognised by its MAC when it appears.
+    management_address: str = ""
+    service_mac: str = ""
+    service_address: str = ""
+    service_prefix_length: int = 0
+    service_gateway: str = ""
+    service_mtu: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -409,6 +422,20 @@ def mount_volume(config: GuestConfig) -> None:
                        capture_output=True)
 
 
+def configure_network(config: GuestConfig) -> None:
+    """The NIC agent beside this file: policy routing, and the service address when
+    the service port is plugged here (a reboot keeps the port, not its configuration)."""
+    if not (config.management_address or config.service_mac):
+        return
+    agent = Path(__file__).resolve().with_name(NIC_AGENT)
+    result = subprocess.run([sys.executable, "-I", str(agent), "-"],
+                            input=json.dumps({f: getattr(config, f) for f in NETWORK_FIELDS}),
+                            capture_output=True, text=True, check=False, timeout=60)
+    print(result.stdout, end="", flush=True)
+    if result.returncode != 0:
+        raise BootstrapError(f"the NIC agent failed: {result.stderr.strip()}")
+
+
 def prepare_dirs(config: GuestConfig, user: pwd.struct_passwd) -> None:
     _give_dir(Path(config.mount_point), user)
     _give_dir(Path(config.socket_dir), user)
@@ -673,6 +700,7 @@ def bootstrap(config: GuestConfig) -> int:
         node_steps(config)
         return 0
     mount_volume(config)
+    configure_network(config)
     prepare_dirs(config, user)
     return run_as_user(user, lambda: node_steps(config))
 

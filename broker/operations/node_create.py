@@ -168,6 +168,12 @@ def guest_config(ctx: Context, node_id: str) -> GuestConfig:
         if primary is None or not primary.management_address:
             raise StepFailed("a standby needs a primary to copy, and there is none")
         primary_address = primary.management_address
+    if not inst.service_port_id or not node.management_address:
+        raise StepFailed("a node's guest config names its address and the service port's: "
+                         "both must exist before it boots")
+    # Every node gets the service port's NIC: any of them may carry it one day, and
+    # its agent configures it when it appears (no metadata service needed).
+    nic = ctx.cloud.port_nic(inst.service_port_id)
     return GuestConfig(
         instance_id=inst.id,
         node_id=node.id,
@@ -185,6 +191,12 @@ def guest_config(ctx: Context, node_id: str) -> GuestConfig:
         tls_cert=cert.cert_pem if cert is not None else "",
         tls_key=cert.key_pem if cert is not None else "",
         tls_issued_at=cert.issued_at if cert is not None else 0,
+        management_address=node.management_address,
+        service_mac=nic.mac,
+        service_address=nic.address,
+        service_prefix_length=nic.prefix_length,
+        service_gateway=nic.gateway,
+        service_mtu=nic.mtu,
     )
 
 

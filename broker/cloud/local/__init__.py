@@ -3,7 +3,9 @@
 - server = network namespace `pgha-<server id>` holding a real PostgreSQL, started by
   the same guest bootstrap an OpenStack VM runs (boot.py);
 - management and service ports = veth pairs on the bridge; a service port's guest end
-  moves between namespaces (plumbing.py, over the `ip` primitives of netns.py);
+  moves between namespaces bare (its MAC, no address: plumbing.py, over the `ip`
+  primitives of netns.py), and the guest's NIC agent configures it, run by the cloud
+  where udev would run it in a VM (ports.py, boot.py);
 - volume = a directory under `<root>/volumes/<id>` that outlives its server, owned by
   its own OS user `pgha-<volume id>` (users.py), 0700;
 - availability zones are labels;

@@ -185,7 +185,7 @@ class LocalCloud(LocalPorts, Cloud):
                      "log_file": str(volume_dir / "postgresql.log")})
 
     def _server_dir(self, server_id: str) -> Path:
-        return self.root / "servers" / server_id
+        return boot.server_dir(self.root, server_id)
 
     def _set_status(self, server_id: str, status: ServerStatus) -> Server | None:
         with self.records.locked() as st:
@@ -250,23 +250,27 @@ class LocalCloud(LocalPorts, Cloud):
         return None if rec is None else self._server(rec, st)
 
     def start_server(self, server_id: str) -> Server:
-        """Power a stopped server on again: links up, the guest bootstrap starts PostgreSQL
-        on its existing data (local cloud only; like a VM reboot). The guest config is the
-        first boot's, as a VM's user-data is: its peers may have left since, which is why
-        the bootstrap leaves an existing cluster's pg_hba (the broker's) as it is."""
+        """Power a stopped server on again (local cloud only; like a VM reboot): the
+        management link up, the service port's NIC bare again, then the guest bootstrap
+        configures that NIC (its NIC agent) and starts PostgreSQL on its existing data.
+        The guest config is the first boot's, as a VM's user-data is: its peers may have
+        left since, which is why the bootstrap leaves an existing cluster's pg_hba (the
+        broker's) as it is."""
         with self.records.locked() as st:
             rec = st.servers.get(server_id)
             if rec is None:
                 raise CloudError(f"server {server_id} does not exist")
             port_rec = dataclasses.replace(st.ports[rec.management_port_id])
+            self._guest_knows_nics(st, rec)
             guest = boot.saved_guest_config(self._server_dir(server_id))
             rec.status = ServerStatus.BUILD
         try:
             # A server from before users per volume ran as another user: now the volume's.
             guest = dataclasses.replace(guest, run_as=self._own_volume(rec.volume_id))
             self.plumbing.setup_namespace(server_id, port_rec)
-            for port in self.records.read().service_ports_of(server_id):
-                ip("link", "set", veth_names(port)[1], "up", ns=namespace(server_id))
+            # The bootstrap's NIC agent configures the service port's NIC again.
+            self.plumbing.reset_service_links(
+                self.records.read().service_ports_of(server_id), server_id)
             boot.boot(self._server_dir(server_id), server_id, guest)
         except CloudError:
             self._set_status(server_id, ServerStatus.ERROR)

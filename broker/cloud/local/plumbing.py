@@ -3,8 +3,9 @@ server, veth pairs for ports.
 
 - management port = a veth pair: host side on the bridge, `eth0` in the namespace;
 - service port = a veth pair whose host side stays on the bridge while the other end
-  (carrying the instance's fixed service address) is moved between namespaces: moving
-  it takes milliseconds and keeps its MAC, so the host's ARP cache stays right.
+  (the port's NIC, with the port's fixed MAC) is moved between namespaces, bare: down
+  and without an address, as a hot-plugged NIC reaches a VM. The guest's NIC agent
+  configures it (broker/guest/nic_agent.py), as in a real VM.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ def veth_names(port: PortRecord) -> tuple[str, str]:
     if port.purpose == "management":
         return f"pgm{port.id}", "eth0"
     return f"pgs{port.id}", f"pgv{port.id}"
+
+
+def service_mac(port: PortRecord) -> str:
+    """A fixed MAC per service port: a re-made pair looks the same to the guest's agent
+    and to the host's ARP cache."""
+    return "02:" + ":".join(f"{b:02x}" for b in hashlib.sha256(port.id.encode()).digest()[:5])
 
 
 class Plumbing:
@@ -92,10 +99,8 @@ class Plumbing:
             # The pair died with a namespace (or the machine rebooted): make it anew.
             if link_exists(guest):
                 ip("link", "del", guest)
-            # A fixed MAC per port: a re-made pair looks the same to the host's ARP cache.
-            mac = "02:" + ":".join(f"{b:02x}" for b in hashlib.sha256(
-                port.id.encode()).digest()[:5])
-            ip("link", "add", host, "type", "veth", "peer", "name", guest, "address", mac)
+            ip("link", "add", host, "type", "veth", "peer", "name", guest,
+               "address", service_mac(port))
             ip("link", "set", guest, "down")
         sys_host = Path("/sys/class/net", host)
         with contextlib.suppress(OSError):
@@ -132,16 +137,24 @@ class Plumbing:
         ip("link", "set", "lo", "up", ns=ns)
         ip("link", "set", guest, "up", ns=ns)
 
-    def move_in(self, port: PortRecord, server_id: str, *, up: bool) -> None:
-        """Put the service veth's guest end into the server with the port's address."""
+    def move_in(self, port: PortRecord, server_id: str) -> None:
+        """Deliver the service veth's guest end into the server: a bare link (down, no
+        address), as a NIC hot-plug does; the guest's agent configures it."""
         _host, guest = veth_names(port)
         ns = namespace(server_id)
         # Few `ip` runs on the usual path: the move is the failover's critical path.
         if link_exists(guest) or not link_exists(guest, ns):
             self.ensure_service_veth(port)  # parked in the root namespace (or lost)
             ip("link", "set", "dev", guest, "netns", ns)
-        ip_batch([f"addr replace {self.prefixed(port.address)} dev {guest}",
-                  *([f"link set {guest} up"] if up else [])], ns=ns)
+
+    @staticmethod
+    def reset_service_links(ports: list[PortRecord], server_id: str) -> None:
+        """A powered-off server's NICs lose what its guest configured (a reboot)."""
+        ns = namespace(server_id)
+        for port in ports:
+            _host, guest = veth_names(port)
+            ip_batch([f"link set {guest} down", f"addr flush dev {guest}"], ns=ns,
+                     check=False)
 
     @staticmethod
     def move_out(port: PortRecord, server_id: str) -> None:

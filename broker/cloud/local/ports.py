@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Literal
 
-from broker.cloud.base import CloudError, Port, ServerStatus
+from broker.cloud.base import CloudError, Port, PortNic, ServerStatus
+from broker.cloud.local import boot
 from broker.cloud.local.netns import ip, link_exists, live_status, namespace, ns_exists
-from broker.cloud.local.plumbing import Plumbing, veth_names
-from broker.cloud.local.records import PortRecord, RecordStore, by_name
+from broker.cloud.local.plumbing import Plumbing, service_mac, veth_names
+from broker.cloud.local.records import PortRecord, Records, RecordStore, ServerRecord, by_name
+from broker.cloud.reach import wait_reachable
+
+VETH_MTU = 1500
 
 
 class LocalPorts:
     """Ports of the LocalCloud (mixed into it)."""
 
+    root: Path
     records: RecordStore
     plumbing: Plumbing
 
@@ -40,7 +46,38 @@ class LocalPorts:
         rec = self.records.read().ports.get(port_id)
         return None if rec is None else self._port(rec)
 
+    def port_nic(self, port_id: str) -> PortNic:
+        rec = self.records.read().ports.get(port_id)
+        if rec is None:
+            raise CloudError(f"port {port_id} does not exist")
+        if rec.purpose != "service":
+            raise CloudError(f"port {rec.name} is a management port: its NIC is set up at boot")
+        return self._nic(rec)
+
+    def _nic(self, rec: PortRecord) -> PortNic:
+        # The bridge's address stands for the subnet's router (the host routes nothing).
+        return PortNic(mac=service_mac(rec), address=rec.address,
+                       prefix_length=self.plumbing.network.prefixlen,
+                       gateway=self.plumbing.broker_address, mtu=VETH_MTU)
+
+    def _guest_knows_nics(self, st: Records, server: ServerRecord) -> None:
+        """A server booted before guests configured their service NIC learns it."""
+        mgmt = st.ports.get(server.management_port_id)
+        for port in st.service_ports_of(server.id):
+            boot.with_service_nic(boot.server_dir(self.root, server.id), self._nic(port),
+                                  mgmt.address if mgmt else "")
+
     def attach_port(self, port_id: str, server_id: str) -> None:
+        """Plug the port, then wait until PostgreSQL answers on its address (the guest's
+        agent configured it)."""
+        if self.plug_port(port_id, server_id):
+            address = self.records.read().ports[port_id].address
+            wait_reachable(address)
+
+    def plug_port(self, port_id: str, server_id: str) -> bool:
+        """What the hypervisor and the guest's udev do: deliver the bare NIC and run the
+        guest's NIC agent on it. True when the server runs (a stopped one configures the
+        NIC when it boots)."""
         with self.records.locked() as st:
             port = st.ports.get(port_id)
             server = st.servers.get(server_id)
@@ -54,15 +91,19 @@ class LocalPorts:
                                  "detach it first")
             if port.purpose == "management":
                 if bound == server_id:
-                    return
+                    return False
                 raise CloudError("management ports are attached when their server boots")
             if not ns_exists(namespace(server_id)):
                 raise CloudError(f"server {server.name} has no namespace (deleted?)")
             # Record the binding first: a crash mid-move is then finished by a retry.
             port.device_id = server_id
             self.records.save(st)
-            self.plumbing.move_in(port, server_id,
-                                  up=live_status(server) == ServerStatus.ACTIVE)
+            self.plumbing.move_in(port, server_id)
+            if live_status(server) != ServerStatus.ACTIVE:
+                return False
+            self._guest_knows_nics(st, server)
+            boot.run_nic_agent(boot.server_dir(self.root, server_id), server_id)
+            return True
 
     def detach_port(self, port_id: str, server_id: str) -> None:
         with self.records.locked() as st:

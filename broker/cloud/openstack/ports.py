@@ -3,6 +3,7 @@ with their group."""
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Literal
 
 from openstack import exceptions as os_exc
@@ -11,6 +12,7 @@ from broker.cloud.base import (
     TAG_INSTANCE,
     CloudError,
     Port,
+    PortNic,
     TransientCloudError,
 )
 from broker.cloud.openstack.calls import WaitTimeout, log
@@ -22,6 +24,7 @@ from broker.cloud.openstack.resources import (
     port_record,
     to_neutron_tags,
 )
+from broker.cloud.reach import wait_reachable
 
 
 class Ports(Networks):
@@ -75,6 +78,20 @@ class Ports(Networks):
                                  lambda: self.conn.network.get_port(port_id))
         return port_record(port) if port is not None else None
 
+    def port_nic(self, port_id: str) -> PortNic:
+        network = self.conn.network
+        raw = self.get_or_none(f"reading port {port_id}", lambda: network.get_port(port_id))
+        if raw is None or not raw.fixed_ips:
+            raise CloudError(f"port {port_id} does not exist or has no fixed IP")
+        fixed = raw.fixed_ips[0]
+        subnet = self.call(f"reading subnet {fixed['subnet_id']}",
+                           lambda: network.get_subnet(fixed["subnet_id"]))
+        net = self.call(f"reading network {raw.network_id}",
+                        lambda: network.get_network(raw.network_id))
+        return PortNic(mac=raw.mac_address, address=fixed["ip_address"],
+                       prefix_length=ipaddress.ip_network(subnet.cidr).prefixlen,
+                       gateway=subnet.gateway_ip or "", mtu=int(net.mtu or 0))
+
     def attach_port(self, port_id: str, server_id: str) -> None:
         port = self.get_port(port_id)
         if port is None:
@@ -110,6 +127,8 @@ class Ports(Networks):
                       self.options.detach_timeout)
         except WaitTimeout as exc:
             raise TransientCloudError(str(exc)) from None
+        # ACTIVE concerns the virtual switch: the guest's NIC agent configures the address.
+        wait_reachable(port.address)
 
     def detach_port(self, port_id: str, server_id: str) -> None:
         """Returns only once Neutron shows the port unbound. FenceError if it never is:

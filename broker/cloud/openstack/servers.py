@@ -13,7 +13,7 @@ from broker.cloud.base import (
     TransientCloudError,
 )
 from broker.cloud.openstack import calls
-from broker.cloud.openstack.calls import WaitTimeout, log, report
+from broker.cloud.openstack.calls import WaitTimeout, report
 from broker.cloud.openstack.resources import (
     META_MANAGEMENT_ADDRESS,
     managed,
@@ -21,7 +21,6 @@ from broker.cloud.openstack.resources import (
 )
 from broker.cloud.openstack.userdata import (
     NOVA_USER_DATA_LIMIT,
-    ServiceRouting,
     encode_user_data,
     render_user_data,
 )
@@ -69,16 +68,6 @@ class Servers(Volumes):
         # KVM/virtio exposes the Cinder volume id (first 20 chars) as the disk serial.
         return self.options.volume_device or f"/dev/disk/by-id/virtio-{volume_id[:20]}"
 
-    def _routing(self, tags: dict[str, str], management_address: str | None
-                 ) -> ServiceRouting | None:
-        try:
-            net = self.plan_network(self.network_settings(tags))
-        except CloudError as exc:
-            log.warning("no source routing for the service NIC: %s", exc)
-            return None
-        return ServiceRouting(subnet_cidr=net.service_subnet_cidr, gateway=net.service_gateway,
-                              management_address=management_address)
-
     def create_server(self, spec: ServerSpec) -> Server:
         tags = managed(spec.tags)
         secrets = (spec.guest.admin_password, spec.guest.replication_password)
@@ -112,7 +101,7 @@ class Servers(Volumes):
         guest = spec.guest
         if guest.volume_device is None:
             guest = replace(guest, volume_device=self.volume_device(volume.id))
-        text = render_user_data(guest, self._routing(tags, port.address))
+        text = render_user_data(guest)
         user_data = encode_user_data(text)
         if len(user_data) > NOVA_USER_DATA_LIMIT:
             raise CloudError(f"the user-data for {spec.name} is {len(user_data)} bytes "

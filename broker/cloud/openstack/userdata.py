@@ -1,14 +1,19 @@
 """Cloud-init user-data that turns a plain image into a PostgreSQL node.
 
-It writes `broker/guest/bootstrap.py` verbatim (the same file the local cloud runs)
-and the node's GuestConfig, and runs the bootstrap from a systemd unit at every boot
-(the bootstrap is idempotent). It also makes the service port usable when it is
-hot-plugged during a failover:
-- cloud-init `updates: network: when: [boot, hotplug]` brings the new NIC up;
-- a udev hook adds source routing for the service address, so that replies leave
-  through the service NIC (Neutron's anti-spoofing drops them on any other port);
-- ARP sysctls for two NICs that may share one subnet (without them the host
-  learns the wrong MAC and loses a node for ~20 s after a port move).
+It writes `broker/guest/bootstrap.py` and `broker/guest/nic_agent.py` verbatim (the
+same files the local cloud runs) and the node's GuestConfig, and runs the bootstrap
+from a systemd unit at every boot (the bootstrap is idempotent; it runs the NIC agent
+too). The service port's NIC, hot-plugged during a failover, is configured by the
+guest itself: a udev rule matching the port's MAC runs the NIC agent when the NIC
+appears (address, policy routing for both addresses, gratuitous ARP). Nothing depends
+on cloud-init's hotplug (which a config drive does not get) or on the metadata
+service and its cache: the config names the port's MAC and network. Sysctls keep ARP
+right with two NICs that may share one subnet (without them the host learns the wrong
+MAC and loses a node for ~20 s after a port move).
+
+cloud-init writes these files once, at the first boot; the bootstrap reads the config
+at every boot but takes from it only what cannot have changed since (pg_hba and the
+TLS files are the broker's once the node exists).
 
 The config file holds passwords: it is written 0600, and this text is never logged.
 """
@@ -18,33 +23,28 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
-from broker.guest import bootstrap
+from broker.guest import bootstrap, nic_agent
 from broker.guest.bootstrap import GuestConfig
 
 BOOTSTRAP_PATH = "/opt/pgha/bootstrap.py"
+# Beside the bootstrap, which runs it from its own directory.
+NIC_AGENT_PATH = f"/opt/pgha/{bootstrap.NIC_AGENT}"
 CONFIG_PATH = "/etc/pgha/guest.json"
 BOOTSTRAP_LOG = "/var/log/pgha-bootstrap.log"
-SERVICE_NIC_SCRIPT = "/usr/local/sbin/pgha-service-nic"
 NOVA_USER_DATA_LIMIT = 65535  # bytes of base64, Nova's limit
-ROUTE_TABLE = 105
-
-
-@dataclass(frozen=True)
-class ServiceRouting:
-    """Where the service address lives, for the source-routing hook."""
-
-    subnet_cidr: str
-    gateway: str | None
-    management_address: str | None
 
 
 def bootstrap_source() -> bytes:
     return Path(bootstrap.__file__).read_bytes()
+
+
+def nic_agent_source() -> bytes:
+    return Path(nic_agent.__file__).read_bytes()
 
 
 def _b64(data: bytes) -> str:
@@ -80,40 +80,6 @@ def _unit(guest: GuestConfig) -> str:
     )
 
 
-def _service_nic_script(routing: ServiceRouting) -> str:
-    gateway = routing.gateway or ""
-    management = routing.management_address or ""
-    return f"""#!/bin/sh
-# pgha: replies from the service address must leave through the service NIC, or
-# Neutron's port security drops them. Run by udev for every new NIC (hotplug).
-SUBNET="{routing.subnet_cidr}"
-GATEWAY="{gateway}"
-MANAGEMENT="{management}"
-TABLE={ROUTE_TABLE}
-in_subnet() {{
-  python3 -c 'import ipaddress, sys
-sys.exit(ipaddress.ip_address(sys.argv[1]) not in ipaddress.ip_network(sys.argv[2]))' \
-    "$1" "$SUBNET"
-}}
-for attempt in $(seq 1 60); do
-  for dev in $(ls /sys/class/net); do
-    [ "$dev" = lo ] && continue
-    for addr in $(ip -4 -o addr show dev "$dev" | awk '{{print $4}}' | cut -d/ -f1); do
-      [ "$addr" = "$MANAGEMENT" ] && continue
-      in_subnet "$addr" || continue
-      ip route replace "$SUBNET" dev "$dev" src "$addr" table $TABLE
-      [ -n "$GATEWAY" ] && ip route replace default via "$GATEWAY" dev "$dev" table $TABLE
-      ip rule show | grep -q "from $addr lookup $TABLE" || \\
-        ip rule add from "$addr" lookup $TABLE priority 1000
-      exit 0
-    done
-  done
-  sleep 1
-done
-exit 0
-"""
-
-
 _SYSCTL = """# pgha: two NICs may share a subnet (management + service port)
 net.ipv4.conf.all.arp_ignore = 1
 net.ipv4.conf.all.arp_announce = 2
@@ -123,16 +89,23 @@ net.ipv4.conf.all.rp_filter = 2
 net.ipv4.conf.default.rp_filter = 2
 """
 
-_UDEV = (f'ACTION=="add", SUBSYSTEM=="net", KERNEL!="lo", '
-         f'RUN+="/usr/bin/systemd-run --no-block {SERVICE_NIC_SCRIPT}"\n')
+
+def _udev_rule(guest: GuestConfig) -> str:
+    """The NIC agent when the service port's NIC appears (matched by its MAC), out of
+    udev's way (udev kills long RUN programs)."""
+    return (f'ACTION=="add", SUBSYSTEM=="net", ATTR{{address}}=="{guest.service_mac.lower()}", '
+            f'RUN+="/usr/bin/systemd-run --no-block /usr/bin/python3 -I {NIC_AGENT_PATH} '
+            f'{CONFIG_PATH}"\n')
 
 
-def render_user_data(guest: GuestConfig, routing: ServiceRouting | None) -> str:
+def render_user_data(guest: GuestConfig) -> str:
     """The #cloud-config document (plain text; Nova wants it base64-encoded)."""
     config = json.dumps(asdict(guest), sort_keys=True, indent=1).encode()
     files: list[dict[str, str]] = [
         {"path": BOOTSTRAP_PATH, "owner": "root:root", "permissions": "0755",
          "encoding": "gz+b64", "content": _b64(gzip.compress(bootstrap_source(), mtime=0))},
+        {"path": NIC_AGENT_PATH, "owner": "root:root", "permissions": "0755",
+         "encoding": "gz+b64", "content": _b64(gzip.compress(nic_agent_source(), mtime=0))},
         {"path": CONFIG_PATH, "owner": "root:root", "permissions": "0600",
          "encoding": "b64", "content": _b64(config)},
         {"path": "/etc/systemd/system/pgha-bootstrap.service", "owner": "root:root",
@@ -140,16 +113,11 @@ def render_user_data(guest: GuestConfig, routing: ServiceRouting | None) -> str:
         {"path": "/etc/sysctl.d/90-pgha.conf", "owner": "root:root",
          "permissions": "0644", "content": _SYSCTL},
     ]
-    if routing is not None:
-        files += [
-            {"path": SERVICE_NIC_SCRIPT, "owner": "root:root", "permissions": "0755",
-             "content": _service_nic_script(routing)},
-            {"path": "/etc/udev/rules.d/90-pgha-service-nic.rules", "owner": "root:root",
-             "permissions": "0644", "content": _UDEV},
-        ]
+    if guest.service_mac:
+        files.append({"path": "/etc/udev/rules.d/90-pgha-service-nic.rules",
+                      "owner": "root:root", "permissions": "0644",
+                      "content": _udev_rule(guest)})
     document = {
-        # The service port's NIC arrives while the server runs (failover).
-        "updates": {"network": {"when": ["boot", "hotplug"]}},
         "write_files": files,
         "runcmd": [
             ["sysctl", "--system"],

@@ -7,7 +7,10 @@ cloud would make to the data plane is passed on to a LocalCloud:
 - booting a server reads the broker's cloud-init user-data, takes the node's
   GuestConfig and the bootstrap from it, and boots a namespace that runs that very
   bootstrap (the LocalCloud adapts only the placement: data directory, sockets);
-- an interface attach/detach moves the service veth; a stop kills the namespace's
+- an interface attach delivers the service veth as a bare NIC (the port's MAC, which
+  Neutron reports, no address) and, as udev would, runs the guest's NIC agent (the
+  user-data's, checked at boot to be broker/guest/nic_agent.py): only the guest
+  configures the address; a detach takes the veth back; a stop kills the namespace's
   processes; a delete removes the namespace; a dead hypervisor (`kill_host`) kills
   its guests and takes their links down, and then does nothing more, like a real one.
 """
@@ -25,7 +28,13 @@ import yaml
 
 from broker.cloud.base import ServerSpec
 from broker.cloud.local import LocalCloud
-from broker.cloud.openstack.userdata import BOOTSTRAP_PATH, CONFIG_PATH, bootstrap_source
+from broker.cloud.openstack.userdata import (
+    BOOTSTRAP_PATH,
+    CONFIG_PATH,
+    NIC_AGENT_PATH,
+    bootstrap_source,
+    nic_agent_source,
+)
 from broker.guest.bootstrap import GuestConfig
 from harness.faults import crash_namespace
 from tests.fakes.openstack.state import CloudState, Port, Server, Volume
@@ -61,6 +70,10 @@ class LocalBackend:
         purpose: Literal["management", "service"] = (
             "service" if network == self.service_network else "management")
         local = self.local.create_port(f"os-{port.id}", purpose, {})
+        if purpose == "service":
+            # The NIC the guest will see carries the local veth's MAC: Neutron reports it
+            # (a deployment picks its MACs' base, `base_mac`).
+            port.mac_address = self.local.port_nic(local.id).mac
         with self._lock:
             self.ports[port.id] = local.id
         return local.address
@@ -95,6 +108,9 @@ class LocalBackend:
         script = gzip.decompress(base64.b64decode(files[BOOTSTRAP_PATH]["content"]))
         if script != bootstrap_source():
             raise RuntimeError("the user-data's bootstrap is not broker/guest/bootstrap.py")
+        agent = gzip.decompress(base64.b64decode(files[NIC_AGENT_PATH]["content"]))
+        if agent != nic_agent_source():
+            raise RuntimeError("the user-data's NIC agent is not broker/guest/nic_agent.py")
         raw = base64.b64decode(files[CONFIG_PATH]["content"]).decode()
         guest = GuestConfig.from_json(raw)
         with self._lock:
@@ -133,7 +149,7 @@ class LocalBackend:
             self.local.delete_server(local_id)
 
     def plug(self, server: Server, port: Port) -> None:
-        self.local.attach_port(self.ports[port.id], self.servers[server.id])
+        self.local.plug_port(self.ports[port.id], self.servers[server.id])
 
     def unplug(self, server: Server, port: Port) -> None:
         local_server = self.servers.get(server.id)
