@@ -518,5 +518,5 @@ def test_serve_refuses_bad_limits(tmp_path: Path, name: str, value: str) -> None
                              "BROKER_PASSWORD": "p", "BROKER_STATE_DIR": str(tmp_path),
                              name: value})
     assert out.returncode == 2, out.stderr
-    assert f"{name} must be a positive number" in out.stderr
+    assert name in out.stderr
     assert "Traceback" not in out.stderr

@@ -11,6 +11,10 @@ The Operation row is the source of truth (cloud.gov external-domain-broker style
   whose list differs fails the operation instead of running the wrong step.
 - A failing step is retried with backoff when the failure is transient; otherwise
   the workflow's `cleanup` runs and the operation ends `failed` with a plain reason.
+- A workflow that declares `deprovision_preempts` (a rebuild, a rotation: work the
+  platform never asked for) is stopped before its next step once a deprovision of
+  its instance is requested: its cleanup runs and it ends `failed` ("cancelled"), and
+  the deprovision queued behind it runs next. Others (a failover) run to their end.
 """
 
 from __future__ import annotations
@@ -124,6 +128,7 @@ class Workflow:
     cleanup: Callable[[Context, str], None] | None = None  # after a permanent failure
     done: str = "done"                      # description once succeeded
     params: type[Params] = Params           # what the operation's `params` column holds
+    deprovision_preempts: bool = False      # a deprovision request cancels it between steps
 
 
 _REGISTRY: dict[str, Workflow] = {}
@@ -245,10 +250,17 @@ class Engine:
         for index in range(start_index, len(steps)):
             step = steps[index]
             with self.store.session() as s:
-                op = s.get(Operation, ctx.operation_id)
-                assert op is not None
-                op.step = step.name
-                op.description = step.describe
+                if workflow.deprovision_preempts and queue.deprovision_requested(
+                        s, ctx.instance_id):
+                    cancelled = StepFailed("cancelled: the instance is being deprovisioned")
+                else:
+                    cancelled = None
+                    op = s.get(Operation, ctx.operation_id)
+                    assert op is not None
+                    op.step = step.name
+                    op.description = step.describe
+            if cancelled is not None:
+                return self._fail(ctx, workflow, cancelled)
             log.info("operation %s (%s) step %d/%d %s: %s", ctx.operation_id, ctx.kind,
                      index + 1, len(steps), step.name, step.describe)
             try:
