@@ -14,7 +14,8 @@ The Operation row is the source of truth (cloud.gov external-domain-broker style
 - A workflow that declares `deprovision_preempts` (a rebuild, a rotation: work the
   platform never asked for) is stopped before its next step once a deprovision of
   its instance is requested: its cleanup runs and it ends `failed` ("cancelled"), and
-  the deprovision queued behind it runs next. Others (a failover) run to their end.
+  the deprovision queued behind it runs next. Others (a failover) run to their end,
+  unless they were queued after the deprovision request: those never start.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, TypeVar
 
 import psycopg2
 import sqlalchemy.exc
+from sqlalchemy.orm import Session
 
 from broker.catalog import Catalog, Plan
 from broker.cloud.base import Cloud, TransientCloudError
@@ -250,17 +252,19 @@ class Engine:
         for index in range(start_index, len(steps)):
             step = steps[index]
             with self.store.session() as s:
-                if workflow.deprovision_preempts and queue.deprovision_requested(
-                        s, ctx.instance_id):
+                op = s.get(Operation, ctx.operation_id)
+                assert op is not None
+                if self._preempted(s, workflow, op):
                     cancelled = StepFailed("cancelled: the instance is being deprovisioned")
                 else:
                     cancelled = None
-                    op = s.get(Operation, ctx.operation_id)
-                    assert op is not None
                     op.step = step.name
                     op.description = step.describe
             if cancelled is not None:
-                return self._fail(ctx, workflow, cancelled)
+                # Nothing to clean up before the first step; and an operation queued
+                # after the deprovision starts once the instance is gone: its cleanup
+                # would mark a deprovisioned instance degraded.
+                return self._fail(ctx, workflow if index > 0 else None, cancelled)
             log.info("operation %s (%s) step %d/%d %s: %s", ctx.operation_id, ctx.kind,
                      index + 1, len(steps), step.name, step.describe)
             try:
@@ -286,6 +290,15 @@ class Engine:
         self.queue.finish(ctx.operation_id, SUCCEEDED, workflow.done)
         log.info("operation %s (%s) succeeded", ctx.operation_id, ctx.kind)
         return SUCCEEDED
+
+    @staticmethod
+    def _preempted(session: Session, workflow: Workflow, op: Operation) -> bool:
+        """A deprovision was requested and this operation must not go on: its workflow
+        yields to one, or it was queued after it (the monitor raced the request)."""
+        if op.kind == queue.DEPROVISION:
+            return False
+        since = None if workflow.deprovision_preempts else op.created_at
+        return queue.deprovision_requested(session, op.instance_id, before=since)
 
     def _retry(self, ctx: Context, reason: str, delay: float, *, count_attempt: bool = True) -> str:
         self.queue.release(ctx.operation_id, delay=delay,

@@ -121,13 +121,15 @@ def enqueue_follow_up(session: Session, parent_id: str, op_id: str, instance_id:
 
 
 # --- the unfinished operations of an instance ----------------------------------------------
-def deprovision_requested(session: Session, instance_id: str) -> bool:
+def deprovision_requested(session: Session, instance_id: str, *,
+                          before: datetime | None = None) -> bool:
     """A deprovision of the instance is queued, running or done (one that failed can be
-    asked for again: it does not count)."""
-    return session.scalar(
-        select(Operation.id).where(Operation.instance_id == instance_id)
-        .where(Operation.kind == DEPROVISION).where(Operation.state != OP_FAILED)
-        .limit(1)) is not None
+    asked for again: it does not count); with `before`, one requested before then."""
+    query = (select(Operation.id).where(Operation.instance_id == instance_id)
+             .where(Operation.kind == DEPROVISION).where(Operation.state != OP_FAILED))
+    if before is not None:
+        query = query.where(Operation.created_at < before)
+    return session.scalar(query.limit(1)) is not None
 
 
 def unfinished_for(session: Session, instance_id: str, *, kinds: Iterable[str] | None = None,
