@@ -64,3 +64,19 @@ def test_good_values_reach_the_settings() -> None:
     assert (server.serve_threads, server.serve_timeout) == (5, 2.5)
     defaults = load_settings({"BROKER_USERNAME": "u", "BROKER_PASSWORD": "p"}).server
     assert (defaults.listen, defaults.web_workers, defaults.web_threads) == (None, 2, 4)
+
+
+def test_gunicorn_app_factory_stops_on_a_bad_value(tmp_path: Path) -> None:
+    """`gunicorn 'broker.api.app:make_wsgi_app()'` reads the same settings: gunicorn
+    stops ("App failed to load") with the variable named, no traceback, no worker
+    booted again and again."""
+    env = {"PATH": "/usr/bin:/bin", "BROKER_USERNAME": "u", "BROKER_PASSWORD": "p",
+           "BROKER_STATE_DIR": str(tmp_path), "HOME": str(tmp_path),
+           "BROKER_LOG_LEVEL": "LOUD"}
+    out = subprocess.run([sys.executable, "-m", "gunicorn", "--bind", "127.0.0.1:0",
+                          "broker.api.app:make_wsgi_app()"], capture_output=True, text=True,
+                         cwd=ROOT, check=False, timeout=60, env=env)
+    assert out.returncode != 0
+    assert "broker: BROKER_LOG_LEVEL must be one of" in out.stderr, out.stderr
+    assert "App failed to load" in out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
