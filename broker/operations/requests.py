@@ -338,7 +338,7 @@ def deprovision(store: Store, instance_id: str, accepts_incomplete: bool) -> Acc
             raise busy(platform[0])
         if not accepts_incomplete:
             raise AsyncRequired("deprovisioning")
-        behind = f" (after the {ops[-1].kind} in progress)" if ops else ""
+        behind = f" (after the {ops[0].kind} in progress)" if ops else ""
         op = queue.new_operation(instance_id, "deprovision",
                                  description=f"queued: deprovisioning{behind}")
         s.add(op)
