@@ -36,10 +36,11 @@ system-packages:
 
 python-env: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# requirements.txt as constraints: the tests run on the versions Cloud Foundry deploys.
+$(VENV)/.installed: pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -c requirements.txt -e '.[test]'
 	touch $@
 
 serve: setup

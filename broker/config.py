@@ -1,7 +1,9 @@
 """Settings from the environment: one frozen object built once at start.
 
 Every variable is documented in the README; a bad value stops the broker with a
-message that names the variable (never a stack trace).
+message that names the variable (never a stack trace). The process entry points
+(`serve`, `web`, `worker`) read nothing from the environment but these settings;
+the cloud drivers validate their own variables the same way when they are built.
 """
 
 from __future__ import annotations
@@ -53,6 +55,20 @@ class ObservabilitySettings:
 
 
 @dataclass(frozen=True)
+class ServerSettings:
+    """How `serve` and `web` listen and how many requests they handle at once."""
+
+    listen: str | None = None      # None: 127.0.0.1 for `serve`, every address for `web`
+    web_workers: int = 2           # gunicorn worker processes (WEB_CONCURRENCY)
+    web_threads: int = 4           # threads per gunicorn worker
+    serve_threads: int = 8
+    serve_timeout: float = 10.0    # seconds a `serve` client has to send its request
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+@dataclass(frozen=True)
 class Settings:
     username: str
     password: str
@@ -71,6 +87,7 @@ class Settings:
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
 
     @property
     def is_sqlite(self) -> bool:
@@ -117,6 +134,50 @@ def _float(env: dict[str, str], name: str, default: float) -> float:
     return value
 
 
+def _count(env: dict[str, str], name: str, default: int, maximum: int) -> int:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+        raise ConfigError(f"{name} must be a whole number from 1 to {maximum}, got {raw!r}")
+    return int(raw)
+
+
+def _listen(env: dict[str, str]) -> str | None:
+    raw = (env.get("BROKER_LISTEN") or "").strip()
+    if not raw:
+        return None
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        raise ConfigError(f"BROKER_LISTEN must be an IP address to listen on (e.g. 127.0.0.1, "
+                          f"0.0.0.0 or ::), got {raw!r}") from None
+
+
+def _port(env: dict[str, str]) -> int:
+    raw = (env.get("PORT") or "8080").strip()
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise ConfigError(f"PORT must be a TCP port number (1 to 65535), got {raw!r}")
+    return int(raw)
+
+
+def _host_identity(env: dict[str, str]) -> None:
+    # Read again where owner ids are made (broker.operations.queue); checked here so
+    # that a bad value stops the process at start, not its first claim.
+    raw = env.get("BROKER_HOST_IDENTITY")
+    if raw and (":" in raw or raw.split() != [raw] or not raw.isprintable()):
+        raise ConfigError(f"BROKER_HOST_IDENTITY must be a host name (no ':' or spaces), "
+                          f"got {raw!r}")
+
+
+def _log_level(env: dict[str, str]) -> str:
+    level = (env.get("BROKER_LOG_LEVEL") or "INFO").strip().upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"BROKER_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, "
+                          f"got {env.get('BROKER_LOG_LEVEL')!r}")
+    return level
+
+
 def load_settings(env: dict[str, str] | None = None, *, require_auth: bool = True) -> Settings:
     env = dict(os.environ if env is None else env)
     username = env.get("BROKER_USERNAME", "")
@@ -128,11 +189,8 @@ def load_settings(env: dict[str, str] | None = None, *, require_auth: bool = Tru
             "BROKER_PASSWORD=$(openssl rand -hex 16) python -m broker serve"
         )
 
-    port_raw = env.get("PORT", "8080")
-    try:
-        port = int(port_raw)
-    except ValueError:
-        raise ConfigError(f"PORT must be an integer, got {port_raw!r}") from None
+    port = _port(env)
+    _host_identity(env)
 
     state_dir = Path(env.get("BROKER_STATE_DIR") or DEFAULT_STATE_DIR)
 
@@ -185,11 +243,18 @@ def load_settings(env: dict[str, str] | None = None, *, require_auth: bool = Tru
         local_pg_bin=env.get("BROKER_PG_BIN") or None,
         admin_cidr=env.get("BROKER_ADMIN_CIDR") or None,
         app_cidr=env.get("BROKER_APP_CIDR") or None,
-        log_level=env.get("BROKER_LOG_LEVEL", "INFO").upper(),
+        log_level=_log_level(env),
         monitor=monitor,
         tls=TlsSettings(cert_days=_float(env, "BROKER_TLS_CERT_DAYS", 365.0),
                         renew_days=_float(env, "BROKER_TLS_RENEW_DAYS", 30.0)),
         observability=_observability(env),
+        server=ServerSettings(
+            listen=_listen(env),
+            web_workers=_count(env, "WEB_CONCURRENCY", 2, 64),
+            web_threads=_count(env, "BROKER_WEB_THREADS", 4, 256),
+            serve_threads=_count(env, "BROKER_SERVE_THREADS", 8, 256),
+            serve_timeout=_float(env, "BROKER_SERVE_TIMEOUT", 10.0),
+        ),
     )
 
 

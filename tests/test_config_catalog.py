@@ -32,7 +32,7 @@ def test_cli_says_why_it_refuses_to_start(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [
-    ("PORT", "http", "PORT must be an integer"),
+    ("PORT", "http", "PORT must be a TCP port number"),
     ("BROKER_CLOUD", "aws", "BROKER_CLOUD must be 'local' or 'openstack'"),
     ("BROKER_LOCAL_NETWORK", "8.8.8.0/24", "must be a private network"),
     ("BROKER_LOCAL_NETWORK", "10.0.0.1/24", "BROKER_LOCAL_NETWORK must be an IPv4 CIDR"),

@@ -280,20 +280,29 @@ def test_deprovision(runtime: Runtime) -> None:
 
 
 # --- bindings ----------------------------------------------------------------------------------
+def plan_id(runtime: Runtime, name: str = "ha") -> str:
+    return runtime.catalog.plan_by_name(name).id
+
+
 def test_bind_and_unbind_prechecks(runtime: Runtime) -> None:
     with pytest.raises(UnknownInstance):
-        requests.check_bindable(runtime.store, str(uuid.uuid4()))
+        requests.check_bindable(runtime.store, str(uuid.uuid4()), plan_id(runtime))
     with pytest.raises(AlreadyGone, match="binding b1"):
-        requests.check_unbindable(runtime.store, str(uuid.uuid4()), "b1")
+        requests.check_unbindable(runtime.store, str(uuid.uuid4()), "b1", plan_id(runtime))
     iid = ready(runtime)
-    requests.check_bindable(runtime.store, iid)
-    requests.check_unbindable(runtime.store, iid, "b1")
+    # Another plan than the instance's: refused, for bind and unbind alike.
+    with pytest.raises(InvalidRequest, match="not the plan of instance"):
+        requests.check_bindable(runtime.store, iid, plan_id(runtime, "ha-sync"))
+    with pytest.raises(InvalidRequest, match="not the plan of instance"):
+        requests.check_unbindable(runtime.store, iid, "b1", plan_id(runtime, "ha-sync"))
+    requests.check_bindable(runtime.store, iid, plan_id(runtime))
+    requests.check_unbindable(runtime.store, iid, "b1", plan_id(runtime))
     _queue_update(runtime, iid)
     with pytest.raises(Busy):
-        requests.check_bindable(runtime.store, iid)
+        requests.check_bindable(runtime.store, iid, plan_id(runtime))
     with pytest.raises(Busy):
-        requests.check_unbindable(runtime.store, iid, "b1")
+        requests.check_unbindable(runtime.store, iid, "b1", plan_id(runtime))
     failed = ready(runtime)
     set_instance(runtime, failed, FAILED, reason="quota")
     with pytest.raises(NotAllowed, match="quota"):
-        requests.check_bindable(runtime.store, failed)
+        requests.check_bindable(runtime.store, failed, plan_id(runtime))

@@ -78,10 +78,20 @@ def _render_catalog_once(app: Flask, service_broker: PgHaServiceBroker) -> None:
 def make_wsgi_app() -> Flask:
     """For `gunicorn 'broker.api.app:make_wsgi_app()'`: settings and logging as `broker
     web` sets them up (the schema must already be upgraded: `python -m broker db upgrade`)."""
-    from broker.config import load_settings
+    import sys
+
+    from gunicorn.arbiter import Arbiter
+
+    from broker.config import ConfigError, load_settings
     from broker.logs import setup_logging
     from broker.runtime import build_runtime
 
-    settings = load_settings()
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        # One line naming the variable; this exit status makes gunicorn stop ("App
+        # failed to load") instead of booting workers that fail the same way.
+        print(f"broker: {exc}", file=sys.stderr)
+        raise SystemExit(Arbiter.APP_LOAD_ERROR) from None
     setup_logging(settings.log_level)
     return create_app(build_runtime(settings, upgrade=False))

@@ -12,21 +12,27 @@ gunicorn gives `web`:
   that long;
 - at most `MAX_BODY` + `_MAX_HEAD` bytes are read from a connection: werkzeug drains
   an unread body after the answer (so that a client sees its 413, not a reset), and
-  this stops it there instead of reading a 60 MB body to its end.
+  this stops it there instead of reading a 60 MB body to its end;
+- what the HTTP parser refuses before the app sees it (a request line or header
+  too long, a malformed header block) is answered in the OSB error shape, not
+  http.server's HTML page.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import socket
 import threading
 import time
+from http import HTTPStatus
 from typing import Any
 
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
 from broker.api.app import MAX_BODY
+from broker.api.errors import generic_code
 
 log = logging.getLogger("broker.api.server")
 
@@ -75,6 +81,21 @@ class _Handler(WSGIRequestHandler):
         self.rfile.close()
         self.rfile = io.BufferedReader(_DeadlineReader(
             self.connection, time.monotonic() + timeout, MAX_BODY + _MAX_HEAD, timeout))
+
+
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        body = json.dumps({"error": generic_code(code),
+                           "description": message or explain or HTTPStatus(code).phrase})
+        data = body.encode()
+        self.close_connection = True
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Connection", "close")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+            self.wfile.write(data)
 
 
 class ApiServer(ThreadedWSGIServer):

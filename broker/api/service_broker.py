@@ -243,7 +243,7 @@ class PgHaServiceBroker(ServiceBroker):  # type: ignore[misc]
         problem = validate_parameters(plan.bind_schema, parameters)
         if problem:
             raise InvalidRequest(problem)
-        requests.check_bindable(self.store, instance_id)
+        requests.check_bindable(self.store, instance_id, details.plan_id)
         resource = dict(current_body().get("bind_resource") or {})
         app_guid = details.app_guid or resource.get("app_guid") or None
         result = bindings.create_binding(
@@ -254,7 +254,7 @@ class PgHaServiceBroker(ServiceBroker):  # type: ignore[misc]
 
     def unbind(self, instance_id: str, binding_id: str, details: UnbindDetails,
                async_allowed: bool, **kwargs: Any) -> UnbindSpec:
-        requests.check_unbindable(self.store, instance_id, binding_id)
+        requests.check_unbindable(self.store, instance_id, binding_id, details.plan_id)
         if not bindings.delete_binding(self.runtime, instance_id, binding_id):
             raise AlreadyGone(f"binding {binding_id} does not exist")
         return UnbindSpec(is_async=False)

@@ -158,13 +158,22 @@ def check_update(catalog: Catalog) -> dict[str, Any]:
 def check_bind(catalog: Catalog) -> dict[str, Any]:
     _new_id("binding_id", (request.view_args or {}).get("binding_id"))
     body = _json_object()
-    _plan(catalog, _string(body, "service_id", required=True),
-          _string(body, "plan_id", required=True))
+    service_id = _string(body, "service_id", required=True)
+    _plan(catalog, service_id, _string(body, "plan_id", required=True))
     _string(body, "app_guid", required=False)
     resource = _object(body, "bind_resource")
     if resource is not None:
         _string(resource, "app_guid", required=False, where="bind_resource.")
-        _string(resource, "route", required=False, where="bind_resource.")
+        route = _string(resource, "route", required=False, where="bind_resource.")
+        service = catalog.service(service_id or "")
+        # A route binding is for a route service, which the catalog must declare
+        # (`requires: [route_forwarding]`); answering with database credentials
+        # would hand them to a route.
+        if route is not None and service is not None \
+                and "route_forwarding" not in (service.raw.get("requires") or []):
+            raise bad_request(f"bind_resource.route: service {service.name} is not a route "
+                              "service (its catalog entry does not require route_forwarding); "
+                              "bind it to an app or create a service key instead")
     _object(body, "context")
     _object(body, "parameters")
     return body

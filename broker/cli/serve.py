@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 from types import FrameType
@@ -11,7 +10,7 @@ from typing import Any
 
 from flask import Flask
 
-from broker.config import ConfigError, Settings
+from broker.config import Settings
 from broker.runtime import Runtime, build_runtime
 
 log = logging.getLogger("broker")
@@ -68,29 +67,17 @@ def _check_cloud(runtime: Runtime) -> None:
     log.info("cloud driver: %s", cloud.name)
 
 
-def _positive(name: str, default: str, kind: type[int] | type[float]) -> float:
-    raw = os.environ.get(name) or default
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a positive number, got {raw!r}") from None
-    if not value > 0:
-        raise ConfigError(f"{name} must be a positive number, got {raw!r}")
-    return value
-
-
 def serve(settings: Settings) -> int:
     """Everything in one process: the embedded default."""
     from broker.api.app import create_app
     from broker.api.server import ApiServer
 
-    threads = int(_positive("BROKER_SERVE_THREADS", "8", int))
-    timeout = _positive("BROKER_SERVE_TIMEOUT", "10", float)
+    threads, timeout = settings.server.serve_threads, settings.server.serve_timeout
     runtime = build_runtime(settings)
     _check_cloud(runtime)
     background = Background(runtime)
     app = create_app(runtime, on_enqueue=background.engine.wake, process_metrics=True)
-    listen = os.environ.get("BROKER_LISTEN", "127.0.0.1")
+    listen = settings.server.listen or "127.0.0.1"
     server = ApiServer(listen, settings.port, app, threads=threads, timeout=timeout)
     _on_term(background.stop, server.shutdown)
     background.start()
@@ -149,12 +136,14 @@ def web(settings: Settings) -> int:
 
     class _App(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
-            listen = os.environ.get("BROKER_LISTEN", "0.0.0.0")  # noqa: S104 - CF routes here
+            server = settings.server
+            listen = server.listen or "0.0.0.0"  # noqa: S104 - CF routes here
+            host = f"[{listen}]" if ":" in listen else listen
             options = {
-                "bind": f"{listen}:{settings.port}",
-                "workers": int(os.environ.get("WEB_CONCURRENCY", "2")),
-                "worker_class": "gthread",
-                "threads": int(os.environ.get("BROKER_WEB_THREADS", "4")),
+                "bind": f"{host}:{settings.port}",
+                "workers": server.web_workers,
+                "worker_class": "broker.api.gunicorn_worker.JsonErrorWorker",
+                "threads": server.web_threads,
                 "timeout": 60,
                 "graceful_timeout": 8,
                 "accesslog": "-",

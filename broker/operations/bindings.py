@@ -240,14 +240,13 @@ def get_credentials(runtime: Runtime, instance_id: str, binding_id: str) -> dict
 
 
 def delete_binding(runtime: Runtime, instance_id: str, binding_id: str) -> bool:
-    """Drop the role (terminating its sessions); False if the binding was never known (→ 410).
-    Safe to repeat and cleans up a half-made binding (orphan mitigation)."""
+    """Drop the role (terminating its sessions); False if the binding was never known or
+    is deleted already (→ 410). Cleans up a half-made binding (orphan mitigation)."""
     with runtime.store.session() as s:
         binding = s.get(Binding, binding_id)
-        if binding is None or binding.instance_id != instance_id:
+        if binding is None or binding.instance_id != instance_id \
+                or binding.state == BINDING_DELETED:
             return False
-        if binding.state == BINDING_DELETED:
-            return True
         role = binding.role_name
         inst = s.get(Instance, instance_id)
         primary = inst.primary() if inst is not None else None

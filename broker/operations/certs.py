@@ -125,4 +125,5 @@ def steps(ctx: Context) -> list[Step]:
 
 
 WORKFLOW = Workflow(kind=KIND, steps=steps, done="certificates rotated",
-                    params=RotationParams)
+                    params=RotationParams,
+                    deprovision_preempts=True)

@@ -11,6 +11,11 @@ The Operation row is the source of truth (cloud.gov external-domain-broker style
   whose list differs fails the operation instead of running the wrong step.
 - A failing step is retried with backoff when the failure is transient; otherwise
   the workflow's `cleanup` runs and the operation ends `failed` with a plain reason.
+- A workflow that declares `deprovision_preempts` (a rebuild, a rotation: work the
+  platform never asked for) is stopped before its next step once a deprovision of
+  its instance is requested: its cleanup runs and it ends `failed` ("cancelled"), and
+  the deprovision queued behind it runs next. Others (a failover) run to their end,
+  unless they were queued after the deprovision request: those never start.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any, TypeVar
 
 import psycopg2
 import sqlalchemy.exc
+from sqlalchemy.orm import Session
 
 from broker.catalog import Catalog, Plan
 from broker.cloud.base import Cloud, TransientCloudError
@@ -125,6 +131,7 @@ class Workflow:
     cleanup: Callable[[Context, str], None] | None = None  # after a permanent failure
     done: str = "done"                      # description once succeeded
     params: type[Params] = Params           # what the operation's `params` column holds
+    deprovision_preempts: bool = False      # a deprovision request cancels it between steps
 
 
 _REGISTRY: dict[str, Workflow] = {}
@@ -248,8 +255,17 @@ class Engine:
             with self.store.session() as s:
                 op = s.get(Operation, ctx.operation_id)
                 assert op is not None
-                op.step = step.name
-                op.description = step.describe
+                if self._preempted(s, workflow, op):
+                    cancelled = StepFailed("cancelled: the instance is being deprovisioned")
+                else:
+                    cancelled = None
+                    op.step = step.name
+                    op.description = step.describe
+            if cancelled is not None:
+                # Nothing to clean up before the first step; and an operation queued
+                # after the deprovision starts once the instance is gone: its cleanup
+                # would mark a deprovisioned instance degraded.
+                return self._fail(ctx, workflow if index > 0 else None, cancelled)
             log.info("operation %s (%s) step %d/%d %s: %s", ctx.operation_id, ctx.kind,
                      index + 1, len(steps), step.name, step.describe)
             try:
@@ -275,6 +291,15 @@ class Engine:
         self.queue.finish(ctx.operation_id, SUCCEEDED, workflow.done)
         log.info("operation %s (%s) succeeded", ctx.operation_id, ctx.kind)
         return SUCCEEDED
+
+    @staticmethod
+    def _preempted(session: Session, workflow: Workflow, op: Operation) -> bool:
+        """A deprovision was requested and this operation must not go on: its workflow
+        yields to one, or it was queued after it (the monitor raced the request)."""
+        if op.kind == queue.DEPROVISION:
+            return False
+        since = None if workflow.deprovision_preempts else op.created_at
+        return queue.deprovision_requested(session, op.instance_id, before=since)
 
     def _retry(self, ctx: Context, reason: str, delay: float, *, count_attempt: bool = True) -> str:
         self.queue.release(ctx.operation_id, delay=delay,

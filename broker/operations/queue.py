@@ -6,6 +6,9 @@
   older unfinished operation of its instance is waiting, and it is free, its lease
   expired, or its owner is a dead process of the claimer's own host. Claiming a
   given id also takes a row pre-claimed for the claimer (born owned by it).
+- A deprovision is queued behind the broker's own work on the instance (oldest
+  first, as above); once one is requested, no follow-up (a rebuild after a failover)
+  is queued any more: it would build what the deprovision is about to delete.
 - Every claim is a compare-and-set on the owner and lease that were read; on
   PostgreSQL the candidates are also locked FOR UPDATE SKIP LOCKED, so workers
   never wait on each other. Either way two racing claimers never both win.
@@ -27,6 +30,7 @@ from broker.operations.params import Params
 from broker.store.db import Store
 from broker.store.models import (
     IN_PROGRESS,
+    OP_FAILED,
     QUEUED,
     UNFINISHED,
     Operation,
@@ -35,6 +39,7 @@ from broker.store.models import (
 )
 
 HOST_IDENTITY_ENV = "BROKER_HOST_IDENTITY"
+DEPROVISION = "deprovision"
 LEASE_SECONDS = 15.0
 # The role of the engines a monitor runs what it queued with: they run follow-ups next.
 RUNNER_ROLE = "monitor-runner"
@@ -107,7 +112,7 @@ def enqueue_follow_up(session: Session, parent_id: str, op_id: str, instance_id:
                       kind: str, *, params: Params, description: str) -> None:
     """Queue `op_id` (derived from its parent, so once) to run after the parent. When a
     monitor runner runs the parent, the follow-up is born owned by it: it runs it next."""
-    if session.get(Operation, op_id) is not None:
+    if session.get(Operation, op_id) is not None or deprovision_requested(session, instance_id):
         return
     parent = session.get(Operation, parent_id)
     owner = parent.owner if parent is not None and is_runner(parent.owner) else None
@@ -116,6 +121,17 @@ def enqueue_follow_up(session: Session, parent_id: str, op_id: str, instance_id:
 
 
 # --- the unfinished operations of an instance ----------------------------------------------
+def deprovision_requested(session: Session, instance_id: str, *,
+                          before: datetime | None = None) -> bool:
+    """A deprovision of the instance is queued, running or done (one that failed can be
+    asked for again: it does not count); with `before`, one requested before then."""
+    query = (select(Operation.id).where(Operation.instance_id == instance_id)
+             .where(Operation.kind == DEPROVISION).where(Operation.state != OP_FAILED))
+    if before is not None:
+        query = query.where(Operation.created_at < before)
+    return session.scalar(query.limit(1)) is not None
+
+
 def unfinished_for(session: Session, instance_id: str, *, kinds: Iterable[str] | None = None,
                    except_kinds: Iterable[str] = (), except_id: str | None = None
                    ) -> list[Operation]:

@@ -159,4 +159,5 @@ def cleanup(ctx: Context, reason: str) -> None:
 
 
 WORKFLOW = Workflow(kind=KIND, steps=steps, cleanup=cleanup, params=RebuildParams,
-                    done="standby rebuilt and streaming")
+                    done="standby rebuilt and streaming",
+                    deprovision_preempts=True)

@@ -5,9 +5,16 @@ either queues an Operation (a worker runs it), answers that nothing is to be don
 or raises a `Refused` saying why not. The API translates these to OSB answers; the
 CLI's `instances switchover` goes through the same switchover preconditions.
 
-Repeated requests: an identical provision or a deprovision while its operation runs
-answers with that operation; a provision of an id that was deprovisioned, or whose
-provisioning failed, is a conflict (ids are never reused).
+Repeated requests: an identical provision, update or deprovision while its operation
+runs answers with that operation (202, as the spec requires); a provision of an id
+that was deprovisioned, or whose provisioning failed, is a conflict (ids are never
+reused).
+
+The platform knows nothing of the broker's own work (failover, rebuild, certificate
+rotation...): a deprovision during it is accepted and queued behind it. The engine
+lets a failover finish and pre-empts the kinds whose workflow says a deprovision may
+(`Workflow.deprovision_preempts`); the platform's own operations still answer
+ConcurrencyError, since the platform does not send a DELETE while one it started runs.
 """
 
 from __future__ import annotations
@@ -236,6 +243,11 @@ def update(store: Store, catalog: Catalog, change: Change, accepts_incomplete: b
         if change.service_id != inst.service_id:
             raise InvalidRequest(f"service_id {change.service_id!r} is not the service of "
                                  f"instance {inst.id}")
+        repeated = _same_update(s, inst, change)
+        if repeated is not None:
+            if not accepts_incomplete:
+                raise AsyncRequired("an update")
+            return Accepted(repeated.id)
         _require_idle(s, inst, "be updated")
         current = catalog.plan(inst.plan_id)
         if current is None:
@@ -251,6 +263,24 @@ def update(store: Store, catalog: Catalog, change: Change, accepts_incomplete: b
         op_id, kind = op.id, op.kind
     log.info("instance %s: %s queued (operation %s)", change.instance_id, kind, op_id)
     return Accepted(op_id, queued=True)
+
+
+def _same_update(s: Session, inst: Instance, change: Change) -> Operation | None:
+    """The unfinished update or switchover this very request queued before, if any (a
+    platform re-sends a PATCH whose answer it did not get)."""
+    ops = unfinished(s, inst.id, ("update", "switchover"))
+    if not ops:
+        return None
+    op = ops[0]
+    if op.kind == "switchover":
+        return op if change.parameters == {"switchover": True} and (
+            change.plan_id in (None, inst.plan_id)) else None
+    queued = UpdateParams.load(op.params)
+    wanted_version = change.maintenance_version or queued.maintenance_version
+    plan_id = change.plan_id or inst.plan_id
+    same = (queued.plan_id == plan_id and queued.parameters == change.parameters
+            and queued.maintenance_version == wanted_version)
+    return op if same else None
 
 
 def _update_operation(s: Session, inst: Instance, current: Plan, target: Plan, change: Change,
@@ -303,23 +333,32 @@ def deprovision(store: Store, instance_id: str, accepts_incomplete: bool) -> Acc
             if not accepts_incomplete:
                 raise AsyncRequired("deprovisioning")
             return Accepted(running.id)
-        if ops:
-            raise busy(ops[0])
+        platform = [op for op in ops if op.kind in PLATFORM_KINDS]
+        if platform:
+            raise busy(platform[0])
         if not accepts_incomplete:
             raise AsyncRequired("deprovisioning")
-        op = queue.new_operation(instance_id, "deprovision", description="queued: deprovisioning")
+        behind = f" (after the {ops[0].kind} in progress)" if ops else ""
+        op = queue.new_operation(instance_id, "deprovision",
+                                 description=f"queued: deprovisioning{behind}")
         s.add(op)
         op_id = op.id
-    log.info("instance %s: deprovision queued (operation %s)", instance_id, op_id)
+    log.info("instance %s: deprovision queued%s (operation %s)", instance_id, behind, op_id)
     return Accepted(op_id, queued=True)
 
 
 # --- bindings: what needs no node is refused before one is reached ------------------------
-def check_bindable(store: Store, instance_id: str) -> None:
+def _require_plan(inst: Instance, plan_id: str) -> None:
+    if plan_id != inst.plan_id:
+        raise InvalidRequest(f"plan_id {plan_id!r} is not the plan of instance {inst.id}")
+
+
+def check_bindable(store: Store, instance_id: str, plan_id: str) -> None:
     with store.session() as s:
         inst = live_instance(s, instance_id)
         if inst is None:
             raise UnknownInstance(f"instance {instance_id} does not exist")
+        _require_plan(inst, plan_id)
         ops = unfinished(s, instance_id, PLATFORM_KINDS)
         if ops:
             raise busy(ops[0])
@@ -330,10 +369,12 @@ def check_bindable(store: Store, instance_id: str) -> None:
             raise Busy(f"instance {instance_id} is {inst.state}")
 
 
-def check_unbindable(store: Store, instance_id: str, binding_id: str) -> None:
+def check_unbindable(store: Store, instance_id: str, binding_id: str, plan_id: str) -> None:
     with store.session() as s:
-        if live_instance(s, instance_id) is None or not plausible_id(binding_id):
+        inst = live_instance(s, instance_id)
+        if inst is None or not plausible_id(binding_id):
             raise AlreadyGone(f"binding {binding_id} does not exist")
+        _require_plan(inst, plan_id)
         ops = unfinished(s, instance_id, PLATFORM_KINDS)
         if ops:
             raise busy(ops[0])
