@@ -243,7 +243,10 @@ class Task:
 
 @dataclass
 class FaultRule:
-    """Answer `status` (or sleep `delay` first) for matching requests, `times` times."""
+    """Answer `status` (or sleep `delay` first) for matching requests, `times` times.
+
+    With `applied`, the request is carried out first and only its answer is lost: a
+    `status` replaces the real answer, a `delay` holds it past the client's timeout."""
 
     path: str                       # a regex searched in the request path
     method: str | None = None
@@ -251,6 +254,7 @@ class FaultRule:
     delay: float = 0.0
     times: int | None = 1           # None: every time
     body: dict[str, Any] | None = None
+    applied: bool = False
     hits: int = 0
 
     def matches(self, method: str, path: str) -> bool:
