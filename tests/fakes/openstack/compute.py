@@ -13,6 +13,7 @@ from tests.fakes.openstack.http import (
     empty,
     json_response,
     lock_for,
+    nova_microversion,
     project,
     require_admin,
 )
@@ -115,9 +116,13 @@ def blueprint(state: CloudState) -> Blueprint:
 
     # --- Nova: server groups --------------------------------------------------------------
     def group_json(grp: Any) -> dict[str, Any]:
-        return {"id": grp.id, "name": grp.name, "policy": grp.policy, "rules": {},
-                "members": list(grp.members), "project_id": grp.project_id,
-                "user_id": "u-broker"}
+        out = {"id": grp.id, "name": grp.name, "members": list(grp.members),
+               "project_id": grp.project_id, "user_id": "u-broker"}
+        if nova_microversion() >= (2, 64):
+            out.update(policy=grp.policy, rules={})
+        else:
+            out.update(policies=[grp.policy], metadata={})
+        return out
 
     @bp.get("/compute/v2.1/os-server-groups")
     @locked
@@ -129,14 +134,23 @@ def blueprint(state: CloudState) -> Blueprint:
     @locked
     def create_server_group() -> Response:
         body = request.get_json(force=True).get("server_group") or {}
-        if "policies" in body:
+        version = nova_microversion()
+        # 2.64 replaced the `policies` list with `policy` (+ `rules`); soft policies: 2.15.
+        key, other = ("policy", "policies") if version >= (2, 64) else ("policies", "policy")
+        if other in body:
             raise nova_error(400, "Invalid input for field/attribute server_group. "
-                                  "Additional properties are not allowed ('policies')")
-        if body.get("policy") not in ("anti-affinity", "affinity", "soft-anti-affinity"):
-            raise nova_error(400, "Invalid input for field/attribute policy.")
+                                  f"Additional properties are not allowed ('{other}')")
+        policy = body.get(key)
+        if isinstance(policy, list):
+            policy = policy[0] if len(policy) == 1 else None
+        allowed = ["anti-affinity", "affinity"]
+        if version >= (2, 15):
+            allowed += ["soft-anti-affinity", "soft-affinity"]
+        if policy not in allowed:
+            raise nova_error(400, f"Invalid input for field/attribute {key}.")
         if state.over_quota("server_groups", project()):
             raise nova_error(403, "Quota exceeded, too many server groups.")
-        grp = ServerGroup(id=new_id(), name=body.get("name", ""), policy=body["policy"],
+        grp = ServerGroup(id=new_id(), name=body.get("name", ""), policy=policy,
                           project_id=project())
         state.server_groups[grp.id] = grp
         return json_response({"server_group": group_json(grp)})

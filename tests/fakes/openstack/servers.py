@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 from typing import Any
 
 from flask import Blueprint, Response, request
@@ -14,6 +15,7 @@ from tests.fakes.openstack.http import (
     is_admin,
     json_response,
     lock_for,
+    nova_microversion,
     project,
 )
 from tests.fakes.openstack.state import (
@@ -66,12 +68,12 @@ def blueprint(state: CloudState) -> Blueprint:
         }
         if s.fault:
             out["fault"] = s.fault
-        if is_admin():
+        if is_admin():  # os-extended-server-attributes: admin-only by default
             out["OS-EXT-SRV-ATTR:host"] = s.host
             out["OS-EXT-SRV-ATTR:hypervisor_hostname"] = s.host
+        # Since 2.16, and only where policy allows (admin-only by default).
+        if nova_microversion() >= (2, 16) and state.shows_host_status(s, is_admin()):
             out["host_status"] = host_status
-        elif host_status == "UNKNOWN":
-            out["host_status"] = host_status  # the "unknown-only" policy
         return out
 
     def get_server(server_id: str) -> Server:
@@ -156,10 +158,10 @@ def blueprint(state: CloudState) -> Blueprint:
                 raise nova_error(400, "Block Device Mapping is Invalid: the volume is in "
                                       "another availability zone (cross_az_attach=False).")
             volumes.append(volume)
-        if state.over_quota("instances", project()):
-            raise nova_error(403, "Quota exceeded for instances: Requested 1, but already "
-                                  f"used {state._count('instances', project())} of "
-                                  f"{state.quotas['instances']} instances")
+        state.check_instance_quota(project(), state.flavors[spec["flavorRef"]])
+        group = state.server_groups.get(group_id or "")
+        if group is not None and len(group.members) >= state.quotas["server_group_members"]:
+            raise nova_error(403, "Quota exceeded, too many servers in group")
         s = Server(id=new_id(), name=name, project_id=project(), zone=zone,
                    flavor_id=spec["flavorRef"], image_id=image_id,
                    metadata={k: str(v) for k, v in metadata.items()}, user_data=user_data,
@@ -188,6 +190,8 @@ def blueprint(state: CloudState) -> Blueprint:
             state.stop(s)
         elif "os-start" in body:
             state.start(s)
+        elif "forceDelete" in body:  # allowed in any state (deferred-delete extension)
+            state.delete_server(s, force=True)
         else:
             raise nova_error(400, f"unsupported action {list(body)}")
         return empty(202)
@@ -204,12 +208,18 @@ def blueprint(state: CloudState) -> Blueprint:
                                                for p in s.port_ids if p in state.ports]})
 
     @bp.post("/compute/v2.1/servers/<server_id>/os-interface")
-    @locked
     def attach_interface(server_id: str) -> Response:
-        s = get_server(server_id)
         body = request.get_json(force=True).get("interfaceAttachment") or {}
-        port = state.attach_interface(s, body.get("port_id", ""))
-        return json_response({"interfaceAttachment": interface_json(port)})
+        with state.locked():
+            port = state.attach_interface(get_server(server_id), body.get("port_id", ""))
+            if port is not None:
+                return json_response({"interfaceAttachment": interface_json(port)})
+        # A synchronous RPC call to a dead compute host: it waits, then times out.
+        time.sleep(state.rpc_response_timeout)
+        raise nova_error(500, "Unexpected API Error. Please report this at "
+                              "http://bugs.launchpad.net/nova/ and attach the Nova API log "
+                              "if possible.\n<class 'oslo_messaging.exceptions."
+                              "MessagingTimeout'>")
 
     @bp.delete("/compute/v2.1/servers/<server_id>/os-interface/<port_id>")
     @locked
