@@ -361,7 +361,7 @@ def test_a_zone_with_one_eligible_host_rebuilds_beside_its_fenced_node(
     assert state.servers[old.id].vm_state == "stopped"
     new, *_ = build_node(cloud, INSTANCE, "bbbbbbbb", "az1", group_id=group_id)
     assert state.servers[new.id].host == state.servers[old.id].host == "cmp-az1-1"
-    assert set(state.server_groups[group_id].members) == {old.id, new.id}
+    assert set(state.server_groups[group_id or ""].members) == {old.id, new.id}
     cleanup(cloud)
     assert leftovers(fake_openstack) == []
 
