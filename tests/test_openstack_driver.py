@@ -430,10 +430,11 @@ def test_catalog_with_several_networks_needs_the_plan_tag(
         cloud.create_port(f"pgha-{INSTANCE}-service", "service",
                           {**instance_tags(), TAG_PLAN: plan_id})
         s = fake_openstack.state
-        sg = s.by_name(s.security_groups, f"pgha-{INSTANCE}-service")
+        sg = s.by_name(s.security_groups, f"pgha-plan-{plan_id}-apps")  # one per plan
         assert "172.16.0.0/12" in [r["remote_ip_prefix"] for r in sg.rules]
         cleanup(cloud)
         assert leftovers(fake_openstack) == []
+        assert sg.id not in s.security_groups    # went with the plan's last service port
     finally:
         cloud.close()
 

@@ -56,8 +56,11 @@ class OpenStackEnv:
 
 
 @contextlib.contextmanager
-def openstack_on_namespaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                            ) -> Iterator[OpenStackEnv]:
+def openstack_on_namespaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *,
+                            admin: bool = False) -> Iterator[OpenStackEnv]:
+    """The fake has Nova's default policies: with admin=False the broker has member-only
+    credentials and never sees a host's status; with admin=True it reads it through
+    its admin connection (BROKER_OPENSTACK_ADMIN_CLOUD)."""
     with make_local_cloud() as local:
         fake = FakeOpenStack()
         backend = LocalBackend.install(fake.state, local)
@@ -69,7 +72,8 @@ def openstack_on_namespaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(fake.write_clouds_yaml(tmp_path)))
             monkeypatch.setenv("OS_CLOUD", "fake")
             catalog = load_catalog(DEFAULT_CATALOG)
-            cloud = make_cloud(catalog, admin_cidr=f"{local.broker_address}/32", **E2E_OPTIONS)
+            cloud = make_cloud(catalog, admin=admin, admin_cidr=f"{local.broker_address}/32",
+                               **E2E_OPTIONS)
             url = f"sqlite:///{tmp_path / 'broker.sqlite3'}"
             settings = load_settings({
                 "BROKER_USERNAME": "u", "BROKER_PASSWORD": "p", "DATABASE_URL": url,
@@ -90,9 +94,10 @@ def openstack_on_namespaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             fake.stop()
 
 
+@pytest.mark.parametrize("admin", [False, True], ids=["member-only", "admin"])
 def test_ha_sync_survives_a_dead_hypervisor_through_the_openstack_driver(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with openstack_on_namespaces(tmp_path, monkeypatch) as env, \
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, admin: bool) -> None:
+    with openstack_on_namespaces(tmp_path, monkeypatch, admin=admin) as env, \
             under_write_load(env, "ha-sync") as load:
         state = env.fake.state
         instance_id, creds, writer = load.instance_id, load.credentials, load.writer

@@ -225,5 +225,9 @@ class Cloud(abc.ABC):
         """Problems with the configuration (unreachable cloud, unknown flavor, ...)."""
         return []
 
+    def capacity(self) -> list[str]:
+        """One line per plan: how many more instances the cloud's quotas allow."""
+        return []
+
     def close(self) -> None:  # noqa: B027 - an optional hook, empty on purpose
         """Release connections (optional)."""

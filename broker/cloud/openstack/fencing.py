@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from openstack import exceptions as os_exc
@@ -45,6 +44,7 @@ from broker.cloud.openstack.hosts import (
     is_stopped,
     powered_off,
 )
+from broker.cloud.openstack.volume_release import VolumeRelease
 
 if TYPE_CHECKING:
     from broker.cloud.openstack.driver import OpenStackCloud
@@ -63,6 +63,7 @@ class Fencer:
     def __init__(self, cloud: OpenStackCloud) -> None:
         self.cloud = cloud
         self.hosts = ComputeHosts(cloud)
+        self.volumes = VolumeRelease(cloud, self.hosts)
 
     @property
     def options(self) -> OpenStackOptions:
@@ -302,106 +303,3 @@ class Fencer:
                 raise  # a task runs on the server: retried
 
         cloud.call(f"detaching port {name} from server {server_id}", attempt)
-
-    # --- volumes ----------------------------------------------------------------------------
-    def detach_volume(self, volume_id: str, server_id: str, *, force: bool) -> None:
-        cloud = self.cloud
-        volume = cloud.raw_volume(volume_id)
-        if volume is None:
-            return
-        name = volume.name or volume_id
-
-        def attachments() -> list[dict[str, Any]]:
-            current = cloud.raw_volume(volume_id)
-            if current is None:
-                return []
-            return [a for a in current.attachments or [] if a.get("server_id") == server_id]
-
-        def released() -> bool | None:
-            return True if not attachments() else None
-
-        if not attachments():
-            return
-        server = self.hosts.read(server_id)
-        live = server is not None and not host_counted_down(server)
-        if live:
-            assert server is not None
-            off = powered_off(server) or (server.status or "").upper() == "ERROR"
-            if force and not off:
-                raise CloudError(f"refusing to force volume {name} off server "
-                                 f"{server.name or server_id}, which may be running: "
-                                 "fence (stop) it first")
-            if self._nova_detach(server, volume, name) == "detaching":
-                try:
-                    cloud.wait(f"volume {name} to be released by server {server_id}",
-                               released, self.options.detach_timeout)
-                    return
-                except WaitTimeout:
-                    if not force:
-                        raise TransientCloudError(
-                            f"volume {name} is still attached to server {server_id} after "
-                            f"{self.options.detach_timeout:.0f} s") from None
-            # Nova answered 409 for a server confirmed off or in ERROR (its compute
-            # service is down, or ERROR is not a state it detaches from): Cinder's side.
-        elif not force:
-            where = "deleted server" if server is None else "server on a dead host"
-            raise CloudError(f"volume {name} is still attached to {where} {server_id}: "
-                             "Nova cannot release it; detach it with force")
-
-        # Nova cannot (or did not) release it: Cinder's side, never a status reset alone.
-        report(f"volume {name} is stuck in-use on server {server_id}: deleting its Cinder "
-               "attachment")
-        storage = cloud.conn.block_storage
-        for attachment in attachments():
-            attachment_id = attachment.get("attachment_id")
-            if not attachment_id:
-                continue
-            try:
-                cloud.call(f"deleting the attachment of volume {name}",
-                           partial(storage.delete_attachment, attachment_id,
-                                   ignore_missing=True))
-            except CloudError as exc:
-                log.warning("%s", exc)
-        try:
-            cloud.wait(f"volume {name} to be released", released,
-                       self.options.detach_timeout, quiet=True)
-            return
-        except WaitTimeout:
-            pass
-        report(f"volume {name} is still attached: Cinder force-detach (admin)")
-        admin_storage = cloud.admin().block_storage
-        for attachment in attachments():
-            try:
-                cloud.call(f"force-detaching volume {name}",
-                           partial(admin_storage.detach_volume, volume,
-                                   attachment.get("attachment_id"), force=True))
-            except CloudError as exc:
-                log.warning("%s", exc)
-        try:
-            cloud.wait(f"volume {name} to be released", released,
-                       self.options.detach_timeout, quiet=True)
-        except WaitTimeout:
-            raise CloudError(
-                f"volume {name} is still attached to server {server_id} after deleting its "
-                "attachment and a force-detach: an operator must clean it up (openstack "
-                "volume attachment delete / cinder force-detach)") from None
-
-    def _nova_detach(self, server: Any, volume: Any, name: str) -> str:
-        """"detaching" once Nova accepted the detach; "refused" when Nova answers 409 for
-        a server confirmed off or in ERROR. Other conflicts (a task runs) are retried."""
-        cloud = self.cloud
-
-        def attempt() -> str:
-            try:
-                # Resources, not ids: the SDK would otherwise have to guess which is which.
-                cloud.conn.compute.delete_volume_attachment(server, volume,
-                                                            ignore_missing=True)
-                return "detaching"
-            except os_exc.ConflictException:
-                current = self.hosts.read(server.id)
-                if current is None or powered_off(current) \
-                        or (current.status or "").upper() == "ERROR":
-                    return "refused"
-                raise
-        return cloud.call(f"detaching volume {name} from server {server.name or server.id}",
-                          attempt)

@@ -170,4 +170,21 @@ def blueprint(state: CloudState) -> Blueprint:
             raise nova_error(404, f"Instance group {group_id} could not be found.")
         return empty(204)
 
+    # --- Nova: quotas (a project reader may read its own) ----------------------------------
+    @bp.get("/compute/v2.1/os-quota-sets/<project_id>")
+    @bp.get("/compute/v2.1/os-quota-sets/<project_id>/detail")
+    @locked
+    def quota_set(project_id: str) -> Response:
+        if project_id != project():
+            require_admin("os_compute_api:os-quota-sets:show")
+        used = state.usage(project_id)
+        keys = ("instances", "cores", "ram", "server_groups", "server_group_members")
+        if request.path.endswith("/detail"):
+            found: dict[str, Any] = {
+                k: {"limit": state.quotas[k], "in_use": used.get(k, 0), "reserved": 0}
+                for k in keys}
+        else:
+            found = {k: state.quotas[k] for k in keys}
+        return json_response({"quota_set": {"id": project_id, **found}})
+
     return bp

@@ -236,4 +236,17 @@ def blueprint(state: CloudState) -> Blueprint:
         sg.rules.append(rule)
         return json_response({"security_group_rule": rule}, 201)
 
+    @bp.get("/network/v2.0/quotas/<project_id>/details")
+    @locked
+    def quota_details(project_id: str) -> Response:
+        if project_id != project() and not is_admin():
+            raise neutron_error(403, "PolicyNotAuthorized",
+                                "rule:get_quota is disallowed by policy")
+        used = state.usage(project_id)
+        keys = (("port", "ports"), ("security_group", "security_groups"),
+                ("security_group_rule", "security_group_rules"))
+        return json_response({"quota": {
+            name: {"limit": state.quotas[key], "used": used.get(key, 0), "reserved": 0}
+            for name, key in keys}})
+
     return bp

@@ -194,4 +194,17 @@ def blueprint(state: CloudState) -> Blueprint:
         return json_response({"availabilityZoneInfo": [
             {"zoneName": z, "zoneState": {"available": True}} for z in state.volume_zones]})
 
+    @bp.get(f"{cinder}/os-quota-sets/<target>")
+    @locked
+    def quota_set(project_id: str, target: str) -> Response:
+        if target != project() and not is_admin():
+            raise cinder_error(403, "Policy doesn't allow volume_extension:quotas:show to be "
+                                    "performed.")
+        used = state.usage(target)
+        usage = request.args.get("usage", "").lower() in ("true", "1")
+        found = {k: ({"limit": state.quotas[k], "in_use": used.get(k, 0), "reserved": 0,
+                      "allocated": 0} if usage else state.quotas[k])
+                 for k in ("volumes", "gigabytes")}
+        return json_response({"quota_set": {"id": target, **found}})
+
     return bp
