@@ -213,7 +213,8 @@ def test_server_group_bodies_follow_the_microversion(
 
 
 @pytest.mark.parametrize("path", [r"/ports$", r"/volumes$", r"/servers$",
-                                  r"/os-server-groups$", r"/security-groups$"])
+                                  r"/os-server-groups$", r"/security-groups$",
+                                  r"/security-group-rules$"])
 def test_a_create_applied_then_failed_leaves_one_resource_and_no_leak(
         openstack_cloud: OpenStackCloud, fake_openstack: FakeOpenStack, path: str) -> None:
     cloud, state = openstack_cloud, fake_openstack.state

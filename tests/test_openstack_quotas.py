@@ -14,6 +14,8 @@ from broker.cloud.base import TAG_INSTANCE, TAG_MANAGED, TAG_PLAN, CloudError
 from broker.cloud.openstack import OpenStackCloud
 from broker.config import load_settings
 from broker.runtime import Runtime, build_runtime
+from broker.store.models import OP_FAILED, Operation
+from harness.workflows import make_engine, queue_provision
 from tests.fakes.openstack import FakeOpenStack
 from tests.support.openstack import ADMIN_CIDR, make_cloud
 
@@ -87,3 +89,28 @@ def test_the_service_ports_group_is_one_per_plan(
     with state.lock:             # the last service port took the plan's group with it
         assert sorted(g.name for g in state.security_groups.values()) == \
             ["default", "ops-ssh"]
+
+
+@pytest.mark.parametrize("resource", ["instances", "volumes", "security_groups"])
+def test_quota_exhausted_during_provision_fails_plainly_and_leaves_nothing(
+        runtime: Runtime, fake_openstack: FakeOpenStack, resource: str) -> None:
+    state = fake_openstack.state
+    # Exhausted before the first node boots: nothing here answers as a guest would.
+    state.quotas[resource] = {"instances": 0, "volumes": 0,
+                              "security_groups": len(state.security_groups)}[resource]
+    engine = make_engine(runtime)
+    instance_id, op_id = queue_provision(runtime, "ha")
+    assert engine.run_until_finished(op_id, timeout=120) == OP_FAILED
+    with runtime.store.session() as s:
+        op = s.get(Operation, op_id)
+        assert op is not None
+        description = op.description
+    assert "quota" in description.lower(), description
+    assert resource.rstrip("s").split("_")[0] in description.lower(), description
+    with state.lock:
+        left = [x.name for table in (state.servers, state.ports, state.server_groups,
+                                     state.security_groups) for x in table.values()
+                if instance_id in x.name]
+        left += [v.name for v in state.volumes.values()
+                 if instance_id in v.name and v.status != "deleting"]
+    assert left == []
