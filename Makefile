@@ -54,9 +54,9 @@ typecheck: python-env
 test: setup lint typecheck
 	$(VENV)/bin/pytest -n 2 -p no:cacheprovider $(PYTEST_ARGS)
 
-# The provisioning, failover and TLS-cost scripts rewrite their own sections of
-# BENCHMARKS.md and keep their raw data in benchmarks/results/; the API throughput
-# figures are still copied there from what its script prints.
+# The provisioning, failover, TLS-cost and OpenStack failover scripts rewrite their
+# own sections of BENCHMARKS.md and keep their raw data in benchmarks/results/; the
+# API throughput figures are still copied there from what its script prints.
 # TLS_BASE: the last commit before TLS, which tls_cost.py measures against.
 TLS_BASE ?= f04a4e7
 benchmark: setup
@@ -65,6 +65,7 @@ benchmark: setup
 	$(PY) benchmarks/api_throughput.py
 	$(PY) benchmarks/failover.py --rounds 10 --write BENCHMARKS.md --json benchmarks/results/failover.json
 	$(PY) benchmarks/tls_cost.py --base $(TLS_BASE) --write BENCHMARKS.md
+	$(PY) benchmarks/openstack_failover.py --runs 3 --write BENCHMARKS.md --json benchmarks/results/openstack_failover.json
 
 # Remove every namespace, interface and data directory of the dev broker's local cloud.
 clean-local: python-env
