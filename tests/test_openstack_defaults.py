@@ -257,3 +257,29 @@ def test_the_metadata_service_shows_a_new_port_only_after_its_cache_expires(
     assert requests.get(url, headers=forged, timeout=5).status_code == 403
     cleanup(cloud)
     assert leftovers(fake_openstack) == []
+
+
+def test_a_config_drive_is_written_once_at_boot(
+        openstack_env: Path, catalog: Catalog, fake_openstack: FakeOpenStack) -> None:
+    cloud = make_cloud(catalog, config_drive=True)
+    try:
+        state = fake_openstack.state
+        server, port, *_ = build_node(cloud, INSTANCE, "aaaaaaaa", "az1")
+        sent = fake_openstack.requests("POST", r"/servers$")[-1].body["server"]
+        assert sent["config_drive"] is True
+        shown = nova(cloud.conn, "GET", f"/servers/{server.id}").json()["server"]
+        assert shown["config_drive"] == "True"
+        drive = state.servers[server.id].config_drive
+        assert drive is not None and drive["user_data"] == sent["user_data"]
+        macs = [link["ethernet_mac_address"]
+                for link in drive["network_data.json"]["links"]]
+        assert macs == [state.ports[port.id].mac_address]
+        # A port attached later never shows up there: the guest must not wait for it.
+        service = cloud.create_port(f"pgha-{INSTANCE}-service", "service", instance_tags())
+        cloud.attach_port(service.id, server.id)
+        after = state.servers[server.id].config_drive
+        assert after is not None and len(after["network_data.json"]["links"]) == 1
+        cleanup(cloud)
+        assert leftovers(fake_openstack) == []
+    finally:
+        cloud.close()

@@ -27,41 +27,44 @@ def sign(secret: str, instance_id: str) -> str:
     return hmac.new(secret.encode(), instance_id.encode(), hashlib.sha256).hexdigest()
 
 
+def network_data(state: CloudState, server: Server) -> dict[str, Any]:
+    links: list[dict[str, Any]] = []
+    networks: list[dict[str, Any]] = []
+    for i, port_id in enumerate(server.port_ids):
+        port = state.ports.get(port_id)
+        if port is None:
+            continue
+        links.append({"id": f"tap{port.id[:11]}", "type": "ovs", "mtu": 1450,
+                      "ethernet_mac_address": port.mac_address, "vif_id": port.id})
+        for ip in port.fixed_ips:
+            subnet = state.subnets[ip["subnet_id"]]
+            net = ipaddress.ip_network(subnet.cidr)
+            networks.append({
+                "id": f"network{i}", "type": "ipv4", "link": f"tap{port.id[:11]}",
+                "ip_address": ip["ip_address"], "netmask": str(net.netmask),
+                "network_id": port.network_id,
+                "routes": [{"network": DEFAULT_ROUTE, "netmask": DEFAULT_ROUTE,
+                            "gateway": subnet.gateway_ip}] if i == 0 else [],
+                "services": []})
+    return {"links": links, "networks": networks, "services": []}
+
+
+def documents(state: CloudState, server: Server) -> dict[str, Any]:
+    """What the metadata service (and a config drive, written once at boot) holds."""
+    return {
+        "meta_data.json": {"uuid": server.id, "name": server.name,
+                           "hostname": server.name, "launch_index": 0,
+                           "availability_zone": server.zone, "project_id":
+                           server.project_id, "meta": dict(server.metadata),
+                           "devices": []},
+        "network_data.json": network_data(state, server),
+        "user_data": server.user_data,
+    }
+
+
 def blueprint(state: CloudState) -> Blueprint:
     bp = Blueprint("metadata", __name__)
     cache: dict[str, tuple[float, dict[str, Any]]] = {}
-
-    def network_data(server: Server) -> dict[str, Any]:
-        links: list[dict[str, Any]] = []
-        networks: list[dict[str, Any]] = []
-        for i, port_id in enumerate(server.port_ids):
-            port = state.ports.get(port_id)
-            if port is None:
-                continue
-            links.append({"id": f"tap{port.id[:11]}", "type": "ovs", "mtu": 1450,
-                          "ethernet_mac_address": port.mac_address, "vif_id": port.id})
-            for ip in port.fixed_ips:
-                subnet = state.subnets[ip["subnet_id"]]
-                net = ipaddress.ip_network(subnet.cidr)
-                networks.append({
-                    "id": f"network{i}", "type": "ipv4", "link": f"tap{port.id[:11]}",
-                    "ip_address": ip["ip_address"], "netmask": str(net.netmask),
-                    "network_id": port.network_id,
-                    "routes": [{"network": DEFAULT_ROUTE, "netmask": DEFAULT_ROUTE,
-                                "gateway": subnet.gateway_ip}] if i == 0 else [],
-                    "services": []})
-        return {"links": links, "networks": networks, "services": []}
-
-    def build(server: Server) -> dict[str, Any]:
-        return {
-            "meta_data.json": {"uuid": server.id, "name": server.name,
-                               "hostname": server.name, "launch_index": 0,
-                               "availability_zone": server.zone, "project_id":
-                               server.project_id, "meta": dict(server.metadata),
-                               "devices": []},
-            "network_data.json": network_data(server),
-            "user_data": server.user_data,
-        }
 
     def instance_data() -> dict[str, Any]:
         instance_id = request.headers.get("X-Instance-ID", "")
@@ -77,7 +80,7 @@ def blueprint(state: CloudState) -> Blueprint:
             server = state.servers.get(instance_id)
             if server is None:
                 raise LookupError
-            data = build(server)
+            data = documents(state, server)
             if state.metadata_cache_expiration > 0:
                 cache[instance_id] = (now, data)
             return data

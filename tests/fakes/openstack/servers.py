@@ -18,6 +18,7 @@ from tests.fakes.openstack.http import (
     nova_microversion,
     project,
 )
+from tests.fakes.openstack.metadata import documents
 from tests.fakes.openstack.state import (
     CloudState,
     Port,
@@ -54,7 +55,8 @@ def blueprint(state: CloudState) -> Blueprint:
                        "vcpus": 1, "ram": 1, "disk": 1, "ephemeral": 0, "swap": 0,
                        "extra_specs": {}},
             "created": iso(s.created), "updated": iso(s.updated), "addresses": addresses,
-            "accessIPv4": "", "accessIPv6": "", "progress": 0, "config_drive": "",
+            "accessIPv4": "", "accessIPv6": "", "progress": 0,
+            "config_drive": "True" if s.config_drive is not None else "",
             "key_name": None, "locked": False, "description": None, "tags": [],
             "OS-DCF:diskConfig": "MANUAL", "OS-EXT-AZ:availability_zone": s.zone,
             "OS-EXT-STS:task_state": s.task_state, "OS-EXT-STS:vm_state": s.vm_state,
@@ -167,6 +169,9 @@ def blueprint(state: CloudState) -> Blueprint:
                    metadata={k: str(v) for k, v in metadata.items()}, user_data=user_data,
                    group_id=group_id, port_ids=[p.id for p in ports],
                    volume_ids=[v.id for v in volumes])
+        if spec.get("config_drive") in (True, "true", "True"):
+            # Written at spawn from what the server has then; never updated after.
+            s.config_drive = documents(state, s)
         state.servers[s.id] = s
         for volume in volumes:
             volume.status = "reserved"

@@ -231,6 +231,8 @@ class Server:
     updated: datetime = field(default_factory=wall)
     # Requests the host never acted on (a dead hypervisor).
     pending: list[str] = field(default_factory=list)
+    # The config drive's files (openstack/latest/...), written once when it booted.
+    config_drive: dict[str, Any] | None = None
 
 
 @dataclass
