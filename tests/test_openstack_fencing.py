@@ -153,12 +153,18 @@ def test_only_the_admin_connection_sees_the_host_counted_down(
         assert cloud.fencer.hosts.read(pair.primary.id).host_status == "UP"  # not yet
         cloud.wait("the host to count as down", lambda: True if cloud.fencer.hosts.read(
             pair.primary.id).host_status == "UNKNOWN" else None, 5.0)
+        server = cloud.get_server(pair.primary.id)   # read through the admin connection
+        assert server is not None and server.status == ServerStatus.UNKNOWN
         # A server's status never reflects its host (vm_state and task_state only), and
         # a member is not shown host_status at all.
         member = cloud.raw_server(pair.primary.id)
         assert (member.status, member.host_status) == ("ACTIVE", None)
-        server = cloud.get_server(pair.primary.id)
-        assert server is not None and server.status == ServerStatus.ACTIVE
+        member_only = make_cloud(catalog)
+        try:
+            server = member_only.get_server(pair.primary.id)
+            assert server is not None and server.status == ServerStatus.ACTIVE
+        finally:
+            member_only.close()
     finally:
         cloud.close()
 

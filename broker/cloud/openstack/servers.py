@@ -181,7 +181,8 @@ class Servers(Volumes):
         return server_record(server)
 
     def get_server(self, server_id: str) -> Server | None:
-        server = self.raw_server(server_id)
+        # Through the admin connection when there is one: only it sees host_status.
+        server = self.fencer.hosts.read(server_id)
         return server_record(server) if server is not None else None
 
     def stop_server(self, server_id: str) -> None:
