@@ -1,4 +1,10 @@
-"""An HTTP-level OpenStack fake (Keystone, Nova, Neutron, Cinder, Glance) on loopback.
+"""An HTTP-level OpenStack fake (Keystone, Nova, Neutron, Cinder, Glance, Nova's
+metadata service) on loopback, one blueprint per service (app.py wires them).
+
+It behaves like an upstream deployment with default policies and configuration;
+CloudState's switches model a cloud that changed them: `host_status_policy`
+("admin", "unknown-only", "member"), `service_down_time`, `rpc_response_timeout`,
+`reclaim_instance_interval`, `metadata_cache_expiration`, `quotas`.
 
     fake = FakeOpenStack().start()
     fake.write_clouds_yaml(tmp_dir)  # then OS_CLIENT_CONFIG_FILE / OS_CLOUD=fake

@@ -221,6 +221,9 @@ def blueprint(state: CloudState) -> Blueprint:
         sg = state.security_groups.get(body.get("security_group_id", ""))
         if sg is None:
             raise neutron_error(404, "SecurityGroupNotFound", "Security group does not exist")
+        if state.over_quota("security_group_rules", project()):
+            raise neutron_error(409, "OverQuota",
+                                "Quota exceeded for resources: ['security_group_rule'].")
         rule = state._rule(sg.id, body.get("direction", "ingress"),
                            body.get("ethertype", "IPv4"),
                            **{k: body.get(k) for k in ("protocol", "port_range_min",
