@@ -212,13 +212,20 @@ def test_server_group_bodies_follow_the_microversion(
         "soft-anti-affinity"
 
 
-@pytest.mark.parametrize("path", [r"/ports$", r"/volumes$", r"/servers$",
-                                  r"/os-server-groups$", r"/security-groups$",
-                                  r"/security-group-rules$"])
+CREATES = [r"/ports$", r"/volumes$", r"/servers$", r"/os-server-groups$",
+           r"/security-groups$", r"/security-group-rules$"]
+
+
+@pytest.mark.parametrize(("path", "answer"), [*((p, "500") for p in CREATES),
+                                              *((p, "timeout") for p in CREATES)])
 def test_a_create_applied_then_failed_leaves_one_resource_and_no_leak(
-        openstack_cloud: OpenStackCloud, fake_openstack: FakeOpenStack, path: str) -> None:
+        openstack_cloud: OpenStackCloud, fake_openstack: FakeOpenStack, path: str,
+        answer: str) -> None:
     cloud, state = openstack_cloud, fake_openstack.state
-    rule = fake_openstack.fail("POST", path, status=500, applied=True)
+    if answer == "500":
+        rule = fake_openstack.fail("POST", path, status=500, applied=True)
+    else:  # made, but the answer comes after the client's timeout (1 s here)
+        rule = fake_openstack.fail("POST", path, status=None, delay=1.5, applied=True)
     group = cloud.ensure_server_group(f"pgha-{INSTANCE}", instance_tags())
     server, port, *_ = build_node(cloud, INSTANCE, "aaaaaaaa", "az1", group_id=group)
     cloud.create_port(f"pgha-{INSTANCE}-service", "service", instance_tags())
