@@ -305,3 +305,27 @@ def test_force_detach_is_refused_while_the_server_may_run(
     pair.cloud.stop_server(pair.primary.id)
     pair.cloud.detach_volume(pair.primary_volume.id, pair.primary.id, force=True)
     assert fake_openstack.state.volumes[pair.primary_volume.id].status == "available"
+
+
+def test_a_host_counted_down_is_no_evidence_that_its_server_is_off(
+        openstack_env: Path, catalog: Catalog, fake_openstack: FakeOpenStack) -> None:
+    """nova-compute (or its message bus) can die while the VM still writes: the volume is
+    forced off only once the server is confirmed off, in ERROR, or deleted."""
+    cloud = make_cloud(catalog, admin=True)
+    try:
+        pair = make_pair(cloud, fake_openstack)
+        state = fake_openstack.state
+        volume_id = pair.primary_volume.id
+        state.service_down_time = 0.2
+        state.kill_host(pair.host_of_primary())
+        cloud.wait("the host to count as down", lambda: True if cloud.fencer.hosts.read(
+            pair.primary.id).host_status == "UNKNOWN" else None, 5.0)
+        with pytest.raises(CloudError, match="may be running"):
+            cloud.detach_volume(volume_id, pair.primary.id, force=True)
+        assert state.volumes[volume_id].status == "in-use"
+        assert fake_openstack.requests("DELETE", r"/attachments/") == []
+        cloud.stop_server(pair.primary.id)           # fenced: Nova's local delete
+        cloud.detach_volume(volume_id, pair.primary.id, force=True)
+        assert state.volumes[volume_id].status == "available"
+    finally:
+        cloud.close()

@@ -50,15 +50,17 @@ class VolumeRelease:
         if not attachments():
             return
         server = self.hosts.read(server_id)
-        live = server is not None and not host_counted_down(server)
-        if live:
-            assert server is not None
+        if server is not None:
+            # Positive evidence that nothing writes any more: Nova confirmed the power-off
+            # (or the server is in ERROR). A host Nova counts down is not: its VMs may
+            # still run (nova-compute or its message bus down).
             off = powered_off(server) or (server.status or "").upper() == "ERROR"
-            if force and not off:
+            if not off and (force or host_counted_down(server)):
                 raise CloudError(f"refusing to force volume {name} off server "
                                  f"{server.name or server_id}, which may be running: "
-                                 "fence (stop) it first")
-            if self._nova_detach(server, volume, name) == "detaching":
+                                 "fence it first (stop, or delete once its host is down)")
+            if not host_counted_down(server) \
+                    and self._nova_detach(server, volume, name) == "detaching":
                 try:
                     cloud.wait(f"volume {name} to be released by server {server_id}",
                                released, self.options.detach_timeout)
@@ -68,12 +70,11 @@ class VolumeRelease:
                         raise TransientCloudError(
                             f"volume {name} is still attached to server {server_id} after "
                             f"{self.options.detach_timeout:.0f} s") from None
-            # Nova answered 409 for a server confirmed off or in ERROR (its compute
-            # service is down, or ERROR is not a state it detaches from): Cinder's side.
+            # Nova answered 409 (or would) for a server confirmed off or in ERROR: its
+            # compute service is down, or ERROR is not a state it detaches from.
         elif not force:
-            where = "deleted server" if server is None else "server on a dead host"
-            raise CloudError(f"volume {name} is still attached to {where} {server_id}: "
-                             "Nova cannot release it; detach it with force")
+            raise CloudError(f"volume {name} is still attached to deleted server "
+                             f"{server_id}: Nova cannot release it; detach it with force")
 
         # Nova cannot (or did not) release it: Cinder's side, never a status reset alone.
         report(f"volume {name} is stuck in-use on server {server_id}: deleting its Cinder "
