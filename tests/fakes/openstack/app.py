@@ -18,9 +18,9 @@ from typing import Any
 from flask import Flask, Response, g, request
 
 from tests.fakes.openstack import compute, identity, image, metadata, network, servers, volume
-from tests.fakes.openstack.http import json_response
 from tests.fakes.openstack.identity import USERS
 from tests.fakes.openstack.state import ApiError, CloudState, FaultRule, Recorded
+from tests.fakes.openstack.web import json_response
 
 __all__ = ["USERS", "make_app"]
 

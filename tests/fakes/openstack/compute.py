@@ -7,7 +7,15 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
-from tests.fakes.openstack.http import (
+from tests.fakes.openstack.state import (
+    CloudState,
+    ServerGroup,
+    iso,
+    new_id,
+    nova_error,
+    wall,
+)
+from tests.fakes.openstack.web import (
     NOVA_MAX,
     base,
     empty,
@@ -16,14 +24,6 @@ from tests.fakes.openstack.http import (
     nova_microversion,
     project,
     require_admin,
-)
-from tests.fakes.openstack.state import (
-    CloudState,
-    ServerGroup,
-    iso,
-    new_id,
-    nova_error,
-    wall,
 )
 
 

@@ -8,16 +8,16 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
-from tests.fakes.openstack.http import (
-    base,
-    json_response,
-)
 from tests.fakes.openstack.state import (
     PROJECT_ID,
     CloudState,
     iso,
     new_id,
     wall,
+)
+from tests.fakes.openstack.web import (
+    base,
+    json_response,
 )
 
 USERS = {

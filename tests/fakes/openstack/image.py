@@ -6,15 +6,15 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
-from tests.fakes.openstack.http import (
-    base,
-    json_response,
-    lock_for,
-)
 from tests.fakes.openstack.state import (
     CloudState,
     iso,
     wall,
+)
+from tests.fakes.openstack.web import (
+    base,
+    json_response,
+    lock_for,
 )
 
 

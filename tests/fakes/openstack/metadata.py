@@ -17,8 +17,8 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
-from tests.fakes.openstack.http import json_response
 from tests.fakes.openstack.state import CloudState, Server
+from tests.fakes.openstack.web import json_response
 
 DEFAULT_ROUTE = "0.0.0.0"  # noqa: S104 (a route, not a listening address)
 

@@ -6,20 +6,20 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
-from tests.fakes.openstack.http import (
-    base,
-    empty,
-    is_admin,
-    json_response,
-    lock_for,
-    project,
-)
 from tests.fakes.openstack.state import (
     PROJECT_ID,
     CloudState,
     Port,
     iso,
     neutron_error,
+)
+from tests.fakes.openstack.web import (
+    base,
+    empty,
+    is_admin,
+    json_response,
+    lock_for,
+    project,
 )
 
 

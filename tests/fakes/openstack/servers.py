@@ -9,15 +9,6 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
-from tests.fakes.openstack.http import (
-    base,
-    empty,
-    is_admin,
-    json_response,
-    lock_for,
-    nova_microversion,
-    project,
-)
 from tests.fakes.openstack.metadata import documents
 from tests.fakes.openstack.state import (
     CloudState,
@@ -27,6 +18,15 @@ from tests.fakes.openstack.state import (
     iso,
     new_id,
     nova_error,
+)
+from tests.fakes.openstack.web import (
+    base,
+    empty,
+    is_admin,
+    json_response,
+    lock_for,
+    nova_microversion,
+    project,
 )
 
 

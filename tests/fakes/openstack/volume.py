@@ -7,7 +7,14 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
-from tests.fakes.openstack.http import (
+from tests.fakes.openstack.state import (
+    CloudState,
+    Volume,
+    cinder_error,
+    iso,
+    wall,
+)
+from tests.fakes.openstack.web import (
     CINDER_MAX,
     base,
     empty,
@@ -15,13 +22,6 @@ from tests.fakes.openstack.http import (
     json_response,
     lock_for,
     project,
-)
-from tests.fakes.openstack.state import (
-    CloudState,
-    Volume,
-    cinder_error,
-    iso,
-    wall,
 )
 
 
