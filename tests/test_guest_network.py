@@ -29,7 +29,7 @@ from harness.workflows import (
     provision,
 )
 from harness.writer import app_credentials
-from tests.test_openstack_e2e import openstack_on_namespaces
+from tests.fakes.openstack.on_namespaces import openstack_on_namespaces
 
 pytestmark = pytest.mark.e2e
 
@@ -212,7 +212,7 @@ def test_an_attach_whose_guest_never_answers_fails_clearly(
     server, mgmt, volume = boot(cloud, "a", decoy)
     monkeypatch.setattr("broker.cloud.reach.REACH_TIMEOUT", 2.0)
     with pytest.raises(CloudError, match=rf"the guest did not bring up {service.address}: "
-                       r"PostgreSQL there did not accept a connection within 2 s"):
+                       r"PostgreSQL there did not answer within 2 s"):
         cloud.attach_port(service.id, server)
     assert addresses(cloud.namespace(server), nic_of(
         cloud.namespace(server), cloud.port_nic(service.id).mac)) == []
@@ -279,7 +279,7 @@ def test_through_openstack_a_rebuilt_primary_rebooted_streams_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same through the OpenStack driver and Nova's stop and start: the guest runs
     the bootstrap and the NIC agent the broker's user-data carries."""
-    with openstack_on_namespaces(tmp_path, monkeypatch) as env:
+    with openstack_on_namespaces(tmp_path, monkeypatch.setenv) as env:
         compute = env.cloud.conn.compute
 
         def status_is(server_id: str, wanted: str) -> bool:

@@ -166,7 +166,8 @@ def test_a_node_is_built_with_zone_anti_affinity_fixed_ip_security_groups_and_ta
     s = fake_openstack.state
 
     group_req = fake_openstack.requests("POST", r"/os-server-groups$")[-1].body
-    assert group_req == {"server_group": {"name": f"pgha-{INSTANCE}", "policy": "anti-affinity"}}
+    assert group_req == {"server_group": {"name": f"pgha-{INSTANCE}",
+                                          "policy": "soft-anti-affinity"}}
 
     # The service port: a fixed address from the plan's service subnet, tagged.
     svc_subnet = s.by_name(s.subnets, "pgha-service-subnet")
@@ -357,20 +358,35 @@ def test_quota_error_is_plain_not_retried_and_cleanup_leaves_nothing(
     assert leftovers(fake_openstack) == []
 
 
-def test_no_valid_host_for_anti_affinity_fails_plainly_and_leaves_no_server(
+def test_no_valid_host_fails_plainly_and_leaves_no_server(
         openstack_cloud: OpenStackCloud, fake_openstack: FakeOpenStack) -> None:
     cloud = openstack_cloud
     group_id = cloud.ensure_server_group(f"pgha-{INSTANCE}", instance_tags())
-    build_node(cloud, INSTANCE, "aaaaaaaa", "az3", group_id=group_id)
-    build_node(cloud, INSTANCE, "bbbbbbbb", "az3", group_id=group_id)
-    with pytest.raises(CloudError) as exc:  # az3 has two hosts: the third node has none
+    for host in fake_openstack.state.hosts.values():
+        host.disabled = host.zone == "az3"    # no enabled compute host in az3
+    with pytest.raises(CloudError) as exc:
         build_node(cloud, INSTANCE, "cccccccc", "az3", group_id=group_id)
     assert "No valid host was found" in str(exc.value)
-    assert "anti-affinity" in str(exc.value)
-    names = [x.name for x in fake_openstack.state.servers.values()]
-    assert f"pgha-{INSTANCE}-cccccccc" not in names
-    hosts = {x.host for x in fake_openstack.state.servers.values()}
-    assert len(hosts) == 2
+    assert "capacity" in str(exc.value)
+    assert fake_openstack.state.servers == {}
+    cleanup(cloud)
+    assert leftovers(fake_openstack) == []
+
+
+def test_a_zone_with_one_eligible_host_rebuilds_beside_its_fenced_node(
+        openstack_cloud: OpenStackCloud, fake_openstack: FakeOpenStack) -> None:
+    """Hard anti-affinity would keep the stopped (fenced) node's host for itself and
+    answer "No valid host"; the broker's groups are soft, so the replacement boots."""
+    cloud = openstack_cloud
+    state = fake_openstack.state
+    state.hosts["cmp-az1-2"].disabled = True  # az1 has one eligible host left
+    group_id = cloud.ensure_server_group(f"pgha-{INSTANCE}", instance_tags())
+    old, *_ = build_node(cloud, INSTANCE, "aaaaaaaa", "az1", group_id=group_id)
+    cloud.stop_server(old.id)                 # fenced, still a member of the group
+    assert state.servers[old.id].vm_state == "stopped"
+    new, *_ = build_node(cloud, INSTANCE, "bbbbbbbb", "az1", group_id=group_id)
+    assert state.servers[new.id].host == state.servers[old.id].host == "cmp-az1-1"
+    assert set(state.server_groups[group_id or ""].members) == {old.id, new.id}
     cleanup(cloud)
     assert leftovers(fake_openstack) == []
 
@@ -439,10 +455,11 @@ def test_catalog_with_several_networks_needs_the_plan_tag(
         cloud.create_port(f"pgha-{INSTANCE}-service", "service",
                           {**instance_tags(), TAG_PLAN: plan_id})
         s = fake_openstack.state
-        sg = s.by_name(s.security_groups, f"pgha-{INSTANCE}-service")
+        sg = s.by_name(s.security_groups, f"pgha-plan-{plan_id}-apps")  # one per plan
         assert "172.16.0.0/12" in [r["remote_ip_prefix"] for r in sg.rules]
         cleanup(cloud)
         assert leftovers(fake_openstack) == []
+        assert sg.id not in s.security_groups    # went with the plan's last service port
     finally:
         cloud.close()
 
@@ -450,18 +467,25 @@ def test_catalog_with_several_networks_needs_the_plan_tag(
 def test_driver_settings_are_validated_with_the_variable_named() -> None:
     from broker.cloud.openstack import OpenStackOptions
 
-    options = OpenStackOptions.from_env({"BROKER_OPENSTACK_FORCE_DOWN": "true",
+    options = OpenStackOptions.from_env({"BROKER_OPENSTACK_FENCE_HOOK": "/usr/local/bin/off",
                                          "BROKER_OPENSTACK_ADMIN_CLOUD": "ops-admin",
                                          "BROKER_OPENSTACK_STOP_TIMEOUT": "12.5"})
-    assert (options.force_down, options.admin_cloud, options.stop_timeout) == (
-        True, "ops-admin", 12.5)
-    with pytest.raises(ConfigError, match="BROKER_OPENSTACK_FORCE_DOWN must be true or false"):
-        OpenStackOptions.from_env({"BROKER_OPENSTACK_FORCE_DOWN": "maybe"})
+    assert (options.fence_hook, options.admin_cloud, options.stop_timeout) == (
+        "/usr/local/bin/off", "ops-admin", 12.5)
+    with pytest.raises(ConfigError, match="BROKER_OPENSTACK_CONFIG_DRIVE must be true or false"):
+        OpenStackOptions.from_env({"BROKER_OPENSTACK_CONFIG_DRIVE": "maybe"})
     with pytest.raises(ConfigError, match="BROKER_OPENSTACK_DETACH_TIMEOUT must be a number"):
         OpenStackOptions.from_env({"BROKER_OPENSTACK_DETACH_TIMEOUT": "soon"})
-    with pytest.raises(ConfigError, match="FORCE_DOWN_AFTER must be at least 20 s"):
-        OpenStackOptions.from_env({"BROKER_OPENSTACK_FORCE_DOWN": "1",
-                                   "BROKER_OPENSTACK_FORCE_DOWN_AFTER": "5"})
+    with pytest.raises(ConfigError, match="FENCE_HOOK_AFTER must be at least 20 s"):
+        OpenStackOptions.from_env({"BROKER_OPENSTACK_FENCE_HOOK": "/bin/true",
+                                   "BROKER_OPENSTACK_ADMIN_CLOUD": "ops-admin",
+                                   "BROKER_OPENSTACK_FENCE_HOOK_AFTER": "5"})
+    # The hook needs the admin connection: host names and services are admin-only.
+    with pytest.raises(ConfigError, match="FENCE_HOOK needs BROKER_OPENSTACK_ADMIN_CLOUD"):
+        OpenStackOptions.from_env({"BROKER_OPENSTACK_FENCE_HOOK": "/bin/true"})
+    # Forcing a service down on a frozen heartbeat alone is no longer offered.
+    with pytest.raises(ConfigError, match="FORCE_DOWN is gone"):
+        OpenStackOptions.from_env({"BROKER_OPENSTACK_FORCE_DOWN": "true"})
 
 
 def test_what_the_driver_waits_for_reaches_the_operation(

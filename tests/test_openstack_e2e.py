@@ -4,95 +4,32 @@ The fake OpenStack's servers are local-cloud namespaces that run the bootstrap t
 from the broker's own cloud-init user-data (tests/fakes/openstack/local_backend.py).
 The broker runs unchanged with its OpenStack driver: provision, bind, a hypervisor
 that dies under write load (fenced by Nova's local delete once the compute service
-counts as down), promotion, the service port moved, a standby rebuilt in the failed
-zone, deprovision, and nothing left in either cloud.
+counts as down, 6 s here: longer than the monitor's detection, so the fence meets a
+host Nova still counts up, which accepts the stop and never does it), promotion, the
+service port moved, a standby rebuilt in the failed zone, deprovision, and nothing
+left in either cloud. The fake has Nova's default policies: the flow passes with
+member-only credentials and with an admin connection.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-from cryptography.fernet import Fernet
 
-from broker.catalog import load_catalog
-from broker.cloud.openstack import OpenStackCloud
-from broker.config import DEFAULT_CATALOG, load_settings
-from broker.crypto import Vault
-from broker.operations.engine import Engine
-from broker.runtime import Runtime
-from broker.store import Store
-from harness.machine import make_local_cloud
 from harness.scenarios import under_write_load
 from harness.waiting import eventually, failovers, settled
-from harness.workflows import deprovision, instance, make_engine
+from harness.workflows import deprovision, instance
 from harness.writer import stored_ids
-from tests.fakes.openstack import FakeOpenStack
-from tests.fakes.openstack.local_backend import LocalBackend
-from tests.support.openstack import make_cloud
+from tests.fakes.openstack.on_namespaces import OpenStackEnv, openstack_on_namespaces
 
 pytestmark = pytest.mark.e2e
 
-E2E_OPTIONS: dict[str, Any] = {
-    "api_timeout": 15.0, "boot_timeout": 120.0, "volume_timeout": 30.0,
-    "delete_timeout": 60.0, "stop_timeout": 1.0, "detach_timeout": 10.0,
-    "host_down_timeout": 60.0, "retry_budget": 20.0, "poll_interval": 0.05,
-    "poll_max_interval": 0.3,
-}
-
-
-@dataclass
-class OpenStackEnv:
-    fake: FakeOpenStack
-    backend: LocalBackend
-    cloud: OpenStackCloud
-    runtime: Runtime
-    engine: Engine
-
-
-@contextlib.contextmanager
-def openstack_on_namespaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                            ) -> Iterator[OpenStackEnv]:
-    with make_local_cloud() as local:
-        fake = FakeOpenStack()
-        backend = LocalBackend.install(fake.state, local)
-        # Longer than the monitor's detection: the fence meets a host that Nova still
-        # counts as up (it accepts the stop and never does it), as it would in a cloud.
-        fake.state.service_down_time = 6.0
-        fake.start()
-        try:
-            monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(fake.write_clouds_yaml(tmp_path)))
-            monkeypatch.setenv("OS_CLOUD", "fake")
-            catalog = load_catalog(DEFAULT_CATALOG)
-            cloud = make_cloud(catalog, admin_cidr=f"{local.broker_address}/32", **E2E_OPTIONS)
-            url = f"sqlite:///{tmp_path / 'broker.sqlite3'}"
-            settings = load_settings({
-                "BROKER_USERNAME": "u", "BROKER_PASSWORD": "p", "DATABASE_URL": url,
-                "BROKER_STATE_DIR": str(tmp_path / "state"), "BROKER_CLOUD": "openstack",
-                "BROKER_ADMIN_CIDR": f"{local.broker_address}/32",
-            })
-            store = Store(url)
-            store.upgrade()
-            runtime = Runtime(settings=settings, catalog=catalog, store=store,
-                              vault=Vault(Fernet.generate_key().decode()))
-            runtime.cloud = cloud
-            try:
-                yield OpenStackEnv(fake, backend, cloud, runtime, make_engine(runtime))
-            finally:
-                cloud.close()
-                store.dispose()
-        finally:
-            fake.stop()
-
-
+@pytest.mark.parametrize("admin", [False, True], ids=["member-only", "admin"])
 def test_ha_sync_survives_a_dead_hypervisor_through_the_openstack_driver(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with openstack_on_namespaces(tmp_path, monkeypatch) as env, \
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, admin: bool) -> None:
+    with openstack_on_namespaces(tmp_path, monkeypatch.setenv, admin=admin) as env, \
             under_write_load(env, "ha-sync") as load:
         state = env.fake.state
         instance_id, creds, writer = load.instance_id, load.credentials, load.writer
@@ -149,7 +86,7 @@ def test_ha_sync_survives_a_dead_hypervisor_through_the_openstack_driver(
 
 def test_standalone_resurrect_with_a_volume_stuck_in_use_keeps_the_data(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with openstack_on_namespaces(tmp_path, monkeypatch) as env, \
+    with openstack_on_namespaces(tmp_path, monkeypatch.setenv) as env, \
             under_write_load(env, "standalone") as load:
         state = env.fake.state
         instance_id, creds, writer = load.instance_id, load.credentials, load.writer

@@ -91,21 +91,31 @@ def test_kernel_panic_stop_detach_and_reattach_within_seconds(
         == [409, 200]
 
 
+@pytest.mark.parametrize("admin", [False, True], ids=["member-only", "admin"])
 def test_dead_hypervisor_fence_waits_for_nova_then_deletes_and_frees_port_and_volume(
-        pair: Pair, fake_openstack: FakeOpenStack, progress: list[str]) -> None:
-    state = fake_openstack.state
-    state.service_down_time = 1.0
-    state.kill_host(pair.host_of_primary())
-    pair.cloud.stop_server(pair.primary.id)  # returns only once fenced
+        openstack_env: Path, catalog: Catalog, fake_openstack: FakeOpenStack,
+        progress: list[str], admin: bool) -> None:
+    cloud = make_cloud(catalog, admin=admin)
+    try:
+        pair = make_pair(cloud, fake_openstack)
+        state = fake_openstack.state
+        state.service_down_time = 1.0
+        state.kill_host(pair.host_of_primary())
+        cloud.stop_server(pair.primary.id)  # returns only once fenced
 
-    assert pair.primary.id not in state.servers          # Nova's local delete
-    assert pair.port_device() == ""                       # ... unbound the port
-    assert state.volumes[pair.primary_volume.id].status == "available"
-    assert any("fencing server" in line and "by deleting it" in line for line in progress)
-    assert any("counts the compute host" in line for line in progress)
-    pair.cloud.detach_port(pair.service_port.id, pair.primary.id)  # nothing left to do
-    pair.cloud.attach_port(pair.service_port.id, pair.standby.id)
-    assert pair.port_device() == pair.standby.id
+        assert pair.primary.id not in state.servers          # Nova's local delete
+        assert pair.port_device() == ""                       # ... unbound the port
+        assert state.volumes[pair.primary_volume.id].status == "available"
+        assert any("fencing server" in line and "by deleting it" in line
+                   for line in progress)
+        # Only an admin sees host_status (Nova's default policy): a member-only broker
+        # never learns that the host is down; its repeated delete just succeeds.
+        assert any("counts the compute host" in line for line in progress) == admin
+        cloud.detach_port(pair.service_port.id, pair.primary.id)  # nothing left to do
+        cloud.attach_port(pair.service_port.id, pair.standby.id)
+        assert pair.port_device() == pair.standby.id
+    finally:
+        cloud.close()
 
 
 def test_dead_hypervisor_port_is_never_reported_unbound_while_neutron_binds_it(
@@ -132,55 +142,93 @@ def test_dead_hypervisor_port_is_never_reported_unbound_while_neutron_binds_it(
     assert pair.primary.id in state.servers and pair.port_device() == pair.primary.id
 
 
-def test_status_is_unknown_once_nova_counts_the_host_down(
-        pair: Pair, fake_openstack: FakeOpenStack) -> None:
-    state = fake_openstack.state
-    state.service_down_time = 0.2
-    state.kill_host(pair.host_of_primary())
-    server = pair.cloud.get_server(pair.primary.id)
-    assert server is not None and server.status == ServerStatus.ACTIVE  # not yet
-    pair.cloud.wait("the host to count as down", lambda: True if (
-        (s := pair.cloud.get_server(pair.primary.id)) and s.status == ServerStatus.UNKNOWN)
-        else None, 5.0)
+def test_only_the_admin_connection_sees_the_host_counted_down(
+        openstack_env: Path, catalog: Catalog, fake_openstack: FakeOpenStack) -> None:
+    cloud = make_cloud(catalog, admin=True)
+    try:
+        pair = make_pair(cloud, fake_openstack)
+        state = fake_openstack.state
+        state.service_down_time = 0.2
+        state.kill_host(pair.host_of_primary())
+        assert cloud.fencer.hosts.read(pair.primary.id).host_status == "UP"  # not yet
+        cloud.wait("the host to count as down", lambda: True if cloud.fencer.hosts.read(
+            pair.primary.id).host_status == "UNKNOWN" else None, 5.0)
+        server = cloud.get_server(pair.primary.id)   # read through the admin connection
+        assert server is not None and server.status == ServerStatus.UNKNOWN
+        # A server's status never reflects its host (vm_state and task_state only), and
+        # a member is not shown host_status at all.
+        member = cloud.raw_server(pair.primary.id)
+        assert (member.status, member.host_status) == ("ACTIVE", None)
+        member_only = make_cloud(catalog)
+        try:
+            server = member_only.get_server(pair.primary.id)
+            assert server is not None and server.status == ServerStatus.ACTIVE
+        finally:
+            member_only.close()
+    finally:
+        cloud.close()
 
 
-def test_force_down_opt_in_fences_before_service_down_time(
+def _hook(tmp_path: Path, exit_code: int) -> tuple[Path, Path]:
+    """A fencing hook that records the host it was asked to power off."""
+    calls = tmp_path / "hook-calls"
+    hook = tmp_path / "fence-hook"
+    hook.write_text(f'#!/bin/sh\necho "$1" >> {calls}\nexit {exit_code}\n')
+    hook.chmod(0o755)
+    return hook, calls
+
+
+def test_fencing_hook_confirmed_off_then_the_service_is_forced_down(
         openstack_env: Path, catalog: Catalog, fake_openstack: FakeOpenStack,
-        progress: list[str]) -> None:
-    cloud = make_cloud(catalog, admin=True, force_down=True, force_down_after=0.3,
+        progress: list[str], tmp_path: Path) -> None:
+    hook, calls = _hook(tmp_path, 0)
+    cloud = make_cloud(catalog, admin=True, fence_hook=str(hook), fence_hook_after=0.3,
                        stop_timeout=5.0)
     try:
         pair = make_pair(cloud, fake_openstack)
         state = fake_openstack.state
-        state.service_down_time = 600.0
+        state.service_down_time = 600.0   # Nova alone would take ten minutes
         host = pair.host_of_primary()
         state.kill_host(host)
         cloud.stop_server(pair.primary.id)
+        assert calls.read_text().split() == [host]
         assert state.hosts[host].forced_down
         put = fake_openstack.requests("PUT", r"/os-services/")
         assert [r.body for r in put] == [{"forced_down": True}]
         assert pair.primary.id not in state.servers and pair.port_device() == ""
-        assert any("forcing its nova-compute service down" in line for line in progress)
+        assert any("fencing hook confirmed host" in line for line in progress)
         # Other hosts were left alone.
         assert [h.name for h in state.hosts.values() if h.forced_down] == [host]
     finally:
         cloud.close()
 
 
-def test_force_down_needs_admin_rights_else_the_broker_waits_for_nova(
-        openstack_env: Path, catalog: Catalog, fake_openstack: FakeOpenStack) -> None:
-    cloud = make_cloud(catalog, force_down=True, force_down_after=0.3)
+def test_no_forcing_when_the_hook_does_not_confirm_or_nova_counts_the_host_down(
+        openstack_env: Path, catalog: Catalog, fake_openstack: FakeOpenStack,
+        tmp_path: Path) -> None:
+    hook, calls = _hook(tmp_path, 1)
+    cloud = make_cloud(catalog, admin=True, fence_hook=str(hook), fence_hook_after=0.3)
     try:
         pair = make_pair(cloud, fake_openstack)
         state = fake_openstack.state
-        state.service_down_time = 1.0
+        state.service_down_time = 2.0
         host = pair.host_of_primary()
         state.kill_host(host)
-        cloud.stop_server(pair.primary.id)
+        cloud.stop_server(pair.primary.id)     # the hook says no: wait for Nova
+        assert calls.read_text().split() == [host]   # asked once, not again and again
         assert not state.hosts[host].forced_down
-        assert fake_openstack.requests("PUT", r"/os-services/") == []
         assert pair.primary.id not in state.servers
-        assert any("admin" in p for p in cloud.check())
+
+        # A host Nova already counts down is neither powered off nor forced.
+        calls.unlink()
+        other = pair.standby.id
+        state.kill_host(pair.fake.state.host_of(other) or "")
+        cloud.wait("the host to count as down", lambda: True if cloud.fencer.hosts.read(
+            other).host_status == "UNKNOWN" else None, 10.0)
+        cloud.stop_server(other)
+        assert not calls.exists()
+        assert fake_openstack.requests("PUT", r"/os-services/") == []
+        assert other not in state.servers
     finally:
         cloud.close()
 
@@ -257,3 +305,27 @@ def test_force_detach_is_refused_while_the_server_may_run(
     pair.cloud.stop_server(pair.primary.id)
     pair.cloud.detach_volume(pair.primary_volume.id, pair.primary.id, force=True)
     assert fake_openstack.state.volumes[pair.primary_volume.id].status == "available"
+
+
+def test_a_host_counted_down_is_no_evidence_that_its_server_is_off(
+        openstack_env: Path, catalog: Catalog, fake_openstack: FakeOpenStack) -> None:
+    """nova-compute (or its message bus) can die while the VM still writes: the volume is
+    forced off only once the server is confirmed off, in ERROR, or deleted."""
+    cloud = make_cloud(catalog, admin=True)
+    try:
+        pair = make_pair(cloud, fake_openstack)
+        state = fake_openstack.state
+        volume_id = pair.primary_volume.id
+        state.service_down_time = 0.2
+        state.kill_host(pair.host_of_primary())
+        cloud.wait("the host to count as down", lambda: True if cloud.fencer.hosts.read(
+            pair.primary.id).host_status == "UNKNOWN" else None, 5.0)
+        with pytest.raises(CloudError, match="may be running"):
+            cloud.detach_volume(volume_id, pair.primary.id, force=True)
+        assert state.volumes[volume_id].status == "in-use"
+        assert fake_openstack.requests("DELETE", r"/attachments/") == []
+        cloud.stop_server(pair.primary.id)           # fenced: Nova's local delete
+        cloud.detach_volume(volume_id, pair.primary.id, force=True)
+        assert state.volumes[volume_id].status == "available"
+    finally:
+        cloud.close()

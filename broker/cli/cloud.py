@@ -2,7 +2,8 @@
 
 - check: does the cloud fit the catalog (credentials, flavors, images, zones,
   volume types, networks, security groups)? One line per problem; exit 1 if any
-  problem is not a warning.
+  problem is not a warning. Also, per plan, how many more instances the project's
+  quotas allow.
 - orphans: resources tagged as the broker's whose instance is not live in the state
   store (a crash, a failed cleanup, a restored database). `--delete` removes them,
   servers first, after a confirmation (or `--yes`).
@@ -28,6 +29,7 @@ _ORDER: dict[ResourceKind, int] = {"server": 0, "port": 1, "volume": 2, "server_
 
 def check(runtime: Runtime) -> int:
     problems: list[str] = []
+    room: list[str] = []
     try:
         # Its own driver, connected but not refusing to start over the catalog's problems.
         cloud = make_cloud(runtime.settings, runtime.catalog, validate=False)
@@ -36,11 +38,14 @@ def check(runtime: Runtime) -> int:
     else:
         try:
             problems = cloud.check()
+            room = capacity(cloud)
         except CloudError as exc:
             problems = [str(exc)]
         finally:
             cloud.close()
     name = runtime.settings.cloud
+    for line in room:
+        print(line)
     if not problems:
         print(f"cloud {name}: every plan fits the cloud")
         return 0
@@ -50,6 +55,14 @@ def check(runtime: Runtime) -> int:
     print(f"cloud {name}: {len(failing)} problem(s), "
           f"{len(problems) - len(failing)} warning(s)")
     return 1 if failing else 0
+
+
+def capacity(cloud: Cloud) -> list[str]:
+    """How many instances of each plan the quotas allow; a warning if unreadable."""
+    try:
+        return cloud.capacity()
+    except CloudError as exc:
+        return [f"{WARNING} cannot read the project's quotas: {exc}"]
 
 
 def live_instance_ids(runtime: Runtime) -> set[str]:

@@ -154,7 +154,7 @@ class Cloud(abc.ABC):
     @abc.abstractmethod
     def attach_port(self, port_id: str, server_id: str) -> None:
         """Hot-plug the port into the running server; returns once the guest has the
-        address: the broker reaches PostgreSQL on it (a TCP connect, bounded wait;
+        address: the broker reaches PostgreSQL on it (it answers an SSLRequest, bounded wait;
         CloudError otherwise). The cloud only plugs the NIC: the guest's NIC agent
         configures it.
 
@@ -242,6 +242,10 @@ class Cloud(abc.ABC):
 
     def check(self) -> list[str]:
         """Problems with the configuration (unreachable cloud, unknown flavor, ...)."""
+        return []
+
+    def capacity(self) -> list[str]:
+        """One line per plan: how many more instances the cloud's quotas allow."""
         return []
 
     def close(self) -> None:  # noqa: B027 - an optional hook, empty on purpose

@@ -6,6 +6,7 @@ Lines starting with "warning:" do not stop the broker; every other line does.
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -138,13 +139,16 @@ def check_cloud(cloud: OpenStackCloud) -> list[str]:
     if not cloud.admin_cidr:
         problems.append("BROKER_ADMIN_CIDR is not set: the nodes' security groups must let "
                         "the broker reach PostgreSQL (e.g. the broker's egress address/32)")
-    if cloud.options.force_down:
+    hook = cloud.options.fence_hook
+    if hook and not (os.path.isfile(hook) and os.access(hook, os.X_OK)):
+        problems.append(f"BROKER_OPENSTACK_FENCE_HOOK {hook!r} is not an executable file")
+    if cloud.admin_conn is not None:
         try:
-            list(cloud.admin().compute.services(binary="nova-compute"))
+            list(cloud.admin_conn.compute.services(binary="nova-compute"))
         except os_exc.ForbiddenException:
-            problems.append("BROKER_OPENSTACK_FORCE_DOWN is on but the credentials cannot "
-                            "read compute services: set BROKER_OPENSTACK_ADMIN_CLOUD to an "
-                            "admin clouds.yaml entry")
+            problems.append("BROKER_OPENSTACK_ADMIN_CLOUD cannot read compute services "
+                            "(admin role needed): host status and the fencing hook do "
+                            "not work")
         except Exception as exc:
             verdict = classify(exc)
             if verdict is None:

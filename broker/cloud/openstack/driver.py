@@ -139,3 +139,8 @@ class OpenStackCloud(Servers):
         from broker.cloud.openstack.checks import check_cloud
 
         return check_cloud(self)
+
+    def capacity(self) -> list[str]:
+        from broker.cloud.openstack.quotas import capacity
+
+        return capacity(self)

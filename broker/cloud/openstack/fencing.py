@@ -2,19 +2,23 @@
 
 The ladder (docs/openstack.md, "Failover on OpenStack", says the same to operators):
 
-1. Nova already counts the server's compute host down (status UNKNOWN, or the
-   service is down / forced down): go to 3.
-2. Otherwise ask Nova to stop the server and wait up to `stop_timeout` for SHUTOFF.
-   A crashed guest on a live hypervisor (kernel panic) ends here within seconds: the
-   server is fenced, and its port detaches normally.
+1. With an admin connection, Nova's `host_status` says whether it counts the
+   server's compute host down: then go to 3. (Nova's default policy shows it to
+   admins only; member-only credentials start at 2 whatever the host's state.)
+2. Ask Nova to stop the server and wait up to `stop_timeout` for SHUTOFF. A crashed
+   guest on a live hypervisor (kernel panic) ends here within seconds: the server
+   is fenced, and its port detaches normally. A dead hypervisor accepts the stop
+   and never carries it out.
 3. No SHUTOFF (the hypervisor does not answer), ERROR, or a host counted down: fence
    by deleting the server. On a live host Nova deletes it at once. On a dead host
    the delete is ignored until Nova counts the compute service down (its
    `service_down_time`, 60 s by default); the broker repeats the delete until then,
    and Nova's "local delete" then unbinds the ports and the volume attachments.
-   With BROKER_OPENSTACK_FORCE_DOWN (opt-in, admin credentials) the broker forces the
-   compute service down once its heartbeat has been frozen for `force_down_after`,
-   instead of waiting for `service_down_time`.
+   With an operator's fencing hook (BROKER_OPENSTACK_FENCE_HOOK, admin connection),
+   once the host's heartbeat has been frozen for `fence_hook_after` the hook powers
+   the host off; only after it confirmed (exit 0) is the compute service forced
+   down, so Nova local-deletes at once instead of after `service_down_time`.
+   A SOFT_DELETED server (deferred delete) is force-deleted.
 4. Nothing of that within `host_down_timeout`: FenceError. The failover stops there;
    the service port stays where it is; nothing is promoted.
 
@@ -24,8 +28,8 @@ port free while Neutron still binds it to the old server.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from openstack import exceptions as os_exc
@@ -36,9 +40,11 @@ from broker.cloud.openstack.hosts import (
     ComputeHosts,
     Heartbeat,
     host_counted_down,
+    is_soft_deleted,
     is_stopped,
     powered_off,
 )
+from broker.cloud.openstack.volume_release import VolumeRelease
 
 if TYPE_CHECKING:
     from broker.cloud.openstack.driver import OpenStackCloud
@@ -57,6 +63,7 @@ class Fencer:
     def __init__(self, cloud: OpenStackCloud) -> None:
         self.cloud = cloud
         self.hosts = ComputeHosts(cloud)
+        self.volumes = VolumeRelease(cloud, self.hosts)
 
     @property
     def options(self) -> OpenStackOptions:
@@ -74,17 +81,19 @@ class Fencer:
             raise FenceError(f"could not fence server {server_id}: {exc}") from None
 
     def _stop(self, server_id: str) -> None:
-        server = self.cloud.raw_server(server_id)
+        server = self.hosts.read(server_id)
         if server is None:
             report(f"server {server_id} is gone: nothing runs there any more")
             return
         name = server.name or server_id
-        heartbeat = Heartbeat() if self.options.force_down else None
+        heartbeat = Heartbeat() if self.options.fence_hook else None
         if host_counted_down(server):
             reason = "Nova counts its compute host down"
         elif is_stopped(server):
             report(f"server {name} is stopped (SHUTOFF): fenced")
             return
+        elif is_soft_deleted(server):
+            reason = "it is soft-deleted (deferred delete)"
         elif (server.status or "").upper() == "ERROR":
             reason = "it is in ERROR"
         else:
@@ -101,10 +110,10 @@ class Fencer:
         if not self._delete_until_gone(server_id, name, self.options.host_down_timeout,
                                        heartbeat, why=reason):
             host_hint = ""
-            if not self.options.force_down:
+            if not self.options.fence_hook:
                 host_hint = (" If that host is really off, an operator can run `openstack "
-                             "compute service set --down <host> nova-compute` (or enable "
-                             "BROKER_OPENSTACK_FORCE_DOWN).")
+                             "compute service set --down <host> nova-compute` (or configure "
+                             "a fencing hook, BROKER_OPENSTACK_FENCE_HOOK).")
             raise FenceError(
                 f"could not fence server {name}: {reason}, and Nova has not deleted it "
                 f"within {self.options.host_down_timeout:.0f} s (its compute host is not "
@@ -120,7 +129,7 @@ class Fencer:
             except os_exc.NotFoundException:
                 return
             except os_exc.ConflictException:
-                current = self.cloud.raw_server(server_id)
+                current = self.hosts.read(server_id)
                 if current is None or is_stopped(current) or host_counted_down(current) \
                         or current.task_state == "powering-off":
                     return
@@ -137,7 +146,7 @@ class Fencer:
             return "no-stop"
 
         def probe() -> str | None:
-            current = self.cloud.raw_server(server_id)
+            current = self.hosts.read(server_id)
             if current is None:
                 return "gone"
             if host_counted_down(current):
@@ -146,7 +155,8 @@ class Fencer:
                 return "stopped"
             if (current.status or "").upper() == "ERROR":
                 return "error"
-            if heartbeat is not None and self.hosts.host_silent(server_id, heartbeat) is not None:
+            if heartbeat is not None \
+                    and self.hosts.silent_service(server_id, heartbeat) is not None:
                 return "host-silent"
             return None
 
@@ -169,7 +179,6 @@ class Fencer:
 
     def _delete_until_gone(self, server_id: str, name: str, timeout: float,
                            heartbeat: Heartbeat | None, *, why: str | None) -> bool:
-        compute = self.cloud.conn.compute
         if why is not None:
             report(f"fencing server {name} by deleting it ({why}); on a dead host Nova does "
                    "this only once it counts the compute service down; waiting up to "
@@ -180,10 +189,10 @@ class Fencer:
         resend_every = max(2.0 * self.options.poll_max_interval, 1.0)
         last_sent: float | None = None
         delay = self.options.poll_interval
-        forced = False
+        hook_ran = False
         said_down = False
         while True:
-            server = self.cloud.raw_server(server_id)
+            server = self.hosts.read(server_id)
             if server is None:
                 report(f"server {name} is deleted")
                 return True
@@ -194,23 +203,37 @@ class Fencer:
                 last_sent = None  # a delete now is Nova's local delete
                 report(f"Nova counts the compute host of server {name} down: deleting it "
                        "without the host (ports and volume are released)")
-            if heartbeat is not None and not forced and not down:
-                service = self.hosts.host_silent(server_id, heartbeat)
+            if heartbeat is not None and not hook_ran and not down:
+                service = self.hosts.silent_service(server_id, heartbeat)
                 if service is not None:
-                    self.hosts.force_down(service, name)
-                    forced = True
-                    last_sent = None
+                    hook_ran = True  # once: a hook that did not confirm is not retried
+                    if self.hosts.fence(service, name):
+                        last_sent = None
             if last_sent is None or now - last_sent >= resend_every:
                 # Repeated on purpose: Nova ignores a second delete while the first is
                 # cast to a host that is still counted up, and local-deletes once it's not.
-                self.cloud.call(f"deleting server {name}",
-                                lambda: compute.delete_server(server_id, ignore_missing=True))
+                self._send_delete(server, name)
                 last_sent = time.monotonic()
                 continue
             if now >= deadline:
                 return False
             time.sleep(min(delay, max(0.0, deadline - now)))
             delay = min(self.options.poll_max_interval, delay * 1.5)
+
+    def _send_delete(self, server: Any, name: str) -> None:
+        compute = self.cloud.conn.compute
+        if is_soft_deleted(server):
+            # Deferred delete (reclaim_instance_interval): another DELETE changes nothing
+            # and the server keeps its ports and volume; forceDelete ends it.
+            report(f"server {name} is soft-deleted: force-deleting it")
+
+            def force() -> None:
+                with contextlib.suppress(os_exc.NotFoundException):
+                    compute.get_server(server.id).force_delete(compute)
+            self.cloud.call(f"force-deleting server {name}", force)
+            return
+        self.cloud.call(f"deleting server {name}",
+                        lambda: compute.delete_server(server, ignore_missing=True))
 
     # --- the service port -------------------------------------------------------------------
     def detach_port(self, port_id: str, server_id: str) -> None:
@@ -238,7 +261,7 @@ class Fencer:
             report(f"port {name} is unbound")
             return True
 
-        server = cloud.raw_server(server_id)
+        server = self.hosts.read(server_id)
         if server is not None and host_counted_down(server) and not powered_off(server):
             raise FenceError(
                 f"port {name} is bound to server {server.name or server_id}, whose compute "
@@ -248,7 +271,7 @@ class Fencer:
             self._request_detach(port_id, name, server_id)
             if shows_unbound(f" from server {server_id}"):
                 return
-            server = cloud.raw_server(server_id)
+            server = self.hosts.read(server_id)
         if server is None:
             if shows_unbound(""):  # Nova's delete unbinds it; give Neutron a moment
                 return
@@ -274,91 +297,9 @@ class Fencer:
             except os_exc.NotFoundException:
                 return  # Nova no longer lists it; Neutron follows
             except os_exc.ConflictException:
-                current = cloud.raw_server(server_id)
+                current = self.hosts.read(server_id)
                 if current is None or host_counted_down(current):
                     return  # the wait that follows decides
                 raise  # a task runs on the server: retried
 
         cloud.call(f"detaching port {name} from server {server_id}", attempt)
-
-    # --- volumes ----------------------------------------------------------------------------
-    def detach_volume(self, volume_id: str, server_id: str, *, force: bool) -> None:
-        cloud = self.cloud
-        volume = cloud.raw_volume(volume_id)
-        if volume is None:
-            return
-        name = volume.name or volume_id
-
-        def attachments() -> list[dict[str, Any]]:
-            current = cloud.raw_volume(volume_id)
-            if current is None:
-                return []
-            return [a for a in current.attachments or [] if a.get("server_id") == server_id]
-
-        def released() -> bool | None:
-            return True if not attachments() else None
-
-        if not attachments():
-            return
-        server = cloud.raw_server(server_id)
-        live = server is not None and not host_counted_down(server)
-        if live:
-            assert server is not None
-            if force and (server.status or "").upper() not in ("SHUTOFF", "ERROR"):
-                raise CloudError(f"refusing to force volume {name} off server "
-                                 f"{server.name or server_id}, which may be running: "
-                                 "fence (stop) it first")
-            cloud.call(f"detaching volume {name} from server {server_id}",
-                       lambda: cloud.conn.compute.delete_volume_attachment(
-                           server_id, volume_id, ignore_missing=True))
-            try:
-                cloud.wait(f"volume {name} to be released by server {server_id}", released,
-                           self.options.detach_timeout)
-                return
-            except WaitTimeout:
-                if not force:
-                    raise TransientCloudError(
-                        f"volume {name} is still attached to server {server_id} after "
-                        f"{self.options.detach_timeout:.0f} s") from None
-        elif not force:
-            where = "deleted server" if server is None else "server on a dead host"
-            raise CloudError(f"volume {name} is still attached to {where} {server_id}: "
-                             "Nova cannot release it; detach it with force")
-
-        # Nova cannot (or did not) release it: Cinder's side, never a status reset alone.
-        report(f"volume {name} is stuck in-use on server {server_id}: deleting its Cinder "
-               "attachment")
-        storage = cloud.conn.block_storage
-        for attachment in attachments():
-            attachment_id = attachment.get("attachment_id")
-            if not attachment_id:
-                continue
-            try:
-                cloud.call(f"deleting the attachment of volume {name}",
-                           partial(storage.delete_attachment, attachment_id,
-                                   ignore_missing=True))
-            except CloudError as exc:
-                log.warning("%s", exc)
-        try:
-            cloud.wait(f"volume {name} to be released", released,
-                       self.options.detach_timeout, quiet=True)
-            return
-        except WaitTimeout:
-            pass
-        report(f"volume {name} is still attached: Cinder force-detach (admin)")
-        admin_storage = cloud.admin().block_storage
-        for attachment in attachments():
-            try:
-                cloud.call(f"force-detaching volume {name}",
-                           partial(admin_storage.detach_volume, volume_id,
-                                   attachment.get("attachment_id"), force=True))
-            except CloudError as exc:
-                log.warning("%s", exc)
-        try:
-            cloud.wait(f"volume {name} to be released", released,
-                       self.options.detach_timeout, quiet=True)
-        except WaitTimeout:
-            raise CloudError(
-                f"volume {name} is still attached to server {server_id} after deleting its "
-                "attachment and a force-detach: an operator must clean it up (openstack "
-                "volume attachment delete / cinder force-detach)") from None

@@ -1,9 +1,20 @@
-"""What Nova says about a server's compute host: whether it counts the host down,
-whether the server is powered off, and (with BROKER_OPENSTACK_FORCE_DOWN and admin
-credentials) the host's nova-compute service, its heartbeat, and forcing it down."""
+"""What Nova says about a server's compute host, and the operator's fencing hook.
+
+Nova's default policies show a server's `host_status` to admins only, and a
+server's `status` never reflects its host: with member-only credentials the broker
+cannot tell a dead hypervisor from a live one. So the host's state is read only
+through the admin connection (BROKER_OPENSTACK_ADMIN_CLOUD), when there is one.
+
+A compute service is forced down only after the operator's fencing hook
+(BROKER_OPENSTACK_FENCE_HOOK: IPMI power-off, Masakari, ...) confirmed that the host
+is off; Nova's API reference warns that forcing a host down without fencing it
+"will likely result in the corruption of VMs on that host". A service Nova already
+counts down is never forced.
+"""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -16,17 +27,23 @@ if TYPE_CHECKING:
 
 
 def host_counted_down(server: Any) -> bool:
-    """Nova no longer hears the server's compute host (or it was forced down)."""
-    return ((server.status or "").upper() == "UNKNOWN"
-            or (server.host_status or "").upper() in ("UNKNOWN", "DOWN"))
+    """Nova no longer hears the server's compute host, or it was forced down.
+
+    Only a server read with rights to see `host_status` can say so; to others
+    (Nova's default policy) this is always False."""
+    return (server.host_status or "").upper() in ("UNKNOWN", "DOWN")
 
 
 def is_stopped(server: Any) -> bool:
     return (server.status or "").upper() == "SHUTOFF" and not server.task_state
 
 
+def is_soft_deleted(server: Any) -> bool:
+    return (server.status or "").upper() == "SOFT_DELETED"
+
+
 def powered_off(server: Any) -> bool:
-    """Nova confirmed the power-off (vm_state survives a host counted down, status not)."""
+    """Nova confirmed the power-off (vm_state and no task left)."""
     return is_stopped(server) or (
         (server.vm_state or "").lower() == "stopped" and not server.task_state)
 
@@ -46,52 +63,77 @@ class Heartbeat:
             self.since = now
         return now - self.since
 
+
 class ComputeHosts:
-    """The nova-compute service behind a server (admin)."""
+    """Servers as the admin connection sees them, and their nova-compute services."""
 
     def __init__(self, cloud: OpenStackCloud) -> None:
         self.cloud = cloud
-        self._warned_no_admin = False
+
+    def read(self, server_id: str) -> Any:
+        """The server, with `host_status` when an admin connection is configured."""
+        return self.cloud.raw_server(server_id, conn=self.cloud.admin_conn)
 
     def compute_service(self, server_id: str) -> Any:
         """The nova-compute service of the server's host; None if not visible to us."""
-        admin = self.cloud.admin()
+        admin = self.cloud.admin_conn
+        if admin is None:
+            return None
 
         def attempt() -> Any:
             try:
-                server = admin.compute.get_server(server_id)
-                host = server.compute_host
+                host = admin.compute.get_server(server_id).compute_host
                 if not host:
                     return None
                 found = list(admin.compute.services(host=host, binary="nova-compute"))
                 return found[0] if found else None
-            except (os_exc.ForbiddenException, os_exc.NotFoundException):
-                if not self._warned_no_admin:
-                    self._warned_no_admin = True
-                    log.warning("BROKER_OPENSTACK_FORCE_DOWN is on but the credentials "
-                                "cannot read compute services (admin needed): the broker "
-                                "waits for Nova to count dead hosts down by itself")
+            except os_exc.NotFoundException:
                 return None
         return self.cloud.call(f"reading the compute service of server {server_id}", attempt)
 
-    def host_silent(self, server_id: str, heartbeat: Heartbeat) -> Any:
-        """The compute service, if it has sent no heartbeat for `force_down_after`."""
+    def silent_service(self, server_id: str, heartbeat: Heartbeat) -> Any:
+        """The server's compute service if its heartbeat has been frozen for
+        `fence_hook_after` (or Nova counts it down); None otherwise or if not visible."""
         service = self.compute_service(server_id)
-        if service is None or service.is_forced_down:
+        if service is None:
             return None
-        if (service.state or "").lower() == "down":
+        if service.is_forced_down or (service.state or "").lower() == "down":
             return service
-        if heartbeat.frozen_for(service.updated_at) >= self.cloud.options.force_down_after:
+        if heartbeat.frozen_for(service.updated_at) >= self.cloud.options.fence_hook_after:
             return service
         return None
 
-    def force_down(self, service: Any, name: str) -> None:
-        host = service.host
-        report(f"the compute host of server {name} ({host}) has sent no heartbeat for "
-               f"{self.cloud.options.force_down_after:.0f} s: forcing its nova-compute service "
-               "down (BROKER_OPENSTACK_FORCE_DOWN). After repairing the host an operator "
-               f"runs: openstack compute service set --up {host} nova-compute")
-        admin = self.cloud.admin()
-        self.cloud.call(f"forcing the compute service of host {host} down",
+    def fence(self, service: Any, name: str) -> bool:
+        """Run the fencing hook on the service's host; once it confirmed the host off,
+        force the service down (unless Nova counts it down already)."""
+        if not self.run_hook(service.host, name):
+            return False
+        if service.is_forced_down or (service.state or "").lower() == "down":
+            report(f"Nova counts host {service.host} down already: not forcing it")
+            return True
+        report(f"the fencing hook confirmed host {service.host} off: forcing its "
+               "nova-compute service down. After repairing the host an operator runs: "
+               f"openstack compute service set --up {service.host} nova-compute")
+        admin = self.cloud.admin_conn
+        self.cloud.call(f"forcing the compute service of host {service.host} down",
                         lambda: admin.compute.update_service_forced_down(
-                            service, host=host, binary="nova-compute", forced=True))
+                            service, host=service.host, binary="nova-compute", forced=True))
+        return True
+
+    def run_hook(self, host: str, name: str) -> bool:
+        hook = self.cloud.options.fence_hook
+        assert hook is not None
+        report(f"the compute host of server {name} ({host}) has sent no heartbeat for "
+               f"{self.cloud.options.fence_hook_after:.0f} s: running the fencing hook")
+        try:
+            done = subprocess.run([hook, host], stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True, check=False,
+                                  timeout=self.cloud.options.fence_hook_timeout)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("the fencing hook for host %s failed: %s", host, exc)
+            return False
+        if done.returncode != 0:
+            log.warning("the fencing hook for host %s exited %s: %s", host, done.returncode,
+                        (done.stderr or done.stdout).strip()[-500:])
+            return False
+        return True

@@ -144,12 +144,27 @@ class Networks(Session):
         found = [g for g in self.conn.network.security_groups(name=name) if g.name == name]
         return sorted(found, key=lambda g: g.id)[0] if found else None
 
+    @staticmethod
+    def security_group_name(instance_id: str, purpose: str, tags: dict[str, str]) -> str:
+        """The service port's rules (app CIDRs, the broker) depend on the plan only: one
+        group per plan keeps the quota cost at one group per instance (Neutron's default
+        quota is 10 groups). The nodes' group names itself in its rule: per instance."""
+        plan_id = tags.get(TAG_PLAN)
+        if purpose == "service" and plan_id:
+            return f"{NAME_PREFIX}plan-{plan_id}-apps"
+        return f"{NAME_PREFIX}{instance_id}-{'service' if purpose == 'service' else 'nodes'}"
+
     def ensure_security_group(self, instance_id: str, purpose: str,
                               app_cidrs: tuple[str, ...], tags: dict[str, str]) -> str:
-        """The instance's own group for its service port or its nodes, rules kept exact."""
-        suffix = "service" if purpose == "service" else "nodes"
-        name = f"{NAME_PREFIX}{instance_id}-{suffix}"
-        group_tags = to_neutron_tags({TAG_INSTANCE: instance_id, TAG_MANAGED: "true"})
+        """The group for a service port (per plan) or for the nodes (per instance),
+        rules kept exact."""
+        name = self.security_group_name(instance_id, purpose, tags)
+        per_plan = not name.endswith(("-service", "-nodes"))
+        # A plan's group carries no instance tag: no instance's teardown or orphan
+        # sweep takes it; it goes with the plan's last service port.
+        group_tags = to_neutron_tags({TAG_PLAN: tags[TAG_PLAN]} if per_plan
+                                     else {TAG_INSTANCE: instance_id, TAG_MANAGED: "true"})
+        owner = f"plan {tags.get(TAG_PLAN)}" if per_plan else instance_id
         net = self.conn.network
 
         def find_or_create() -> Any:
@@ -158,7 +173,7 @@ class Networks(Session):
                 what = ("PostgreSQL from the app CIDRs" if purpose == "service"
                         else "replication between the instance's nodes")
                 group = net.create_security_group(
-                    name=name, description=f"pgha {instance_id}: {what} (made by the broker)")
+                    name=name, description=f"pgha {owner}: {what} (made by the broker)")
             if not set(group_tags) <= set(group.tags or []):
                 net.set_tags(group, sorted(set(group.tags or []) | set(group_tags)))
             return group

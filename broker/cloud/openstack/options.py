@@ -18,8 +18,9 @@ _FALSE = {"", "0", "false", "no", "off"}
 
 @dataclass(frozen=True)
 class OpenStackOptions:
-    # A second clouds.yaml entry with admin rights, used ONLY for reading compute
-    # services, forcing one down (opt-in) and Cinder force-detach. None: the main one.
+    # A second clouds.yaml entry with admin rights, used ONLY for reading servers'
+    # host status and compute services, forcing a service down after the fencing hook
+    # confirmed its host off, and Cinder force-detach. None: member-only.
     admin_cloud: str | None = None
     api_timeout: float = 30.0          # one HTTP request
     boot_timeout: float = 600.0        # server BUILD -> ACTIVE
@@ -27,9 +28,17 @@ class OpenStackOptions:
     delete_timeout: float = 180.0      # server delete -> gone
     stop_timeout: float = 30.0         # os-stop -> SHUTOFF before the delete escalation
     detach_timeout: float = 60.0       # interface/volume detach -> unbound
+    # attach_port -> PostgreSQL answers on the service address (the guest's NIC agent
+    # configures it when the NIC appears). Only code can set 0, which skips the check:
+    # the API-level tests, whose fake servers have no guest to answer.
+    reach_timeout: float = 60.0
     host_down_timeout: float = 240.0   # dead host: wait for Nova to release the server
-    force_down: bool = False           # opt-in: force a silent compute service down
-    force_down_after: float = 30.0     # ... after its heartbeat was seen frozen this long
+    # An operator's command that powers a compute host off (IPMI, Masakari, ...), run
+    # as `<hook> <host>`; exit 0 means the host is off. Only then is its compute
+    # service forced down. Needs admin_cloud (host names and services are admin-only).
+    fence_hook: str | None = None
+    fence_hook_after: float = 30.0     # heartbeat frozen this long before the hook runs
+    fence_hook_timeout: float = 120.0  # the hook's own run time
     volume_device: str | None = None   # None: /dev/disk/by-id/virtio-<volume id[:20]>
     config_drive: bool = False
     retry_budget: float = 60.0         # total time spent retrying one call
@@ -63,9 +72,19 @@ class OpenStackOptions:
                 values[f.name] = number
             else:
                 values[f.name] = raw or None
+        if env.get("BROKER_OPENSTACK_FORCE_DOWN") is not None:
+            raise ConfigError("BROKER_OPENSTACK_FORCE_DOWN is gone: forcing a compute service "
+                              "down on a frozen heartbeat alone can corrupt the VMs of every "
+                              "tenant on that host. Set BROKER_OPENSTACK_FENCE_HOOK to a "
+                              "command that powers the host off (the broker then forces the "
+                              "service down only after the command confirmed it)")
         options = cls(**values)  # type: ignore[arg-type]
-        if options.force_down and options.force_down_after < 20:
-            raise ConfigError("BROKER_OPENSTACK_FORCE_DOWN_AFTER must be at least 20 s "
+        if options.fence_hook and not options.admin_cloud:
+            raise ConfigError("BROKER_OPENSTACK_FENCE_HOOK needs BROKER_OPENSTACK_ADMIN_CLOUD: "
+                              "a server's compute host and its service are visible to admins "
+                              "only")
+        if options.fence_hook and options.fence_hook_after < 20:
+            raise ConfigError("BROKER_OPENSTACK_FENCE_HOOK_AFTER must be at least 20 s "
                               "(more than twice Nova's report_interval), or a live host "
-                              "between two heartbeats could be forced down")
+                              "between two heartbeats could be powered off")
         return options

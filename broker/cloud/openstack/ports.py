@@ -18,7 +18,6 @@ from broker.cloud.base import (
 from broker.cloud.openstack.calls import WaitTimeout, log
 from broker.cloud.openstack.networks import Networks
 from broker.cloud.openstack.resources import (
-    NAME_PREFIX,
     from_neutron_tags,
     managed,
     port_record,
@@ -128,7 +127,8 @@ class Ports(Networks):
         except WaitTimeout as exc:
             raise TransientCloudError(str(exc)) from None
         # ACTIVE concerns the virtual switch: the guest's NIC agent configures the address.
-        wait_reachable(port.address)
+        if self.options.reach_timeout > 0:
+            wait_reachable(port.address, timeout=self.options.reach_timeout)
 
     def detach_port(self, port_id: str, server_id: str) -> None:
         """Returns only once Neutron shows the port unbound. FenceError if it never is:
@@ -143,11 +143,13 @@ class Ports(Networks):
         self.delete_quietly(f"deleting port {raw.name or port_id}",
                              lambda: self.conn.network.delete_port(port_id,
                                                                    ignore_missing=True))
-        instance_id = from_neutron_tags(raw.tags).get(TAG_INSTANCE)
+        tags = from_neutron_tags(raw.tags)
+        instance_id = tags.get(TAG_INSTANCE)
         if instance_id:
-            # The instance's security group goes with its last port.
-            suffix = "service" if (raw.name or "").endswith("-service") else "nodes"
-            group = self.find_security_group(f"{NAME_PREFIX}{instance_id}-{suffix}")
+            # The group goes with its last port (Neutron refuses while one uses it).
+            purpose = "service" if (raw.name or "").endswith("-service") else "management"
+            group = self.find_security_group(
+                self.security_group_name(instance_id, purpose, tags))
             if group is not None:
                 self.delete_security_group(group.id, if_unused=True)
 

@@ -39,8 +39,10 @@ class Servers(Volumes):
                            key=lambda g: g.id)
             if found:
                 return found[0]
-            # Anti-affinity is per hypervisor; the zones spread the nodes further.
-            return compute.create_server_group(name=name, policy="anti-affinity")
+            # The zones keep the nodes apart. Soft anti-affinity (Nova 2.15+) also prefers
+            # distinct hypervisors, yet lets a replacement boot on the only eligible host
+            # of a zone while its fenced (SHUTOFF) predecessor is still a group member.
+            return compute.create_server_group(name=name, policy="soft-anti-affinity")
 
         group = self.call(f"creating server group {name}", find_or_create)
         return str(group.id)
@@ -74,10 +76,11 @@ class Servers(Volumes):
         existing = self.call(f"looking for server {spec.name}",
                              lambda: self._find_server(spec.name))
         if existing is not None:
-            if (existing.status or "").upper() != "ERROR":
+            if (existing.status or "").upper() not in ("ERROR", "SOFT_DELETED"):
                 report(f"server {spec.name} exists already: adopting it")
                 return self._wait_active(existing.id, spec.name)
-            report(f"server {spec.name} exists in ERROR: deleting it to boot it again")
+            report(f"server {spec.name} exists in {existing.status}: deleting it to boot it "
+                   "again")
             self.delete_server(existing.id)
 
         volume = self.raw_volume(spec.volume_id)
@@ -159,15 +162,16 @@ class Servers(Volumes):
             reason = calls.scrub(str(fault or "no reason given"))
             hint = ""
             if "valid host" in reason.lower():
-                hint = (" (each node needs its own hypervisor in its zone: anti-affinity; "
-                        "check the zone's capacity and the flavor's aggregate)")
+                hint = (" (no enabled compute host in the zone fits: check the zone's "
+                        "capacity and the flavor's aggregate)")
             report(f"server {name} failed to boot: {reason}; deleting it")
             self.delete_server(server_id)
             raise CloudError(f"server {name} failed to boot: {reason}{hint}")
         return server_record(server)
 
     def get_server(self, server_id: str) -> Server | None:
-        server = self.raw_server(server_id)
+        # Through the admin connection when there is one: only it sees host_status.
+        server = self.fencer.hosts.read(server_id)
         return server_record(server) if server is not None else None
 
     def stop_server(self, server_id: str) -> None:

@@ -80,7 +80,7 @@ class Volumes(Ports):
         return volume_record(volume) if volume is not None else None
 
     def detach_volume(self, volume_id: str, server_id: str, *, force: bool = False) -> None:
-        self.fencer.detach_volume(volume_id, server_id, force=force)
+        self.fencer.volumes.detach_volume(volume_id, server_id, force=force)
 
     def delete_volume(self, volume_id: str) -> None:
         volume = self.raw_volume(volume_id)
@@ -92,7 +92,7 @@ class Volumes(Ports):
         for server_id in ghosts:
             # Attached to a server that no longer exists (a local delete that did not
             # reach the storage backend): only Cinder can let go of it.
-            self.fencer.detach_volume(volume_id, server_id, force=True)
+            self.fencer.volumes.detach_volume(volume_id, server_id, force=True)
         if ghosts:
             volume = self.raw_volume(volume_id)
             if volume is None:

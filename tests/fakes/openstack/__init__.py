@@ -1,9 +1,16 @@
-"""An HTTP-level OpenStack fake (Keystone, Nova, Neutron, Cinder, Glance) on loopback.
+"""An HTTP-level OpenStack fake (Keystone, Nova, Neutron, Cinder, Glance, Nova's
+metadata service) on loopback, one blueprint per service (app.py wires them).
+
+It behaves like an upstream deployment with default policies and configuration;
+CloudState's switches model a cloud that changed them: `host_status_policy`
+("admin", "unknown-only", "member"), `service_down_time`, `rpc_response_timeout`,
+`reclaim_instance_interval`, `metadata_cache_expiration`, `quotas`.
 
     fake = FakeOpenStack().start()
     fake.write_clouds_yaml(tmp_dir)  # then OS_CLIENT_CONFIG_FILE / OS_CLOUD=fake
     fake.state.kill_host("cmp-az1-1")
     fake.fail("POST", r"/servers$", status=500, times=2)
+    fake.fail("POST", r"/ports$", status=500, applied=True)  # made, then a 500
     fake.stop()
 """
 
@@ -85,9 +92,10 @@ class FakeOpenStack:
     # --- fault injection and inspection --------------------------------------------------
     def fail(self, method: str | None, path: str, *, status: int | None = 500,
              times: int | None = 1, delay: float = 0.0,
-             body: dict[str, Any] | None = None) -> FaultRule:
+             body: dict[str, Any] | None = None, applied: bool = False) -> FaultRule:
+        """Fail matching requests before they are applied, or (applied=True) after."""
         rule = FaultRule(path=path, method=method, status=status, times=times, delay=delay,
-                         body=body)
+                         body=body, applied=applied)
         with self.state.lock:
             self.state.faults.append(rule)
         return rule

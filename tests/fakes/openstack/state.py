@@ -231,6 +231,8 @@ class Server:
     updated: datetime = field(default_factory=wall)
     # Requests the host never acted on (a dead hypervisor).
     pending: list[str] = field(default_factory=list)
+    # The config drive's files (openstack/latest/...), written once when it booted.
+    config_drive: dict[str, Any] | None = None
 
 
 @dataclass
@@ -243,7 +245,10 @@ class Task:
 
 @dataclass
 class FaultRule:
-    """Answer `status` (or sleep `delay` first) for matching requests, `times` times."""
+    """Answer `status` (or sleep `delay` first) for matching requests, `times` times.
+
+    With `applied`, the request is carried out first and only its answer is lost: a
+    `status` replaces the real answer, a `delay` holds it past the client's timeout."""
 
     path: str                       # a regex searched in the request path
     method: str | None = None
@@ -251,6 +256,7 @@ class FaultRule:
     delay: float = 0.0
     times: int | None = 1           # None: every time
     body: dict[str, Any] | None = None
+    applied: bool = False
     hits: int = 0
 
     def matches(self, method: str, path: str) -> bool:
@@ -271,9 +277,19 @@ class Recorded:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+# Nova's status from vm_state and task_state alone (nova/api/openstack/common.py,
+# _STATE_MAP): the compute host's health never enters it.
 _VM_TO_STATUS = {
     "building": "BUILD", "active": "ACTIVE", "stopped": "SHUTOFF", "error": "ERROR",
-    "deleted": "DELETED", "paused": "PAUSED",
+    "deleted": "DELETED", "paused": "PAUSED", "soft-delete": "SOFT_DELETED",
+    "suspended": "SUSPENDED", "rescued": "RESCUE",
+}
+
+# Upstream defaults: nova/conf/quota.py and Neutron's and Cinder's quota options.
+DEFAULT_QUOTAS = {
+    "instances": 10, "cores": 20, "ram": 51200, "server_groups": 10,
+    "server_group_members": 10, "security_groups": 10, "security_group_rules": 100,
+    "ports": 500, "volumes": 10, "gigabytes": 1000,
 }
 
 _RUNNING = 1
@@ -291,6 +307,18 @@ class CloudState:
         self.build_delay = 0.05
         self.action_delay = 0.05
         self.service_down_time = 60.0
+        # A synchronous RPC to a dead compute host waits this long (Nova: 60 s).
+        self.rpc_response_timeout = 60.0
+        # > 0: DELETE soft-deletes (SOFT_DELETED, ports and volume kept) and the host
+        # reclaims the server after this many seconds; forceDelete ends it at once.
+        self.reclaim_instance_interval = 0.0
+        # Who sees a server's host_status: "admin" (Nova's default for both
+        # show:host_status and show:host_status:unknown-only), "unknown-only"
+        # (members see it when UNKNOWN) or "member" (a cloud that relaxed both).
+        self.host_status_policy = "admin"
+        # Nova's metadata API: the proxy's shared secret and the cache time.
+        self.metadata_secret = "metadata-proxy-secret"
+        self.metadata_cache_expiration = 15.0
         self.zones = list(zones)
         self.volume_zones = list(zones)
         self.hosts: dict[str, Host] = {}
@@ -311,7 +339,7 @@ class CloudState:
         self.tasks: list[Task] = []
         self.faults: list[FaultRule] = []
         self.requests: list[Recorded] = []
-        self.quotas: dict[str, int] = {}
+        self.quotas: dict[str, int] = dict(DEFAULT_QUOTAS)
         self._mac = 0
         self._seed()
 
@@ -402,14 +430,21 @@ class CloudState:
         return time.monotonic() - host.died_at <= self.service_down_time
 
     def host_status(self, server: Server) -> str:
+        """Nova's precedence: forced_down, then disabled, then the heartbeat."""
         if not server.host:
             return ""
         host = self.hosts[server.host]
         if host.forced_down:
             return "DOWN"
-        if not self.service_up(host):
-            return "UNKNOWN"
-        return "MAINTENANCE" if host.disabled else "UP"
+        if host.disabled:
+            return "MAINTENANCE"
+        return "UP" if self.service_up(host) else "UNKNOWN"
+
+    def shows_host_status(self, server: Server, admin: bool) -> bool:
+        if admin or self.host_status_policy == "member":
+            return True
+        return self.host_status_policy == "unknown-only" \
+            and self.host_status(server) == "UNKNOWN"
 
     def kill_host(self, name: str) -> None:
         """The hypervisor dies: no heartbeats, no work done, its guests are gone too."""
@@ -454,7 +489,29 @@ class CloudState:
             return sum(v.size for v in self.volumes.values() if v.project_id == project_id)
         if resource == "server_groups":
             return sum(1 for g in self.server_groups.values() if g.project_id == project_id)
+        if resource in ("cores", "ram"):
+            attr = "vcpus" if resource == "cores" else "ram"
+            return sum(getattr(self.flavors[s.flavor_id], attr) for s in self.servers.values()
+                       if s.project_id == project_id)
+        if resource == "security_group_rules":
+            return sum(len(g.rules) for g in self.security_groups.values()
+                       if g.project_id == project_id)
         raise KeyError(resource)
+
+    def usage(self, project_id: str) -> dict[str, int]:
+        return {r: self._count(r, project_id) for r in DEFAULT_QUOTAS
+                if r != "server_group_members"}
+
+    def check_instance_quota(self, project_id: str, flavor: Flavor) -> None:
+        """Nova's TooManyInstances (403), naming every resource that would overflow."""
+        wanted = {"cores": flavor.vcpus, "instances": 1, "ram": flavor.ram}
+        overs = sorted(r for r, n in wanted.items() if self.over_quota(r, project_id, n))
+        if overs:
+            first = overs[0]
+            raise nova_error(403, f"Quota exceeded for {', '.join(overs)}: Requested "
+                                  f"{wanted[first]}, but already used "
+                                  f"{self._count(first, project_id)} of "
+                                  f"{self.quotas[first]} {', '.join(overs)}")
 
     def over_quota(self, resource: str, project_id: str, adding: int = 1) -> bool:
         limit = self.quotas.get(resource)
@@ -585,19 +642,24 @@ class CloudState:
 
     # --- Nova --------------------------------------------------------------------
     def pick_host(self, zone: str, group: ServerGroup | None) -> Host | None:
-        taken = set()
-        if group is not None and group.policy == "anti-affinity":
-            taken = {self.servers[m].host for m in group.members if m in self.servers}
-        for host in self.hosts.values():
-            if host.zone == zone and host.alive and not host.forced_down \
-                    and not host.disabled and host.name not in taken:
-                return host
+        """The scheduler: ComputeFilter (service counted up, enabled), the zone, and the
+        group's policy. Hard anti-affinity counts every member, SHUTOFF ones included;
+        soft anti-affinity only prefers other hosts."""
+        members = set()
+        if group is not None and group.policy in ("anti-affinity", "soft-anti-affinity"):
+            members = {self.servers[m].host for m in group.members if m in self.servers}
+        eligible = [h for h in self.hosts.values()
+                    if h.zone == zone and self.service_up(h) and not h.disabled]
+        free = [h for h in eligible if h.name not in members]
+        if free:
+            return free[0]
+        if group is not None and group.policy == "soft-anti-affinity" and eligible:
+            return eligible[0]
         return None
 
-    def server_status(self, server: Server) -> str:
-        if self.host_status(server) == "UNKNOWN":
-            return "UNKNOWN"
-        return _VM_TO_STATUS.get(server.vm_state, server.vm_state.upper())
+    @staticmethod
+    def server_status(server: Server) -> str:
+        return _VM_TO_STATUS.get(server.vm_state, "UNKNOWN")
 
     def boot(self, server: Server) -> None:
         """The scheduler's and the compute host's part of a create."""
@@ -680,11 +742,15 @@ class CloudState:
                 group.members.remove(server.id)
         del self.servers[server.id]
 
-    def delete_server(self, server: Server) -> None:
+    def delete_server(self, server: Server, *, force: bool = False) -> None:
+        """DELETE (a soft delete when reclaim_instance_interval is set) or forceDelete."""
         host = self.hosts.get(server.host or "")
         if host is None or not self.service_up(host):
             # Nova's "local delete": the API cleans up without the compute host.
             self.destroy(server)
+            return
+        if self.reclaim_instance_interval > 0 and not force:
+            self.soft_delete(server, host)
             return
         if server.task_state == "deleting":
             return  # "Instance is already in deleting state, ignoring this request"
@@ -692,6 +758,29 @@ class CloudState:
         if not host.alive:
             server.pending.append("delete")
         self.schedule(host.name, f"delete {server.id}", lambda: self.destroy(server))
+
+    def soft_delete(self, server: Server, host: Host) -> None:
+        if server.vm_state == "soft-delete":
+            return  # soft-deleted again: nothing changes, ports and volume stay held
+        server.task_state = "soft-deleting"
+        if not host.alive:
+            server.pending.append("soft delete")
+
+        def off() -> None:
+            if server.id in self.servers:
+                server.vm_state = "soft-delete"
+                server.task_state = None
+                server.power_state = _SHUTDOWN
+                self.hooks.power_off(server)
+
+                def reclaim() -> None:
+                    if server.id in self.servers and server.vm_state == "soft-delete":
+                        self.destroy(server)
+
+                self.schedule(host.name, f"reclaim {server.id}", reclaim,
+                              self.reclaim_instance_interval)
+
+        self.schedule(host.name, f"soft delete {server.id}", off)
 
     def require_host_up(self, server: Server, action: str) -> Host:
         host = self.hosts.get(server.host or "")
@@ -737,7 +826,8 @@ class CloudState:
 
         self.schedule(host.name, f"start {server.id}", on)
 
-    def attach_interface(self, server: Server, port_id: str) -> Port:
+    def attach_interface(self, server: Server, port_id: str) -> Port | None:
+        """The port, bound; None when the host is dead (the RPC call will time out)."""
         self.check_state(server, "attach_interface", ("active", "paused", "stopped"))
         host = self.require_host_up(server, "attach_interface")
         port = self.ports.get(port_id)
@@ -746,8 +836,7 @@ class CloudState:
         if port.device_id:
             raise nova_error(409, f"Port {port_id} is still in use.")
         if not host.alive:
-            # A synchronous RPC call to a dead host times out.
-            raise nova_error(500, "Timed out waiting for a reply from the compute host.")
+            return None
         self.bind_port(port, server)
         return port
 
@@ -770,7 +859,13 @@ class CloudState:
         volume = self.volumes.get(volume_id)
         if volume is None or not any(a.server_id == server.id for a in volume.attachments):
             raise nova_error(404, f"volume_id not found: {volume_id}")
+        self.check_state(server, "detach_volume", ("active", "paused", "stopped", "resized",
+                                                   "soft-delete", "shelved",
+                                                   "shelved_offloaded"))
         host = self.require_host_up(server, "detach_volume")
+        if not self.service_up(host):
+            # check_instance_host(check_is_up=True): ServiceUnavailable, mapped to 409.
+            raise nova_error(409, "Service is unavailable at this time.")
         volume.status = "detaching"
         if not host.alive:
             server.pending.append(f"detach volume {volume_id}")
