@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
 from broker.cli import cloud as cloud_cli
 from broker.cloud.base import TAG_INSTANCE
 from broker.cloud.openstack import OpenStackCloud
-from broker.config import load_settings
-from broker.runtime import Runtime, build_runtime
+from broker.runtime import Runtime
 from broker.store.models import Instance
 from tests.fakes.openstack import FakeOpenStack
-from tests.support.openstack import ADMIN_CIDR, build_node, make_cloud
+from tests.support.openstack import build_node
 
 LIVE = "11111111-aaaa-4bbb-8ccc-000000000001"
 GONE = "22222222-aaaa-4bbb-8ccc-000000000002"      # deprovisioned: deleted_at set
@@ -23,18 +20,8 @@ UNKNOWN = "33333333-aaaa-4bbb-8ccc-000000000003"   # never in this store
 
 
 @pytest.fixture
-def runtime(openstack_env: Path, pg_state_url: str, tmp_path: Path) -> Iterator[Runtime]:
-    settings = load_settings({
-        "DATABASE_URL": pg_state_url, "BROKER_STATE_DIR": str(tmp_path / "state"),
-        "BROKER_CLOUD": "openstack", "BROKER_ADMIN_CIDR": ADMIN_CIDR,
-    }, require_auth=False)
-    rt = build_runtime(settings)
-    rt.cloud = make_cloud(rt.catalog)
-    try:
-        yield rt
-    finally:
-        rt.cloud.close()
-        rt.store.dispose()
+def runtime(openstack_runtime: Runtime) -> Runtime:
+    return openstack_runtime
 
 
 def add_instance(rt: Runtime, instance_id: str, *, deleted: bool) -> None:

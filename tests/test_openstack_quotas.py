@@ -4,35 +4,20 @@ default quota of 10 security groups."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from broker.cli import cloud as cloud_cli
 from broker.cloud.base import TAG_INSTANCE, TAG_MANAGED, TAG_PLAN, CloudError
 from broker.cloud.openstack import OpenStackCloud
-from broker.config import load_settings
-from broker.runtime import Runtime, build_runtime
+from broker.runtime import Runtime
 from broker.store.models import OP_FAILED, Operation
 from harness.workflows import make_engine, queue_provision
 from tests.fakes.openstack import FakeOpenStack
-from tests.support.openstack import ADMIN_CIDR, make_cloud
 
 
 @pytest.fixture
-def runtime(openstack_env: Path, pg_state_url: str, tmp_path: Path) -> Iterator[Runtime]:
-    settings = load_settings({
-        "DATABASE_URL": pg_state_url, "BROKER_STATE_DIR": str(tmp_path / "state"),
-        "BROKER_CLOUD": "openstack", "BROKER_ADMIN_CIDR": ADMIN_CIDR,
-    }, require_auth=False)
-    rt = build_runtime(settings)
-    rt.cloud = make_cloud(rt.catalog)
-    try:
-        yield rt
-    finally:
-        rt.cloud.close()
-        rt.store.dispose()
+def runtime(openstack_runtime: Runtime) -> Runtime:
+    return openstack_runtime
 
 
 def test_cloud_check_says_how_many_instances_of_each_plan_fit(
