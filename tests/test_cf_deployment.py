@@ -320,8 +320,8 @@ def _held_until_expiry(env: FailoverEnv, read: Any, dead_host: str,
     taken before `expires` must still name the dead one. The new host."""
     deadline = time.monotonic() + timeout
     while True:
-        seen_at = utcnow()
         host = _host(read())
+        seen_at = utcnow()  # after the read: the takeover it shows happened before
         if host is not None and host != dead_host:
             assert seen_at >= expires, f"{what} taken over before its lease expired"
             return host
