@@ -117,7 +117,7 @@ def droplet() -> Iterator[Droplet]:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         pip = subprocess.run(
             [str(venv / "bin" / "pip"), "install", "-q", "--no-input", "-r",
-             "requirements.txt"], cwd=app, capture_output=True, text=True, timeout=900,
+             "requirements.txt"], cwd=app, capture_output=True, text=True, timeout=600,
             env={k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")})
         assert pip.returncode == 0, pip.stderr[-3000:]
         yield Droplet(app=app, venv=venv)
@@ -347,6 +347,8 @@ def _deprovision(api: Api, instance_id: str, plan: Any) -> None:
     api.wait_operation(instance_id, answer.json()["operation"])
 
 
+# Staging alone (a venv from requirements.txt) takes ~90 s without a pip cache.
+@pytest.mark.timeout(900)
 def test_two_web_and_two_workers_as_cloud_foundry_runs_them(
         droplet: Droplet, pg_state_url: str, tmp_path: Path) -> None:
     processes = _processes()
@@ -355,15 +357,31 @@ def test_two_web_and_two_workers_as_cloud_foundry_runs_them(
     with failover_env(pg_state_url) as env:
         platform = Platform(env, droplet, pg_state_url)
         try:
-            _lifecycle(env, platform, tmp_path)
+            secrets = _lifecycle(env, platform, tmp_path)
         finally:
             codes = platform.stop_all()
         # `cf stop` (SIGTERM): every process ends cleanly well before Diego's SIGKILL.
         assert all(code == 0 for code in codes.values()), codes
+        assert not _running_in(droplet.app), "a broker process outlived its container"
+        for log in env.base.glob("*.log"):
+            text = log.read_text(errors="replace")
+            assert not [s for s in secrets if s in text], f"a secret in {log.name}"
 
 
-def _lifecycle(env: FailoverEnv, platform: Platform, tmp_path: Path) -> None:
+def _running_in(app: Path) -> list[int]:
+    """Processes whose working directory is the app directory."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and (proc / "cwd").resolve() == app:
+                pids.append(int(proc.name))
+    return pids
+
+
+def _lifecycle(env: FailoverEnv, platform: Platform, tmp_path: Path) -> list[str]:
+    """The whole scenario; the secrets that must appear in no process's log."""
     plan = env.runtime.catalog.plan_by_name("ha-sync")
+    pg_password = platform.state_url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
     for index, name in enumerate(("web-0", "web-1")):
         platform.start(name, "web", index)
     for index, name in enumerate(("worker-0", "worker-1")):
@@ -503,3 +521,4 @@ def _lifecycle(env: FailoverEnv, platform: Platform, tmp_path: Path) -> None:
         assert not [b.id for b in s.scalars(select(Binding)) if b.state != BINDING_DELETED]
     eventually(lambda: _watched_by(env, orders) is None and _watched_by(env, stock) is None,
                "no monitor lease on a deprovisioned instance", 30)
+    return [PASSWORD, creds["password"], env.key, pg_password]
