@@ -29,6 +29,7 @@ import fnmatch
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -45,8 +46,10 @@ import psycopg2
 import pytest
 import requests
 import yaml
+from cryptography.fernet import Fernet
 from sqlalchemy import select
 
+from broker.config import load_settings
 from broker.monitor.leases import monitor_lease_name
 from broker.store.models import (
     BINDING_DELETED,
@@ -522,3 +525,21 @@ def _lifecycle(env: FailoverEnv, platform: Platform, tmp_path: Path) -> list[str
     eventually(lambda: _watched_by(env, orders) is None and _watched_by(env, stock) is None,
                "no monitor lease on a deprovisioned instance", 30)
     return [PASSWORD, creds["password"], env.key, pg_password]
+
+
+def test_the_manifest_environment_is_settings_the_broker_accepts() -> None:
+    """Every variable the manifest sets is a documented setting, and with its
+    `((vars))` filled in and a bound state store the settings load."""
+    manifest = yaml.safe_load((ROOT / "manifest.yml").read_text())
+    env: dict[str, str] = manifest["applications"][0]["env"]
+    documented = set(re.findall(r"`((?:BROKER|OS)_[A-Z_]+)`", (ROOT / "README.md").read_text()))
+    assert {k for k in env if not k.startswith("OS_")} <= documented
+    filled = {k: re.sub(r"\(\((\w+)\)\)", "x", v) for k, v in env.items()}
+    filled.update(BROKER_ENCRYPTION_KEY=Fernet.generate_key().decode(),
+                  BROKER_ADMIN_CIDR="10.0.0.0/24",
+                  VCAP_APPLICATION=_vcap_application(0, 8080, "web"),
+                  VCAP_SERVICES=_vcap_services("postgresql://u:p@db.test:5432/state"))
+    settings = load_settings(filled)
+    assert settings.cloud == "openstack"
+    assert settings.database_url == "postgresql://u:p@db.test:5432/state"
+    assert settings.observability.external_url == "https://pgha-broker.apps.test"
