@@ -11,6 +11,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -84,6 +86,8 @@ class Settings:
     admin_cidr: str | None
     app_cidr: str | None
     log_level: str
+    host_identity: str = ""       # the host this process names in its owner ids
+    ca_cache_dir: Path = Path()   # where CA files for libpq are kept (private)
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
@@ -95,23 +99,31 @@ class Settings:
 
 
 def _database_url_from_vcap(vcap: str) -> str | None:
-    """Find the broker's own database in VCAP_SERVICES (by tag, label or name)."""
+    """Find the broker's own database in VCAP_SERVICES: the service named or tagged
+    `broker-state` first, else the only PostgreSQL one (by tag or label)."""
     try:
         services = json.loads(vcap)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"VCAP_SERVICES is not valid JSON: {exc.msg}") from None
-    for entries in services.values():
-        for entry in entries:
-            tags = set(entry.get("tags") or [])
-            label = str(entry.get("label", ""))
-            name = str(entry.get("name", ""))
-            if "broker-state" in tags or name == "broker-state" or (
-                "postgresql" in tags or "postgres" in label
-            ):
-                uri = (entry.get("credentials") or {}).get("uri")
-                if uri:
-                    return _normalise_pg_url(str(uri))
-    return None
+    if not isinstance(services, dict) or not all(isinstance(v, list)
+                                                 for v in services.values()):
+        raise ConfigError("VCAP_SERVICES must map each offering to a list of services")
+    entries = [e for es in services.values() for e in es if isinstance(e, dict)]
+    named = [e for e in entries
+             if e.get("name") == "broker-state" or "broker-state" in (e.get("tags") or [])]
+    postgres = [e for e in entries if "postgresql" in (e.get("tags") or [])
+                or "postgres" in str(e.get("label", ""))]
+    if len(named) > 1 or (not named and len(postgres) > 1):
+        raise ConfigError("VCAP_SERVICES holds several PostgreSQL services: name the "
+                          "broker's own `broker-state` (or tag it so)")
+    if not named and not postgres:
+        return None
+    chosen = (named or postgres)[0]
+    uri = (chosen.get("credentials") or {}).get("uri")
+    if not uri:
+        raise ConfigError(f"VCAP_SERVICES: the service {chosen.get('name')!r} has no "
+                          "credentials.uri to reach the state store")
+    return _normalise_pg_url(str(uri))
 
 
 def _normalise_pg_url(url: str) -> str:
@@ -161,13 +173,24 @@ def _port(env: dict[str, str]) -> int:
     return int(raw)
 
 
-def _host_identity(env: dict[str, str]) -> None:
-    # Read again where owner ids are made (broker.operations.queue); checked here so
-    # that a bad value stops the process at start, not its first claim.
-    raw = env.get("BROKER_HOST_IDENTITY")
-    if raw and (":" in raw or raw.split() != [raw] or not raw.isprintable()):
+def host_identity(env: Mapping[str, str]) -> str:
+    """BROKER_HOST_IDENTITY, else the host name: what owner ids name as their host.
+    The one rule for it; broker.operations.queue makes owner ids with it."""
+    raw = env.get("BROKER_HOST_IDENTITY") or socket.gethostname()
+    if ":" in raw or raw.split() != [raw] or not raw.isprintable():
         raise ConfigError(f"BROKER_HOST_IDENTITY must be a host name (no ':' or spaces), "
                           f"got {raw!r}")
+    return raw
+
+
+def ca_cache_dir(env: Mapping[str, str]) -> Path:
+    """Where the CA files libpq reads are kept: XDG_CACHE_HOME (absolute, as the XDG
+    spec wants it), else ~/.cache."""
+    raw = env.get("XDG_CACHE_HOME") or ""
+    if raw and not raw.startswith("/"):
+        raise ConfigError(f"XDG_CACHE_HOME must be an absolute path, got {raw!r}")
+    base = Path(raw) if raw else Path(env.get("HOME") or Path.home()) / ".cache"
+    return base / "pgha-broker" / "ca"
 
 
 def _log_level(env: dict[str, str]) -> str:
@@ -190,13 +213,13 @@ def load_settings(env: dict[str, str] | None = None, *, require_auth: bool = Tru
         )
 
     port = _port(env)
-    _host_identity(env)
 
     state_dir = Path(env.get("BROKER_STATE_DIR") or DEFAULT_STATE_DIR)
 
     database_url = env.get("DATABASE_URL") or ""
     if not database_url and env.get("VCAP_SERVICES"):
         database_url = _database_url_from_vcap(env["VCAP_SERVICES"]) or ""
+    store_configured = bool(database_url)
     database_url = _normalise_pg_url(database_url) if database_url else (
         f"sqlite:///{state_dir / 'broker.sqlite3'}"
     )
@@ -223,12 +246,16 @@ def load_settings(env: dict[str, str] | None = None, *, require_auth: bool = Tru
     monitor = MonitorSettings(
         check_interval=_float(env, "BROKER_MONITOR_INTERVAL", 1.0),
         connect_timeout=_float(env, "BROKER_MONITOR_CONNECT_TIMEOUT", 1.0),
-        failures_before_acting=int(_float(env, "BROKER_MONITOR_FAILURES", 3)),
+        failures_before_acting=_count(env, "BROKER_MONITOR_FAILURES", 3, 100),
         min_seconds_between_failovers=_float(env, "BROKER_MONITOR_MIN_FAILOVER_GAP", 60.0),
-        maximum_lag_on_failover=int(_float(env, "BROKER_MAXIMUM_LAG_ON_FAILOVER", 1024 * 1024)),
+        maximum_lag_on_failover=_count(env, "BROKER_MAXIMUM_LAG_ON_FAILOVER", 1024 * 1024,
+                                       2 ** 40),
         lease_seconds=_float(env, "BROKER_MONITOR_LEASE_SECONDS", 5.0),
     )
 
+    observability = _observability(env)
+    if env.get("VCAP_APPLICATION"):
+        _cloud_foundry(env, store_configured)
     return Settings(
         username=username,
         password=password,
@@ -244,10 +271,12 @@ def load_settings(env: dict[str, str] | None = None, *, require_auth: bool = Tru
         admin_cidr=env.get("BROKER_ADMIN_CIDR") or None,
         app_cidr=env.get("BROKER_APP_CIDR") or None,
         log_level=_log_level(env),
+        host_identity=host_identity(env),
+        ca_cache_dir=ca_cache_dir(env),
         monitor=monitor,
         tls=TlsSettings(cert_days=_float(env, "BROKER_TLS_CERT_DAYS", 365.0),
                         renew_days=_float(env, "BROKER_TLS_RENEW_DAYS", 30.0)),
-        observability=_observability(env),
+        observability=observability,
         server=ServerSettings(
             listen=_listen(env),
             web_workers=_count(env, "WEB_CONCURRENCY", 2, 64),
@@ -256,6 +285,17 @@ def load_settings(env: dict[str, str] | None = None, *, require_auth: bool = Tru
             serve_timeout=_float(env, "BROKER_SERVE_TIMEOUT", 10.0),
         ),
     )
+
+
+def _cloud_foundry(env: dict[str, str], store_configured: bool) -> None:
+    # Every container has its own disk: a SQLite store or a key made on first start
+    # would give each process a broker of its own.
+    if not store_configured:
+        raise ConfigError("VCAP_SERVICES has no state store: bind a PostgreSQL service "
+                          "named broker-state (or set DATABASE_URL)")
+    if not env.get("BROKER_ENCRYPTION_KEY"):
+        raise ConfigError("BROKER_ENCRYPTION_KEY must be set on Cloud Foundry: every "
+                          "process must decrypt what the others stored")
 
 
 def _observability(env: dict[str, str]) -> ObservabilitySettings:

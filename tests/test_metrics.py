@@ -124,6 +124,7 @@ def test_worker_metrics_never_served_without_credentials() -> None:
 
 def test_dashboard_base_defaults_to_the_apps_cloud_foundry_route() -> None:
     env = {"BROKER_USERNAME": "u", "BROKER_PASSWORD": "p",
+           "DATABASE_URL": "postgresql://u:p@db.example/state", "BROKER_ENCRYPTION_KEY": "k",
            "VCAP_APPLICATION": '{"application_uris": ["pgha-broker.apps.example.com"]}'}
     assert load_settings(env).observability.external_url == \
         "https://pgha-broker.apps.example.com"

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from broker import config
 from broker.operations.params import Params
 from broker.store.db import Store
 from broker.store.models import (
@@ -46,10 +46,12 @@ RUNNER_ROLE = "monitor-runner"
 
 
 def host_identity() -> str:
-    host = os.environ.get(HOST_IDENTITY_ENV) or socket.gethostname()
-    if not host or ":" in host or host.split() != [host]:
-        raise ValueError(f"{HOST_IDENTITY_ENV}: {host!r} is not a host name (no ':' or spaces)")
-    return host
+    """The host of this process's owner ids, by the rule its settings were checked
+    with at start (a process's environment does not change after that)."""
+    try:
+        return config.host_identity(os.environ)
+    except config.ConfigError as exc:
+        raise ValueError(str(exc)) from None
 
 
 @dataclass(frozen=True)

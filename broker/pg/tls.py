@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from broker import config
+
 CA_DAYS = 3650
 # Certificates start a little in the past: a node's clock may lag the broker's.
 CLOCK_SKEW = timedelta(minutes=5)
@@ -140,8 +142,7 @@ _files_lock = threading.Lock()
 
 def cache_dir() -> Path:
     """Private to this OS user: nobody else may swap the CA the broker trusts."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    path = base / "pgha-broker" / "ca"
+    path = config.ca_cache_dir(os.environ)  # checked at start, like every setting
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     info = path.stat()
     if info.st_uid != os.geteuid() or info.st_mode & 0o077:
