@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Flask
 
-from broker.config import Settings
+from broker.config import ConfigError, Settings
 from broker.runtime import Runtime, build_runtime
 
 log = logging.getLogger("broker")
