@@ -136,7 +136,8 @@ def run(count: int, parallel: int) -> dict[str, Any]:
         time.sleep(random.uniform(0.0, env.runtime.settings.monitor.check_interval))
         kill_at = time.monotonic()
         kill_host(env.cloud, host)
-        log.info("host %s killed with %d primaries", host, len(hit))
+        killed_in = time.monotonic() - kill_at
+        log.info("host %s killed with %d primaries in %.2f s", host, len(hit), killed_in)
         first = {i: writers[i].wait_recovery(kill_at, timeout=300) - kill_at for i in hit}
 
         def back(i: str) -> bool:
@@ -163,6 +164,7 @@ def run(count: int, parallel: int) -> dict[str, Any]:
     values = sorted(first.values())
     return {
         "instances": count, "host_primaries": len(hit), "failed_over": failed_over,
+        "host_kill_s": round(killed_in, 3),
         "first_write_p50_s": round(statistics.median(values), 3),
         "first_write_p95_s": round(percentile(values, 0.95), 3),
         "first_write_max_s": round(values[-1], 3),

@@ -10,11 +10,15 @@ hypervisor's reboot. A zone with no host up takes no new server (`NoValidHost`).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from collections import Counter
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 from broker.cloud.base import NoValidHost, ServerStatus
-from broker.cloud.local.netns import kill_all, links_down, namespace, ns_exists
+from broker.cloud.local.netns import kill_all, links_down, namespace, namespace_pids, ns_exists
 from broker.cloud.local.records import Records, RecordStore
 
 HostMap = Mapping[str, tuple[str, ...]]
@@ -36,6 +40,20 @@ def zone_of(hosts: HostMap, host: str) -> str | None:
 
 def hosts_up(st: Records, hosts: HostMap, zone: str) -> list[str]:
     return [h for h in hosts_in(hosts, zone) if h not in st.hosts_down]
+
+
+def die_at_once(namespaces: list[str]) -> None:
+    """Every server of a host stops in one instant, as the machine would: every process
+    frozen first (one pass over all of them), then the links cut and the processes
+    killed, the servers in parallel."""
+    live = [ns for ns in namespaces if ns_exists(ns)]
+    for ns in live:
+        for pid in namespace_pids(ns):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="host-down") as pool:
+        list(pool.map(links_down, live))  # connects time out, as to a dead machine
+        list(pool.map(kill_all, live))
 
 
 def place(st: Records, hosts: HostMap, zone: str) -> str:
@@ -77,11 +95,7 @@ class Hypervisors:
             if host not in st.hosts_down:
                 st.hosts_down.append(host)
             carried = [rec.id for rec in st.servers_on(host)]
-        for server_id in carried:
-            ns = namespace(server_id)
-            if ns_exists(ns):
-                links_down(ns)  # first: connects time out, as to a dead machine
-                kill_all(ns)
+        die_at_once([namespace(server_id) for server_id in carried])
         return carried
 
     def power_on_host(self, host: str) -> None:
