@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import itertools
 import json
@@ -47,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from failover import machine  # benchmarks/failover.py, beside this script
 from report import markers, percentile, write_section  # benchmarks/report.py
 
+from broker.config import OperationSettings
 from broker.metrics import instruments
 from broker.store.models import READY
 from harness.env import FailoverEnv, background, failover_env
@@ -111,8 +113,11 @@ def ready_and_sync(env: FailoverEnv, instance_id: str) -> bool:
         inst.sync_standby_node_id == standby.id
 
 
-def run(count: int, parallel: int) -> dict[str, Any]:
+def run(count: int, parallel: int, operations: OperationSettings | None) -> dict[str, Any]:
     with failover_env() as env, contextlib.ExitStack() as stack:
+        if operations is not None:
+            env.runtime.settings = dataclasses.replace(env.runtime.settings,
+                                                       operations=operations)
         ids = provision_all(env, count, parallel)
         log.info("%d instances provisioned", len(ids))
         creds = {i: app_credentials(env, i, f"app-{i}") for i in ids}
@@ -218,6 +223,8 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=20)
     parser.add_argument("--parallel", type=int, default=3,
                         help="provisions run at once while setting up")
+    parser.add_argument("--max-failovers", type=int, help="BROKER_MAX_FAILOVERS for the run")
+    parser.add_argument("--max-rebuilds", type=int, help="BROKER_MAX_REBUILDS for the run")
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--write", type=Path, help="put the figures into this markdown file")
     parser.add_argument("--json-file", type=Path, help="keep the JSON object there "
@@ -231,7 +238,12 @@ def main() -> int:
                             format="%(asctime)s.%(msecs)03d %(threadName)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    result = run(args.instances, args.parallel)
+    bounds = None
+    if args.max_failovers or args.max_rebuilds:
+        default = OperationSettings()
+        bounds = OperationSettings(max_failovers=args.max_failovers or default.max_failovers,
+                                   max_rebuilds=args.max_rebuilds or default.max_rebuilds)
+    result = run(args.instances, args.parallel, bounds)
     result["when"] = when
     print(json.dumps(result, indent=None if args.json else 1))
     if args.write:
