@@ -182,6 +182,24 @@ def run(count: int, parallel: int, operations: OperationSettings | None) -> dict
     }
 
 
+def single_instance_p50(scenario: str) -> float | None:
+    """The one-instance first-write p50 of `scenario` that failover.py last recorded."""
+    path = RESULTS.parent / "failover.json"
+    if not path.exists():
+        return None
+    rounds = [r["first_write"] for r in json.loads(path.read_text()) if r["scenario"] == scenario]
+    return round(statistics.median(rounds), 3) if rounds else None
+
+
+def with_targets(result: dict[str, Any]) -> dict[str, Any]:
+    crashed = single_instance_p50("crashed")
+    return {**result, "single_crashed_p50_s": crashed,
+            "single_blackholed_p50_s": single_instance_p50("blackholed"),
+            "target_met": crashed is not None and result["failed_over"]
+            == result["host_primaries"] and result["lost"] == 0
+            and result["first_write_p95_s"] <= 2 * crashed}
+
+
 def markdown(result: dict[str, Any], when: str) -> str:
     r = result
     return "\n".join([
@@ -206,8 +224,13 @@ def markdown(result: dict[str, Any], when: str) -> str:
         f"{_s(r['check_interval_max_s'])} |",
         "",
         "Target: every instance failed over, 0 lost, first write p95 at most twice the "
-        "single-instance crashed p50 (benchmarks/failover.py). A dead host's servers "
-        "time out rather than refuse, like `blackholed` there. Raw figures: "
+        f"single-instance crashed p50 ({_s(r['single_crashed_p50_s'])} in "
+        f"benchmarks/failover.py): {'met' if r['target_met'] else 'not met'}. A dead "
+        "host's servers time out rather than refuse, like `blackholed` there (single "
+        f"instance p50 {_s(r['single_blackholed_p50_s'])}): detection alone takes the "
+        f"monitor's three probes of 1 s. The host was killed in {r['host_kill_s']:.2f} s "
+        "(every process frozen in one pass, then links cut and processes killed). The "
+        "machine is shared with other work while it runs. Raw figures: "
         "benchmarks/results/mass_failover.json.",
         MARK_END,
     ]) + "\n"
@@ -230,7 +253,15 @@ def main() -> int:
     parser.add_argument("--json-file", type=Path, help="keep the JSON object there "
                         "(default with --write: benchmarks/results/mass_failover.json)")
     parser.add_argument("--log", type=Path, help="the broker's log (INFO) goes to this file")
+    parser.add_argument("--from-json", type=Path, help="only render the section of a run "
+                        "saved with --json-file (or --write)")
     args = parser.parse_args()
+    if args.from_json:
+        saved = with_targets(json.loads(args.from_json.read_text()))
+        print(json.dumps(saved, indent=None if args.json else 1))
+        if args.write:
+            write_section(args.write, markdown(saved, saved["when"]), "mass_failover.py")
+        return 0
     if args.instances < 2:
         parser.error("--instances must be at least 2")
     if args.log:
@@ -243,7 +274,7 @@ def main() -> int:
         default = OperationSettings()
         bounds = OperationSettings(max_failovers=args.max_failovers or default.max_failovers,
                                    max_rebuilds=args.max_rebuilds or default.max_rebuilds)
-    result = run(args.instances, args.parallel, bounds)
+    result = with_targets(run(args.instances, args.parallel, bounds))
     result["when"] = when
     print(json.dumps(result, indent=None if args.json else 1))
     if args.write:
