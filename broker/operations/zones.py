@@ -69,8 +69,13 @@ def queue_returns_home(store: Store, cloud: Cloud, catalog: Catalog) -> list[str
     is in a fallback zone while its home zone is up; returns the operation ids. The id
     derives from the standby's node id, so two engines queue it once."""
     queued: list[str] = []
+    with_fallback = [plan.id for service in catalog.services for plan in service.plans
+                     if plan.cloud.fallback_zones]
+    if not with_fallback:
+        return queued  # no plan has fallback zones: no standby is ever away from home
     with store.session() as s:
-        candidates = list(s.scalars(select(Instance).where(Instance.state == READY)))
+        candidates = list(s.scalars(select(Instance).where(Instance.state == READY)
+                                    .where(Instance.plan_id.in_(with_fallback))))
         for inst in candidates:
             plan = catalog.plan(inst.plan_id)
             primary = inst.primary()
