@@ -79,6 +79,7 @@ benchmark: setup
 	$(PY) benchmarks/api_throughput.py --write BENCHMARKS.md --json benchmarks/results/api_throughput.json
 	$(PY) benchmarks/failover.py --rounds 10 --write BENCHMARKS.md --json benchmarks/results/failover.json
 	$(PY) benchmarks/tls_cost.py --base $(TLS_BASE) --write BENCHMARKS.md
+	$(PY) benchmarks/mass_failover.py --instances 20 --json --write BENCHMARKS.md
 	$(PY) benchmarks/metrics_scrape.py --instances 1000 --failovers 500 --scrapes 30 --write BENCHMARKS.md --json benchmarks/results/metrics_scrape.json
 	$(PY) benchmarks/openstack_failover.py --runs 3 --write BENCHMARKS.md --json benchmarks/results/openstack_failover.json
 

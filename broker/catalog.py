@@ -49,6 +49,12 @@ _CLOUD_SCHEMA: dict[str, Any] = {
             "type": "array", "minItems": 1, "uniqueItems": True,
             "items": {"type": "string", "minLength": 1},
         },
+        # Where a standby may be rebuilt while its own zone has no live host; it moves
+        # back once that zone is up again. Empty: the rebuild waits for the zone.
+        "fallback_zones": {
+            "type": "array", "uniqueItems": True,
+            "items": {"type": "string", "minLength": 1},
+        },
         "network": _NETWORK_SCHEMA,
     },
 }
@@ -148,6 +154,7 @@ class CloudSettings:
     volume_type: str | None
     availability_zones: tuple[str, ...]
     network: NetworkSettings = field(default_factory=NetworkSettings)
+    fallback_zones: tuple[str, ...] = ()   # a standby's refuge while its zone is down
 
     @property
     def is_ha(self) -> bool:
@@ -244,6 +251,14 @@ def parse_catalog(document: Any, source: str = "catalog.yml") -> Catalog:
             if cloud_doc["nodes"] == 2 and cloud_doc["replication"] == "none":
                 raise ConfigError(f"{source}: {where}.cloud.replication: a two-node plan "
                                   "needs 'async' or 'sync'")
+            fallback = cloud_doc.get("fallback_zones") or []
+            if set(fallback) & set(cloud_doc["availability_zones"]):
+                raise ConfigError(f"{source}: {where}.cloud.fallback_zones: a fallback zone "
+                                  "must not be one of the plan's availability_zones")
+            if fallback and cloud_doc["nodes"] == 1:
+                raise ConfigError(f"{source}: {where}.cloud.fallback_zones: only an HA plan "
+                                  "rebuilds a standby (a one-node plan is resurrected on its "
+                                  "volume, in its zone)")
             if cloud_doc["nodes"] == 2 and len(cloud_doc["availability_zones"]) < 2:
                 raise ConfigError(f"{source}: {where}.cloud.availability_zones: an HA plan "
                                   "needs two zones (the standby never shares the primary's)")
@@ -262,6 +277,7 @@ def parse_catalog(document: Any, source: str = "catalog.yml") -> Catalog:
                 volume_size_gb=cloud_doc["volume_size_gb"],
                 volume_type=cloud_doc.get("volume_type"),
                 availability_zones=tuple(cloud_doc["availability_zones"]),
+                fallback_zones=tuple(fallback),
                 network=NetworkSettings(
                     management_network=net.get("management_network"),
                     service_network=net.get("service_network"),

@@ -68,6 +68,17 @@ class ServerSettings:
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_LOCAL_HOSTS = "az1:az1-host-a,az1-host-b;az2:az2-host-a,az2-host-b"
+HostMap = tuple[tuple[str, tuple[str, ...]], ...]
+
+
+@dataclass(frozen=True)
+class OperationSettings:
+    """How many operations of each class one worker process runs at once: a host loss
+    with many primaries queues many failovers; the rest wait for a free slot."""
+
+    max_failovers: int = 8         # failover, switchover, resurrect
+    max_rebuilds: int = 2          # standby rebuilds (a base backup each)
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,7 @@ class Settings:
     local_network: ipaddress.IPv4Network
     local_bridge: str
     local_pg_bin: str | None
+    local_hosts: HostMap
     admin_cidr: str | None
     app_cidr: str | None
     log_level: str
@@ -92,6 +104,7 @@ class Settings:
     tls: TlsSettings = field(default_factory=TlsSettings)
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
     server: ServerSettings = field(default_factory=ServerSettings)
+    operations: OperationSettings = field(default_factory=OperationSettings)
 
     @property
     def is_sqlite(self) -> bool:
@@ -193,6 +206,31 @@ def ca_cache_dir(env: Mapping[str, str]) -> Path:
     return base / "pgha-broker" / "ca"
 
 
+def _local_hosts(env: dict[str, str]) -> HostMap:
+    """`az1:host-a,host-b;az2:host-c`: the local cloud's hypervisors by zone."""
+    raw = (env.get("BROKER_LOCAL_HOSTS") or DEFAULT_LOCAL_HOSTS).strip()
+    example = f"(e.g. {DEFAULT_LOCAL_HOSTS})"
+    zones: list[tuple[str, tuple[str, ...]]] = []
+    seen: set[str] = set()
+    for part in raw.split(";"):
+        zone, colon, names = part.strip().partition(":")
+        hosts = tuple(h.strip() for h in names.split(","))
+        if not colon or not _is_name(zone.strip()) or not all(_is_name(h) for h in hosts):
+            raise ConfigError(f"BROKER_LOCAL_HOSTS must be zone:host,host;zone:host {example}, "
+                              f"names of letters, digits, '-' and '_', got {raw!r}")
+        for name in (zone.strip(), *hosts):
+            if name in seen:
+                raise ConfigError(f"BROKER_LOCAL_HOSTS names {name!r} twice, got {raw!r}")
+            seen.add(name)
+        zones.append((zone.strip(), hosts))
+    return tuple(zones)
+
+
+def _is_name(text: str) -> bool:
+    return 1 <= len(text) <= 63 and text.replace("-", "").replace("_", "").isalnum() \
+        and text.isascii()
+
+
 def _log_level(env: dict[str, str]) -> str:
     level = (env.get("BROKER_LOG_LEVEL") or "INFO").strip().upper()
     if level not in LOG_LEVELS:
@@ -268,6 +306,7 @@ def load_settings(env: dict[str, str] | None = None, *, require_auth: bool = Tru
         local_network=network,
         local_bridge=bridge,
         local_pg_bin=env.get("BROKER_PG_BIN") or None,
+        local_hosts=_local_hosts(env),
         admin_cidr=env.get("BROKER_ADMIN_CIDR") or None,
         app_cidr=env.get("BROKER_APP_CIDR") or None,
         log_level=_log_level(env),
@@ -283,6 +322,10 @@ def load_settings(env: dict[str, str] | None = None, *, require_auth: bool = Tru
             web_threads=_count(env, "BROKER_WEB_THREADS", 4, 256),
             serve_threads=_count(env, "BROKER_SERVE_THREADS", 8, 256),
             serve_timeout=_float(env, "BROKER_SERVE_TIMEOUT", 10.0),
+        ),
+        operations=OperationSettings(
+            max_failovers=_count(env, "BROKER_MAX_FAILOVERS", 8, 256),
+            max_rebuilds=_count(env, "BROKER_MAX_REBUILDS", 2, 256),
         ),
     )
 

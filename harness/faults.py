@@ -1,8 +1,11 @@
 """Faults a test or benchmark applies to a server of the local cloud: kill -9 everything
 in its namespace (and take its links down: a dead host), SIGSTOP it, cut it off from
 the broker alone, or freeze only its walreceiver (the server keeps running and
-answering the monitor's probes, but receives nothing more). `failover_env`'s teardown
-heals partitions and sends SIGCONT to every process a test froze."""
+answering the monitor's probes, but receives nothing more). Or to a whole hypervisor
+or zone: every server on it dies with its links down, and it takes no new server
+until it is powered on again (its servers stay off then, as after a reboot).
+`failover_env`'s teardown heals partitions and sends SIGCONT to every process a test
+froze."""
 
 from __future__ import annotations
 
@@ -37,6 +40,32 @@ def netns(cloud: LocalCloud, server_id: str) -> str:
 def kill_server(cloud: LocalCloud, server_id: str, *, links_down: bool = False) -> None:
     """kill -9 every process in the server's namespace (and cut its links: a dead host)."""
     crash_namespace(netns(cloud, server_id), links_down=links_down)
+
+
+def kill_host(cloud: LocalCloud, host: str) -> list[str]:
+    """A dead hypervisor: every server on it loses its links and its processes; returns
+    the servers it carried."""
+    return cloud.power_off_host(host)
+
+
+def kill_zone(cloud: LocalCloud, zone: str) -> list[str]:
+    """Every host of the zone dies; returns the servers they carried."""
+    return [sid for host in cloud.hosts().get(zone, []) for sid in kill_host(cloud, host)]
+
+
+def revive_host(cloud: LocalCloud, host: str) -> None:
+    cloud.power_on_host(host)
+
+
+def revive_zone(cloud: LocalCloud, zone: str) -> None:
+    for host in cloud.hosts().get(zone, []):
+        revive_host(cloud, host)
+
+
+def host_of(cloud: LocalCloud, server_id: str) -> str:
+    server = cloud.get_server(server_id)
+    assert server is not None, f"no server {server_id}"
+    return server.details["host"]
 
 
 def freeze_server(cloud: LocalCloud, server_id: str) -> list[int]:
@@ -74,8 +103,6 @@ def thaw_everything(cloud: LocalCloud) -> None:
         for pid in namespace_pids(ns):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-
-
 
 
 def walreceiver_pid(cloud: LocalCloud, server_id: str) -> int | None:

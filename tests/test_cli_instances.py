@@ -48,6 +48,8 @@ def test_list_and_show_an_ha_sync_instance(local_cloud: LocalCloud, tmp_path: Pa
     assert nodes["standby"]["availability_zone"] == "az2"
     assert nodes["standby"]["replication"]["sync_state"] == "sync"
     assert nodes["primary"]["server"]["netns"] == f"pgha-{primary.server_id}"
+    assert nodes["primary"]["server"]["host"] == "az1-host-a"  # the hypervisor it runs on
+    assert nodes["standby"]["server"]["host"] == "az2-host-a"
     assert [op["kind"] for op in info["operations"]] == ["provision"]
     assert info["failovers"] == []
     assert inst.admin_password_enc not in json.dumps(info)

@@ -42,6 +42,8 @@ def test_records_read_and_write_the_existing_file(tmp_path: Path) -> None:
     written = json.loads((tmp_path / "state.json").read_text())
     expected = json.loads(json.dumps(EXISTING))
     expected["servers"]["s1"]["status"] = "ACTIVE"
+    expected["servers"]["s1"]["host"] = ""     # made before hosts existed: on none
+    expected["hosts_down"] = []
     expected["ports"]["p2"]["tags"] = {}
     expected["ports"]["p3"] = {"id": "p3", "name": "pgha-j-service", "purpose": "service",
                                "address": "10.9.0.4", "device_id": None, "tags": {}}

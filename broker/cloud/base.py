@@ -39,6 +39,10 @@ class TransientCloudError(CloudError):
     """Worth retrying later (5xx, 409 while busy, timeouts)."""
 
 
+class NoValidHost(TransientCloudError):
+    """No host of the zone can take a server now (the zone is down): try again later."""
+
+
 class FenceError(CloudError):
     """The old primary could not be confirmed stopped: never promote after this."""
 
@@ -199,6 +203,11 @@ class Cloud(abc.ABC):
 
     @abc.abstractmethod
     def get_server(self, server_id: str) -> Server | None: ...
+
+    def zone_available(self, availability_zone: str) -> bool:
+        """Whether the zone can take a new server now; True when the driver cannot tell
+        (then a create in a dead zone fails, and is retried, on its own)."""
+        return True
 
     @abc.abstractmethod
     def stop_server(self, server_id: str) -> None:

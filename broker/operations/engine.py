@@ -37,7 +37,7 @@ from broker.cloud.base import Cloud, TransientCloudError
 from broker.config import Settings
 from broker.crypto import Vault
 from broker.metrics import instruments
-from broker.operations import queue
+from broker.operations import queue, slots
 from broker.operations.params import Params, ParamsError
 from broker.store.db import Store
 from broker.store.models import (
@@ -135,6 +135,16 @@ class Workflow:
 
 
 _REGISTRY: dict[str, Workflow] = {}
+# Housekeeping an idle engine runs every so often: (seconds between runs, task).
+_IDLE_TASKS: list[tuple[float, Callable[[Engine], None]]] = []
+
+
+def on_idle(interval: float) -> Callable[[Callable[[Engine], None]], Callable[[Engine], None]]:
+    """Register a task that each engine's loop runs when idle, at most every `interval`."""
+    def register_task(task: Callable[[Engine], None]) -> Callable[[Engine], None]:
+        _IDLE_TASKS.append((interval, task))
+        return task
+    return register_task
 
 
 def register(workflow: Workflow) -> Workflow:
@@ -225,7 +235,8 @@ class Engine:
         try:
             if workflow is None or problem is not None:
                 return self._fail(ctx, None, problem or StepFailed("no workflow"))
-            return self._run_steps(ctx, workflow, start_index, recorded)
+            with slots.slot(self.settings.operations, ctx.kind, ctx.progress):
+                return self._run_steps(ctx, workflow, start_index, recorded)
         finally:
             stop.set()
 
@@ -356,6 +367,7 @@ class Engine:
 
     def loop(self, stop: threading.Event) -> None:
         log.info("operation worker %s started", self.owner)
+        last_run: dict[int, float] = {}
         while not stop.is_set():
             try:
                 ran = self.run_pending()
@@ -363,9 +375,21 @@ class Engine:
                 log.exception("operation worker: unexpected error; continuing")
                 ran = 0
             if ran == 0:
+                self._housekeeping(last_run)
                 self._wake.wait(self.poll_interval)
                 self._wake.clear()
         log.info("operation worker %s stopped", self.owner)
+
+    def _housekeeping(self, last_run: dict[int, float]) -> None:
+        now = time.monotonic()
+        for index, (interval, task) in enumerate(_IDLE_TASKS):
+            if now - last_run.get(index, float("-inf")) < interval:
+                continue
+            last_run[index] = now
+            try:
+                task(self)
+            except Exception:
+                log.exception("operation worker: housekeeping %s failed", task.__name__)
 
 
 def _plain(exc: BaseException) -> str:

@@ -24,7 +24,16 @@ from __future__ import annotations
 
 import logging
 
-from broker.operations import naming, node_access, node_create, node_teardown, promotion, rows
+from broker.cloud.base import NoValidHost
+from broker.operations import (
+    naming,
+    node_access,
+    node_create,
+    node_teardown,
+    promotion,
+    rows,
+    zones,
+)
 from broker.operations.engine import Context, Step, StepFailed, Workflow
 from broker.operations.params import RebuildParams
 from broker.pg import replication
@@ -55,11 +64,12 @@ def _replaced(ctx: Context) -> Node | None:
 
 
 def _zone(ctx: Context) -> str:
-    replaced = _replaced(ctx)
-    if replaced is not None:
-        return replaced.availability_zone
-    primary = rows.primary_node(ctx)
-    return rows.other_zone(ctx.plan(), primary.availability_zone)
+    """The new standby's zone once chosen (the node step), its home zone until then."""
+    with ctx.store.session() as s:
+        made = s.get(Node, _new_node_id(ctx))
+        if made is not None:
+            return made.availability_zone
+    return zones.home_zone(ctx)
 
 
 def retire(ctx: Context) -> None:
@@ -87,10 +97,13 @@ def retire(ctx: Context) -> None:
 def node(ctx: Context) -> None:
     node_id = _new_node_id(ctx)
     with ctx.store.session() as s:
-        if s.get(Node, node_id) is None:
-            s.add(Node(id=node_id, instance_id=ctx.instance_id, role=STANDBY,
-                       state=NODE_CREATING, availability_zone=_zone(ctx),
-                       slot_name=naming.slot_name(node_id)))
+        if s.get(Node, node_id) is not None:
+            return
+    zone = zones.standby_zone(ctx)  # or wait (RetryLater) while no zone can take it
+    with ctx.store.session() as s:
+        s.add(Node(id=node_id, instance_id=ctx.instance_id, role=STANDBY,
+                   state=NODE_CREATING, availability_zone=zone,
+                   slot_name=naming.slot_name(node_id)))
 
 
 def port(ctx: Context) -> None:
@@ -106,7 +119,10 @@ def volume(ctx: Context) -> None:
 
 
 def server(ctx: Context) -> None:
-    node_create.ensure_server(ctx, _new_node_id(ctx))
+    try:
+        node_create.ensure_server(ctx, _new_node_id(ctx))
+    except NoValidHost as exc:  # the zone died after it was chosen: wait for it
+        zones.wait_for_zone(ctx, _zone(ctx), str(exc))
 
 
 def streaming(ctx: Context) -> None:

@@ -8,7 +8,8 @@
   where udev would run it in a VM (ports.py, boot.py);
 - volume = a directory under `<root>/volumes/<id>` that outlives its server, owned by
   its own OS user `pgha-<volume id>` (users.py), 0700;
-- availability zones are labels;
+- availability zones hold named hosts (hosts.py): a server is placed on one, and a
+  host can be powered off (its servers die, links down) and on again;
 - the cloud's records live in `<root>/state.json` under flock (records.py), because
   the web and worker processes share them. Root never follows a link below a volume.
 """

@@ -24,7 +24,8 @@ from broker.cloud.base import (
     ServerStatus,
     Volume,
 )
-from broker.cloud.local import boot, machine
+from broker.cloud.local import boot, hosts, machine
+from broker.cloud.local.hosts import Hypervisors
 from broker.cloud.local.netns import (
     FENCE_TIMEOUT,
     ip,
@@ -54,14 +55,15 @@ if TYPE_CHECKING:
     from broker.config import Settings
 
 
-class LocalCloud(LocalPorts, Cloud):
+class LocalCloud(LocalPorts, Hypervisors, Cloud):
     """Servers are network namespaces on a bridge."""
 
     name = "local"
 
     def __init__(self, root: Path, network: ipaddress.IPv4Network, bridge: str, *,
-                 pg_bin: str | None = None) -> None:
+                 pg_bin: str | None = None, host_map: hosts.HostMap | None = None) -> None:
         self.pg_bin = machine.check_machine(network, bridge, pg_bin)
+        self.host_map: hosts.HostMap = dict(host_map or hosts.DEFAULT_HOSTS)
         self.root = Path(root).absolute()
         self.network = network
         self.bridge = bridge
@@ -76,7 +78,7 @@ class LocalCloud(LocalPorts, Cloud):
         state_dir = settings.state_dir.absolute()
         machine.prepare_state_dir(state_dir)
         return cls(state_dir / "local-cloud", settings.local_network, settings.local_bridge,
-                   pg_bin=settings.local_pg_bin)
+                   pg_bin=settings.local_pg_bin, host_map=dict(settings.local_hosts))
 
     # --- facts -------------------------------------------------------------------------
     @property
@@ -181,7 +183,8 @@ class LocalCloud(LocalPorts, Cloud):
             id=rec.id, name=rec.name, availability_zone=rec.availability_zone,
             status=live_status(rec), management_address=port.address if port else None,
             tags=dict(rec.tags),
-            details={"netns": namespace(rec.id), "data_dir": str(volume_dir / "data"),
+            details={"host": rec.host, "netns": namespace(rec.id),
+                     "data_dir": str(volume_dir / "data"),
                      "log_file": str(volume_dir / "postgresql.log")})
 
     def _server_dir(self, server_id: str) -> Path:
@@ -216,6 +219,8 @@ class LocalCloud(LocalPorts, Cloud):
             for what, holder in (("port", port.device_id), ("volume", volume.attached_to)):
                 if holder not in (None, rec.id):
                     raise CloudError(f"{what} for {spec.name} is in use by server {holder}")
+            if not rec.host or rec.host in st.hosts_down:
+                rec.host = hosts.place(st, self.host_map, spec.availability_zone)
             rec.status = ServerStatus.BUILD
             port.device_id = rec.id
             volume.attached_to = rec.id
@@ -260,6 +265,8 @@ class LocalCloud(LocalPorts, Cloud):
             rec = st.servers.get(server_id)
             if rec is None:
                 raise CloudError(f"server {server_id} does not exist")
+            if rec.host in st.hosts_down:
+                raise CloudError(f"server {rec.name} cannot start: its host {rec.host} is down")
             port_rec = dataclasses.replace(st.ports[rec.management_port_id])
             self._guest_knows_nics(st, rec)
             guest = boot.saved_guest_config(self._server_dir(server_id))

@@ -53,6 +53,7 @@ class ServerRecord:
     volume_id: str
     status: ServerStatus = ServerStatus.BUILD
     tags: dict[str, str] = field(default_factory=dict)
+    host: str = ""                    # the hypervisor it runs on ("" before hosts existed)
 
 
 R = TypeVar("R", PortRecord, VolumeRecord, ServerRecord)
@@ -79,6 +80,7 @@ class Records:
     servers: dict[str, ServerRecord] = field(default_factory=dict)
     ports: dict[str, PortRecord] = field(default_factory=dict)
     volumes: dict[str, VolumeRecord] = field(default_factory=dict)
+    hosts_down: list[str] = field(default_factory=list)  # hypervisors powered off
 
     @classmethod
     def from_json(cls, text: str) -> Records:
@@ -89,22 +91,28 @@ class Records:
         return cls(servers=servers,
                    ports={k: _load(PortRecord, v) for k, v in data.get("ports", {}).items()},
                    volumes={k: _load(VolumeRecord, v)
-                            for k, v in data.get("volumes", {}).items()})
+                            for k, v in data.get("volumes", {}).items()},
+                   hosts_down=sorted(data.get("hosts_down", [])))
 
     def to_json(self) -> str:
         data = {"servers": {k: {**dataclasses.asdict(v), "status": v.status.value}
                             for k, v in self.servers.items()},
                 "ports": {k: dataclasses.asdict(v) for k, v in self.ports.items()},
-                "volumes": {k: dataclasses.asdict(v) for k, v in self.volumes.items()}}
+                "volumes": {k: dataclasses.asdict(v) for k, v in self.volumes.items()},
+                "hosts_down": sorted(self.hosts_down)}
         return json.dumps(data, indent=1, sort_keys=True)
 
     def clear(self) -> None:
         for table in (self.servers, self.ports, self.volumes):
             table.clear()
+        self.hosts_down.clear()
 
     def server_of(self, server_id: str | None) -> ServerRecord | None:
         """The server a port or volume is bound to; None if unbound or that server is gone."""
         return None if server_id is None else self.servers.get(server_id)
+
+    def servers_on(self, host: str) -> list[ServerRecord]:
+        return [s for s in self.servers.values() if s.host == host]
 
     def service_ports_of(self, server_id: str) -> list[PortRecord]:
         return [p for p in self.ports.values()
