@@ -93,6 +93,20 @@ class Leases:
         """Extend a lease we hold; False if it is no longer ours (then stop acting)."""
         return self._compare_and_set(name, Lease.owner == self.owner, now=utcnow())
 
+    def renew_many(self, names: list[str]) -> set[str]:
+        """`renew` for many leases in one statement; the names still ours."""
+        if not names:
+            return set()
+        with self.store.session() as s:
+            rows = s.execute(
+                update(Lease)
+                .where(Lease.name.in_(names), Lease.owner == self.owner)
+                .values(expires_at=self._expiry(utcnow()))
+                .returning(Lease.name)
+                .execution_options(synchronize_session=False)
+            )
+            return {str(name) for (name,) in rows}
+
     def release(self, name: str) -> None:
         with self.store.session() as s:
             s.execute(

@@ -7,11 +7,19 @@ interval, and picks up a dead worker's instances once their leases expire (at on
 when the dead worker was on this host). Only the lease holder acts on an instance,
 and it renews the lease right before acting, so two monitors never act on one.
 
-Each held instance has a watcher thread that runs `check_instance` every
-`check_interval`: observe (observe.py: the store and the probes, as a Snapshot) →
+Every check is observe (observe.py: the store and the probes, as a Snapshot) →
 decide (decide.py: a pure ladder of early returns, each with a status sentence and
-at most one action) → act (act.py). The watcher logs the status when its class
-changes, and runs at once whatever the action queued.
+at most one action) → act (act.py). Two paths run it (schedule.py says which):
+
+- the sweep, one thread for every held instance: every `check_interval` it reads
+  all of them from the store in one session, probes every node at once over
+  persistent sessions driven by one event loop (sweep.py), decides, and writes the
+  routine records in one transaction. Between sweeps it watches the idle sessions:
+  one the server closes (a crash, a shutdown) is probed at once, so a dead primary
+  counts its first failure within milliseconds, not at the next sweep;
+- a watcher thread per instance that is not settled (a failed probe to confirm, an
+  action to take): the full check with fresh probes, until it is settled again. It
+  logs the status when its class changes, and runs at once whatever it queued.
 
 Settings (MonitorSettings, from the environment) and their defaults:
 
@@ -26,10 +34,11 @@ Settings (MonitorSettings, from the environment) and their defaults:
 
 Detection timing with the defaults: after a first failed probe the remaining probes
 follow `recheck` (interval / 5, at most 0.2 s) apart, each with the full
-connect_timeout, overlapping when they hang. A crashed primary (connection refused)
-is acted on ~0.4 s after the first failed probe, i.e. ~0.9 s after the crash on
-average; a frozen or black-holed one ~2.2 s after the start of the first probe that
-hung (~2.7 s after the fault on average).
+connect_timeout, overlapping when they hang: no fewer confirmations than before, a
+closed session counts as one failed probe only. A crashed primary (its sessions
+closed, then connection refused) is acted on ~0.4 s after the crash, whatever the
+phase of the sweep; a frozen or black-holed one ~2.2 s after the start of the
+first probe that hung (~2.7 s after the fault on average).
 
 The monitor runs the operations it queues itself (claiming them at once with its
 own Engine object), so a failover never waits behind another instance's long
@@ -45,23 +54,28 @@ import random
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sqlalchemy import select
 
 from broker.config import MonitorSettings
 from broker.metrics import instruments
+from broker.monitor import schedule
 from broker.monitor.act import Executor
-from broker.monitor.decide import Watch, decide, recheck_delay
+from broker.monitor.decide import Snapshot, Watch, decide, recheck_delay
 from broker.monitor.leases import WORKER_PREFIX, Leases, monitor_lease_name
 from broker.monitor.observe import Observer
+from broker.monitor.sweep import Key, ProbeLoop
 from broker.operations import queue, workflows
 from broker.operations.engine import Engine
 from broker.operations.promotion import REBUILD, derived_id
+from broker.pg.probe import Probe
 from broker.runtime import Runtime
 from broker.store.models import (
     DEGRADED,
+    PRIMARY,
     READY,
+    STANDBY,
     SUCCEEDED,
     UPDATING,
     Instance,
@@ -83,6 +97,7 @@ class _Watch:
     last_status: str = ""
     pending_ops: tuple[str, ...] = ()         # queued by the last check: run them now
     decided: bool = False                     # the last check logged a decision itself
+    settled: bool = False                     # the last full check: back to the sweep
 
 
 def _status_class(status: str) -> str:
@@ -92,7 +107,7 @@ def _status_class(status: str) -> str:
 
 class Monitor:
     def __init__(self, runtime: Runtime, engine: Engine | None = None, *,
-                 owner: str | None = None) -> None:
+                 owner: str | None = None, drive_queued: bool = True) -> None:
         self.runtime = runtime
         self.engine = engine
         self.settings: MonitorSettings = runtime.settings.monitor
@@ -102,7 +117,12 @@ class Monitor:
         self._held: dict[str, float] = {}         # instance id → lease good until (monotonic)
         self._watch: dict[str, _Watch] = {}
         self._threads: dict[str, threading.Thread] = {}
+        self._full: set[str] = set()              # instances their own watcher checks
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        # False (benchmarks): queue what the ladder decides and leave it queued.
+        self.drive_queued = drive_queued
+        self.probes = ProbeLoop(self.settings.connect_timeout)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=32,
                                                            thread_name_prefix="probe")
         self._runner: Engine | None = None
@@ -114,12 +134,15 @@ class Monitor:
         log.info("monitor %s started (interval %.1f s, connect_timeout %.1f s, %d failures "
                  "before acting)", self.owner, self.settings.check_interval,
                  self.settings.connect_timeout, self.settings.failures_before_acting)
+        self._stop = stop
         while not stop.is_set():
+            until = time.monotonic() + self.settings.check_interval
             try:
                 self.tick(stop)
+                self.sweep(stop, until)
             except Exception:
                 log.exception("monitor: unexpected error; continuing")
-            stop.wait(self.settings.check_interval)
+                stop.wait(max(0.0, until - time.monotonic()))
         # Watchers notice `stop` within one check; one running a failover may take
         # longer: its operation is durable and another worker resumes it.
         deadline = time.monotonic() + self.settings.connect_timeout * 2 + 1
@@ -132,20 +155,23 @@ class Monitor:
         except Exception:
             log.warning("monitor: could not release the worker heartbeat")
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.probes.close_all()
         log.info("monitor %s stopped", self.owner)
 
     def tick(self, stop: threading.Event) -> None:
-        """Heartbeat, renew what we hold, take a fair share of the rest, start watchers."""
+        """Heartbeat, renew what we hold (one statement), take a fair share of the rest."""
         self.leases.acquire(WORKER_PREFIX + self.owner)
         self.leases.purge_expired(WORKER_PREFIX)
         with self.runtime.store.session() as s:
             ids = set(s.scalars(select(Instance.id).where(Instance.deleted_at.is_(None))
                                 .where(Instance.state.in_(WATCHED_STATES))))
+        for instance_id in [i for i in self._held if i not in ids]:
+            self._drop(instance_id, release=True)
+        renewed = self.leases.renew_many([monitor_lease_name(i) for i in self._held])
+        good_until = time.monotonic() + self.settings.lease_seconds
         for instance_id in list(self._held):
-            if instance_id not in ids:
-                self._drop(instance_id, release=True)
-            elif self.leases.renew(monitor_lease_name(instance_id)):
-                self._held[instance_id] = time.monotonic() + self.settings.lease_seconds
+            if monitor_lease_name(instance_id) in renewed:
+                self._held[instance_id] = good_until
             else:
                 log.warning("instance %s: monitor lease lost to another worker", instance_id)
                 self._drop(instance_id, release=False)
@@ -167,19 +193,13 @@ class Monitor:
                              instance_id)
                     self._drop(instance_id, release=True)
                     break
-        with self._lock:
-            for instance_id in list(self._held):
-                thread = self._threads.get(instance_id)
-                if thread is None or not thread.is_alive():
-                    thread = threading.Thread(target=self._watch_loop, args=(instance_id, stop),
-                                              name=f"watch-{instance_id[:12]}", daemon=True)
-                    self._threads[instance_id] = thread
-                    thread.start()
 
     def _drop(self, instance_id: str, *, release: bool) -> None:
         self._held.pop(instance_id, None)
         self._watch.pop(instance_id, None)
-        self.observer.last_probe_start.pop(instance_id, None)
+        self.observer.forget(instance_id)
+        self.probes.close((instance_id, PRIMARY))
+        self.probes.close((instance_id, STANDBY))
         instruments.check_clock.forget(instance_id)
         if release:
             try:
@@ -198,33 +218,143 @@ class Monitor:
             return True
         return False
 
+    # --- the sweep ----------------------------------------------------------------------
+    def sweep(self, stop: threading.Event, until: float) -> None:
+        """Check every held instance the sweep keeps, then watch their idle sessions
+        until `until` (monotonic)."""
+        watches = {i: self._watch.setdefault(i, _Watch()) for i in list(self._held)
+                   if i not in self._full and self.holds(i)}
+        prepared = self.observer.prepare_many({i: w.counters for i, w in watches.items()})
+        probed = {p.snap.instance_id: p for p in prepared if p.primary is not None}
+        self.probes.keep_only(probed)
+        records: dict[str, int | None] = {}
+        for p in prepared:
+            instruments.check_clock.watch(p.snap.instance_id)
+            if p.primary is None:
+                self._conclude(p.snap, records)
+        results: dict[str, dict[str, Probe]] = {}
+        jobs: list[Key] = []
+        for instance_id, p in probed.items():
+            assert p.primary is not None
+            results[instance_id] = {}
+            for role, target in ((PRIMARY, p.primary), (STANDBY, p.standby)):
+                if target is not None:
+                    self.probes.link((instance_id, role), target.address, p.password,
+                                     target.ca_pem)
+                    jobs.append((instance_id, role))
+
+        def on_result(key: Key, result: Probe) -> None:
+            instance_id, role = key
+            seen = results.get(instance_id)
+            if seen is None or role in seen:
+                self._early(instance_id, role, result)
+                return
+            seen[role] = result
+            p = probed[instance_id]
+            if PRIMARY in seen and (STANDBY in seen or p.standby is None):
+                del results[instance_id]
+                snap = self.observer.with_probes(p.snap, seen[PRIMARY], seen.get(STANDBY))
+                self._conclude(snap, records)
+
+        self.probes.run(jobs, on_result, until=0.0, stop=stop)
+        self.executor.record_many(records)
+        self.probes.run([], on_result, until=until, stop=stop)
+
+    def _conclude(self, snap: Snapshot, records: dict[str, int | None]) -> None:
+        """Decide on a sweep's snapshot: keep a settled instance (its record batched in
+        `records`), hand any other to its own watcher, which decides afresh."""
+        instance_id = snap.instance_id
+        watch = self._watch.get(instance_id)
+        if watch is None:
+            return
+        decision = decide(snap, self.settings)
+        watch.counters = decision.watch
+        if not schedule.settled(decision):
+            if snap.primary_seen is not None and snap.primary_seen.outcome == "down":
+                self.observer.last_probe_start[instance_id] = \
+                    time.monotonic() - snap.primary_seen.elapsed
+            self._escalate(instance_id)
+            return
+        watch.decided = False
+        if schedule.record_only(snap, decision):
+            assert decision.record is not None
+            records[instance_id] = decision.record.lag
+            status = decision.status
+        else:
+            outcome = self.executor.carry_out(snap, decision)
+            watch.decided = outcome.logged
+            status = outcome.status
+        self._report(instance_id, watch, status)
+
+    def _early(self, instance_id: str, role: str, result: Probe) -> None:
+        """A session turned readable while idle and was probed at once."""
+        watch = self._watch.get(instance_id)
+        if result.outcome == "ok" or watch is None or instance_id in self._full:
+            return
+        if role == PRIMARY:
+            started = time.monotonic() - result.elapsed
+            instruments.observe_probe(role, result.outcome, result.elapsed)
+            instruments.detection.probed(instance_id, down=result.outcome == "down",
+                                         first_started=started)
+            if result.outcome == "down":
+                watch.counters = replace(watch.counters, urgent=True,
+                                         primary_failures=watch.counters.primary_failures + 1)
+                self.observer.last_probe_start[instance_id] = started
+        log.info("instance %s: the %s's probe session failed (%s): checking now",
+                 instance_id, role, result.error)
+        self._escalate(instance_id)
+
+    def _escalate(self, instance_id: str) -> None:
+        """Hand the instance to its own watcher thread (the full check) until settled."""
+        with self._lock:
+            if instance_id in self._full or instance_id not in self._held:
+                return
+            self._full.add(instance_id)
+            self.probes.close((instance_id, PRIMARY))
+            self.probes.close((instance_id, STANDBY))
+            thread = threading.Thread(target=self._watch_loop, args=(instance_id, self._stop),
+                                      name=f"watch-{instance_id[:12]}", daemon=True)
+            self._threads[instance_id] = thread
+            thread.start()
+
+    def _report(self, instance_id: str, watch: _Watch, status: str) -> None:
+        instruments.checked(instance_id, watch.counters.primary_failures)
+        if watch.decided:
+            pass  # already said, in words, by the decision itself
+        elif _status_class(status) != _status_class(watch.last_status):
+            log.info("instance %s: %s", instance_id, status)
+        else:
+            log.debug("instance %s: %s", instance_id, status)
+        watch.last_status = status
+
     def _watch_loop(self, instance_id: str, stop: threading.Event) -> None:
         instruments.check_clock.watch(instance_id)
-        while not stop.is_set() and instance_id in self._held:
-            started = time.monotonic()
-            try:
-                status = self.check_instance(instance_id)
-            except Exception as exc:
-                log.exception("instance %s: check failed", instance_id)
-                status = f"check failed: {exc.__class__.__name__}"
-            watch = self._watch.get(instance_id)
-            if watch is None:
-                break
-            instruments.checked(instance_id, watch.counters.primary_failures)
-            if watch.decided:
-                pass  # already said, in words, by the decision itself
-            elif _status_class(status) != _status_class(watch.last_status):
-                log.info("instance %s: %s", instance_id, status)
-            else:
-                log.debug("instance %s: %s", instance_id, status)
-            watch.last_status = status
-            pending, watch.pending_ops = watch.pending_ops, ()
-            for op_id in pending:
-                self.drive(op_id, stop)
-            if pending:
-                continue
-            delay = self.recheck if watch.counters.urgent else self.settings.check_interval
-            stop.wait(max(0.0, delay - (time.monotonic() - started)))
+        try:
+            while not stop.is_set() and instance_id in self._held:
+                started = time.monotonic()
+                try:
+                    status = self.check_instance(instance_id)
+                except Exception as exc:
+                    log.exception("instance %s: check failed", instance_id)
+                    status = f"check failed: {exc.__class__.__name__}"
+                watch = self._watch.get(instance_id)
+                if watch is None:
+                    break
+                self._report(instance_id, watch, status)
+                pending, watch.pending_ops = watch.pending_ops, ()
+                if self.drive_queued:
+                    for op_id in pending:
+                        self.drive(op_id, stop)
+                if pending:
+                    continue
+                if watch.settled:
+                    break
+                delay = self.recheck if watch.counters.urgent else self.settings.check_interval
+                stop.wait(max(0.0, delay - (time.monotonic() - started)))
+        finally:
+            with self._lock:
+                self._full.discard(instance_id)
+                self._threads.pop(instance_id, None)
 
     # --- one check ----------------------------------------------------------------------
     def check_instance(self, instance_id: str) -> str:
@@ -239,6 +369,7 @@ class Monitor:
             self._drop(instance_id, release=False)
         watch.decided = outcome.logged
         watch.pending_ops = outcome.queued
+        watch.settled = schedule.settled(decision)
         return outcome.status
 
     # --- running what was queued -------------------------------------------------------------

@@ -1,0 +1,145 @@
+"""The probe event loop: persistent connections to every watched node, one thread.
+
+Each (instance, role) has a `probe.Link`, a persistent psycopg2 asynchronous session;
+every registered socket sits in one `selectors` selector. A sweep starts the health
+query on every link at once and drives them all from the selector until each has
+answered or passed its deadline. Between sweeps the idle sockets stay registered: a
+socket that turns readable while idle means the server closed the session or said
+goodbye (a crash, a shutdown), and the link is probed at once, so a dead primary is
+seen within milliseconds rather than at the next sweep.
+
+New sessions (at start, after a failure) cost a TLS handshake and a SCRAM exchange
+each; at most `MAX_CONNECTING` run at once so that a monitor taking over 1,000
+instances does not starve the probes of the sessions it already has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import selectors
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from broker.pg.probe import Link, Probe
+
+# Sessions being set up at once (each costs a handshake on both ends).
+MAX_CONNECTING = 64
+# The longest the loop sleeps without looking at `stop`.
+STOP_POLL = 0.25
+
+Key = tuple[str, str]                       # (instance id, "primary" | "standby")
+OnResult = Callable[[Key, Probe], None]
+
+
+class ProbeLoop:
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.links: dict[Key, Link] = {}
+        self.selector = selectors.DefaultSelector()
+        self._registered: dict[Key, tuple[int, int]] = {}   # key → (fd, events)
+        self._busy: set[Key] = set()
+
+    # --- links -------------------------------------------------------------------------
+    def link(self, key: Key, address: str, password: str, ca_pem: str | None) -> Link:
+        """The key's link, replaced when the node (address, password, CA) changed."""
+        link = self.links.get(key)
+        if link is not None and not link.same_target(address, password, ca_pem):
+            self.close(key)
+            link = None
+        if link is None:
+            link = self.links[key] = Link(address, password, ca_pem=ca_pem)
+        return link
+
+    def close(self, key: Key) -> None:
+        self._unregister(key)
+        link = self.links.pop(key, None)
+        if link is not None:
+            link.close()
+
+    def keep_only(self, instance_ids: Iterable[str]) -> None:
+        """Close the links of instances no longer probed here."""
+        keep = set(instance_ids)
+        for key in [k for k in self.links if k[0] not in keep]:
+            self.close(key)
+
+    def close_all(self) -> None:
+        for key in list(self.links):
+            self.close(key)
+        self.selector.close()
+
+    def _unregister(self, key: Key) -> None:
+        self._busy.discard(key)
+        known = self._registered.pop(key, None)
+        if known is not None:
+            # The fd may be closed already (the kernel forgot it).
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.selector.unregister(known[0])
+
+    def _sync(self, key: Key, link: Link) -> None:
+        """Register the link's socket for what it waits for (read while idle)."""
+        if link.busy:
+            self._busy.add(key)
+        else:
+            self._busy.discard(key)
+        if link.conn is None:
+            self._unregister(key)
+            return
+        fd = link.fileno()
+        known = self._registered.get(key)
+        if known == (fd, link.events):
+            return
+        if known is not None and known[0] == fd:
+            self.selector.modify(fd, link.events, key)
+        else:
+            self._unregister(key)
+            self.selector.register(fd, link.events, key)
+        self._registered[key] = (fd, link.events)
+
+    # --- the loop ------------------------------------------------------------------------
+    def _start(self, key: Key, link: Link, on_result: OnResult) -> None:
+        result = link.start(self.timeout)
+        if result is not None:
+            on_result(key, result)
+        self._sync(key, link)
+
+    def run(self, jobs: Iterable[Key], on_result: OnResult, *, until: float,
+            stop: threading.Event) -> None:
+        """Probe every key in `jobs` (links made beforehand with `link`), reporting each
+        result; also probe at once any idle link whose socket turns readable. Returns
+        when every job has a result and `until` (monotonic) has passed, or on `stop`."""
+        waiting: deque[Key] = deque()
+        for key in jobs:
+            link = self.links[key]
+            if link.conn is None:
+                waiting.append(key)
+            elif not link.busy:
+                self._start(key, link, on_result)
+        while not stop.is_set():
+            connecting = sum(1 for k in self._busy if self.links[k].connecting) \
+                if waiting else 0
+            while waiting and connecting < MAX_CONNECTING:
+                key = waiting.popleft()
+                queued = self.links.get(key)
+                if queued is not None and not queued.busy:
+                    self._start(key, queued, on_result)
+                    connecting += 1
+            now = time.monotonic()
+            if not self._busy and not waiting and now >= until:
+                return
+            wake = min([until, *(self.links[k].deadline for k in self._busy)])
+            events = self.selector.select(max(0.0, min(wake - now, STOP_POLL)))
+            for selector_key, _mask in events:
+                key = selector_key.data
+                ready = self.links.get(key)
+                if ready is None:
+                    continue
+                result = ready.advance() if ready.busy else ready.start(self.timeout)
+                if result is not None:
+                    on_result(key, result)
+                self._sync(key, ready)
+            now = time.monotonic()
+            for key in [k for k in self._busy if self.links[k].deadline <= now]:
+                self._unregister(key)
+                on_result(key, self.links[key].expire())
