@@ -64,7 +64,7 @@ from broker.monitor import schedule
 from broker.monitor.act import Executor
 from broker.monitor.decide import Snapshot, Watch, decide, recheck_delay
 from broker.monitor.leases import WORKER_PREFIX, Leases, monitor_lease_name
-from broker.monitor.observe import Observer
+from broker.monitor.observe import Observer, Prepared
 from broker.monitor.sweep import Key, ProbeLoop
 from broker.operations import queue, workflows
 from broker.operations.engine import Engine
@@ -85,6 +85,9 @@ log = logging.getLogger(__name__)
 
 # Instances whose lease a monitor keeps (it acts only on ready/degraded ones).
 WATCHED_STATES = (READY, DEGRADED, UPDATING)
+# A sweep spreads its checks over the interval in this many slices, each with its own
+# store read: 1,000 probes at once would queue on the servers' cores.
+SLICES = 10
 # How long the monitor drives one operation it queued before leaving it to the engine.
 DRIVE_TIMEOUT = 900.0
 
@@ -122,7 +125,11 @@ class Monitor:
         self._stop = threading.Event()
         # False (benchmarks): queue what the ladder decides and leave it queued.
         self.drive_queued = drive_queued
-        self.probes = ProbeLoop(self.settings.connect_timeout)
+        self.probes = ProbeLoop(self.settings.connect_timeout, self._on_probe)
+        # The sweep's probes in flight (instance id → what was read, the answers so far)
+        # and the routine records of this interval, written at the next one.
+        self._pending: dict[str, tuple[Prepared, dict[str, Probe]]] = {}
+        self._records: dict[str, int | None] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=32,
                                                            thread_name_prefix="probe")
         self._runner: Engine | None = None
@@ -179,11 +186,12 @@ class Monitor:
         share = math.ceil(len(ids) / workers) if ids else 0
         free = [i for i in ids if i not in self._held]
         random.shuffle(free)  # workers starting together do not all race for the same ones
-        for instance_id in free:
-            if len(self._held) >= share:
-                break
-            if self.leases.acquire(monitor_lease_name(instance_id)):
-                self._held[instance_id] = time.monotonic() + self.settings.lease_seconds
+        wanted = free[:max(0, share - len(self._held))]
+        taken = self.leases.acquire_many([monitor_lease_name(i) for i in wanted])
+        good_until = time.monotonic() + self.settings.lease_seconds
+        for instance_id in wanted:
+            if monitor_lease_name(instance_id) in taken:
+                self._held[instance_id] = good_until
                 log.info("instance %s: now watched by this monitor", instance_id)
         if len(self._held) > share:
             # A worker joined: hand over one healthy instance per interval.
@@ -198,6 +206,7 @@ class Monitor:
         self._held.pop(instance_id, None)
         self._watch.pop(instance_id, None)
         self.observer.forget(instance_id)
+        self._pending.pop(instance_id, None)
         self.probes.close((instance_id, PRIMARY))
         self.probes.close((instance_id, STANDBY))
         instruments.check_clock.forget(instance_id)
@@ -220,49 +229,64 @@ class Monitor:
 
     # --- the sweep ----------------------------------------------------------------------
     def sweep(self, stop: threading.Event, until: float) -> None:
-        """Check every held instance the sweep keeps, then watch their idle sessions
-        until `until` (monotonic)."""
-        watches = {i: self._watch.setdefault(i, _Watch()) for i in list(self._held)
-                   if i not in self._full and self.holds(i)}
-        prepared = self.observer.prepare_many({i: w.counters for i, w in watches.items()})
-        probed = {p.snap.instance_id: p for p in prepared if p.primary is not None}
-        self.probes.keep_only(probed)
-        records: dict[str, int | None] = {}
-        for p in prepared:
-            instruments.check_clock.watch(p.snap.instance_id)
-            if p.primary is None:
-                self._conclude(p.snap, records)
-        results: dict[str, dict[str, Probe]] = {}
+        """One interval of the sweep, until `until` (monotonic): the routine records of
+        the last interval in one transaction, then the held instances the sweep keeps
+        in `SLICES` slices spread over the interval (each keeps its slice, so it is
+        checked once per interval), the idle sessions watched throughout."""
+        started = time.monotonic()
+        records, self._records = self._records, {}
+        self.executor.record_many(records)
+        ids = sorted(i for i in list(self._held)
+                     if i not in self._full and i not in self._pending and self.holds(i))
+        self.probes.keep_only({*ids, *self._pending})
+        count = max(1, min(SLICES, len(ids)))
+        span = max(0.0, until - started)
+        for k in range(count):
+            self.probes.run(until=started + span * k / count, stop=stop)
+            if stop.is_set():
+                return
+            self._start_slice(ids[k::count])
+        log.debug("sweep: %d instances, %d probes in flight, started %.3f s late, slices "
+                  "started in %.3f s", len(ids), self.probes.in_flight,
+                  max(0.0, started - (until - self.settings.check_interval)),
+                  time.monotonic() - started)
+        self.probes.run(until=until, stop=stop)
+
+    def _start_slice(self, ids: list[str]) -> None:
+        """Read the slice's instances from the store in one session and start the probes
+        of those past the rungs that need none."""
+        watches = {i: self._watch.setdefault(i, _Watch()) for i in ids}
         jobs: list[Key] = []
-        for instance_id, p in probed.items():
-            assert p.primary is not None
-            results[instance_id] = {}
+        for p in self.observer.prepare_many({i: w.counters for i, w in watches.items()}):
+            instance_id = p.snap.instance_id
+            instruments.check_clock.watch(instance_id)
+            if p.primary is None:
+                self._conclude(p.snap)
+                continue
+            self._pending[instance_id] = (p, {})
             for role, target in ((PRIMARY, p.primary), (STANDBY, p.standby)):
                 if target is not None:
                     self.probes.link((instance_id, role), target.address, p.password,
                                      target.ca_pem)
                     jobs.append((instance_id, role))
+        self.probes.submit(jobs)
 
-        def on_result(key: Key, result: Probe) -> None:
-            instance_id, role = key
-            seen = results.get(instance_id)
-            if seen is None or role in seen:
-                self._early(instance_id, role, result)
-                return
-            seen[role] = result
-            p = probed[instance_id]
-            if PRIMARY in seen and (STANDBY in seen or p.standby is None):
-                del results[instance_id]
-                snap = self.observer.with_probes(p.snap, seen[PRIMARY], seen.get(STANDBY))
-                self._conclude(snap, records)
+    def _on_probe(self, key: Key, result: Probe) -> None:
+        instance_id, role = key
+        pending = self._pending.get(instance_id)
+        if pending is None or role in pending[1]:
+            self._early(instance_id, role, result)
+            return
+        prepared, seen = pending
+        seen[role] = result
+        if PRIMARY in seen and (STANDBY in seen or prepared.standby is None):
+            del self._pending[instance_id]
+            self._conclude(self.observer.with_probes(prepared.snap, seen[PRIMARY],
+                                                     seen.get(STANDBY)))
 
-        self.probes.run(jobs, on_result, until=0.0, stop=stop)
-        self.executor.record_many(records)
-        self.probes.run([], on_result, until=until, stop=stop)
-
-    def _conclude(self, snap: Snapshot, records: dict[str, int | None]) -> None:
-        """Decide on a sweep's snapshot: keep a settled instance (its record batched in
-        `records`), hand any other to its own watcher, which decides afresh."""
+    def _conclude(self, snap: Snapshot) -> None:
+        """Decide on a sweep's snapshot: keep a settled instance (its routine record
+        batched), hand any other to its own watcher, which decides afresh."""
         instance_id = snap.instance_id
         watch = self._watch.get(instance_id)
         if watch is None:
@@ -273,12 +297,13 @@ class Monitor:
             if snap.primary_seen is not None and snap.primary_seen.outcome == "down":
                 self.observer.last_probe_start[instance_id] = \
                     time.monotonic() - snap.primary_seen.elapsed
+            log.debug("instance %s: %s: checking it on its own", instance_id, decision.status)
             self._escalate(instance_id)
             return
         watch.decided = False
         if schedule.record_only(snap, decision):
             assert decision.record is not None
-            records[instance_id] = decision.record.lag
+            self._records[instance_id] = decision.record.lag
             status = decision.status
         else:
             outcome = self.executor.carry_out(snap, decision)
@@ -310,6 +335,7 @@ class Monitor:
             if instance_id in self._full or instance_id not in self._held:
                 return
             self._full.add(instance_id)
+            self._pending.pop(instance_id, None)
             self.probes.close((instance_id, PRIMARY))
             self.probes.close((instance_id, STANDBY))
             thread = threading.Thread(target=self._watch_loop, args=(instance_id, self._stop),
@@ -330,7 +356,7 @@ class Monitor:
     def _watch_loop(self, instance_id: str, stop: threading.Event) -> None:
         instruments.check_clock.watch(instance_id)
         try:
-            while not stop.is_set() and instance_id in self._held:
+            while not stop.is_set() and self.holds(instance_id):
                 started = time.monotonic()
                 try:
                     status = self.check_instance(instance_id)

@@ -1,12 +1,14 @@
 """The probe event loop: persistent connections to every watched node, one thread.
 
 Each (instance, role) has a `probe.Link`, a persistent psycopg2 asynchronous session;
-every registered socket sits in one `selectors` selector. A sweep starts the health
-query on every link at once and drives them all from the selector until each has
+every registered socket sits in one `selectors` selector. The health query of every due
+link is started at once and all are driven from the selector until each has
 answered or passed its deadline. Between sweeps the idle sockets stay registered: a
 socket that turns readable while idle means the server closed the session or said
 goodbye (a crash, a shutdown), and the link is probed at once, so a dead primary is
-seen within milliseconds rather than at the next sweep.
+seen within milliseconds rather than at its next check. The caller submits probes
+when they are due and reads results through `on_result`; probes in flight carry
+over from one `run` to the next.
 
 New sessions (at start, after a failure) cost a TLS handshake and a SCRAM exchange
 each; at most `MAX_CONNECTING` run at once so that a monitor taking over 1,000
@@ -34,12 +36,14 @@ OnResult = Callable[[Key, Probe], None]
 
 
 class ProbeLoop:
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, on_result: OnResult) -> None:
         self.timeout = timeout
+        self.on_result = on_result
         self.links: dict[Key, Link] = {}
         self.selector = selectors.DefaultSelector()
         self._registered: dict[Key, tuple[int, int]] = {}   # key → (fd, events)
         self._busy: set[Key] = set()
+        self._waiting: deque[Key] = deque()           # to connect, when a slot frees
 
     # --- links -------------------------------------------------------------------------
     def link(self, key: Key, address: str, password: str, ca_pem: str | None) -> Link:
@@ -57,6 +61,8 @@ class ProbeLoop:
         link = self.links.pop(key, None)
         if link is not None:
             link.close()
+        if key in self._waiting:
+            self._waiting.remove(key)
 
     def keep_only(self, instance_ids: Iterable[str]) -> None:
         """Close the links of instances no longer probed here."""
@@ -98,36 +104,40 @@ class ProbeLoop:
         self._registered[key] = (fd, link.events)
 
     # --- the loop ------------------------------------------------------------------------
-    def _start(self, key: Key, link: Link, on_result: OnResult) -> None:
+    def _start(self, key: Key, link: Link) -> None:
         result = link.start(self.timeout)
         if result is not None:
-            on_result(key, result)
+            self.on_result(key, result)
         self._sync(key, link)
 
-    def run(self, jobs: Iterable[Key], on_result: OnResult, *, until: float,
-            stop: threading.Event) -> None:
-        """Probe every key in `jobs` (links made beforehand with `link`), reporting each
-        result; also probe at once any idle link whose socket turns readable. Returns
-        when every job has a result and `until` (monotonic) has passed, or on `stop`."""
-        waiting: deque[Key] = deque()
+    def submit(self, jobs: Iterable[Key]) -> None:
+        """Start a probe on every key (links made beforehand with `link`); those that
+        must connect first wait for a connecting slot."""
         for key in jobs:
             link = self.links[key]
             if link.conn is None:
-                waiting.append(key)
+                self._waiting.append(key)
             elif not link.busy:
-                self._start(key, link, on_result)
-        while not stop.is_set():
-            connecting = sum(1 for k in self._busy if self.links[k].connecting) \
-                if waiting else 0
-            while waiting and connecting < MAX_CONNECTING:
-                key = waiting.popleft()
-                queued = self.links.get(key)
-                if queued is not None and not queued.busy:
-                    self._start(key, queued, on_result)
-                    connecting += 1
+                self._start(key, link)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._busy) + len(self._waiting)
+
+    def run(self, *, until: float, stop: threading.Event) -> None:
+        """Drive the probes, reporting each result to `on_result`, and probe at once any
+        idle link whose socket turns readable, until `until` (monotonic) or `stop`."""
+        while True:
+            if self._waiting:
+                connecting = sum(1 for k in self._busy if self.links[k].connecting)
+                while self._waiting and connecting < MAX_CONNECTING:
+                    key = self._waiting.popleft()
+                    queued = self.links.get(key)
+                    if queued is not None and not queued.busy:
+                        self._start(key, queued)
+                        connecting += 1
+            # At least one look at the sockets, even when called late.
             now = time.monotonic()
-            if not self._busy and not waiting and now >= until:
-                return
             wake = min([until, *(self.links[k].deadline for k in self._busy)])
             events = self.selector.select(max(0.0, min(wake - now, STOP_POLL)))
             for selector_key, _mask in events:
@@ -137,9 +147,11 @@ class ProbeLoop:
                     continue
                 result = ready.advance() if ready.busy else ready.start(self.timeout)
                 if result is not None:
-                    on_result(key, result)
+                    self.on_result(key, result)
                 self._sync(key, ready)
             now = time.monotonic()
             for key in [k for k in self._busy if self.links[k].deadline <= now]:
                 self._unregister(key)
-                on_result(key, self.links[key].expire())
+                self.on_result(key, self.links[key].expire())
+            if now >= until or stop.is_set():
+                return
