@@ -88,6 +88,8 @@ WATCHED_STATES = (READY, DEGRADED, UPDATING)
 # A sweep spreads its checks over the interval in this many slices, each with its own
 # store read: 1,000 probes at once would queue on the servers' cores.
 SLICES = 10
+# How often the sweep looks for instances back from their watcher.
+RETURN_POLL = 0.25
 # How long the monitor drives one operation it queued before leaving it to the engine.
 DRIVE_TIMEOUT = 900.0
 
@@ -121,6 +123,7 @@ class Monitor:
         self._watch: dict[str, _Watch] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._full: set[str] = set()              # instances their own watcher checks
+        self._returning: list[str] = []           # back from their watcher: probe now
         self._lock = threading.Lock()
         self._stop = threading.Event()
         # False (benchmarks): queue what the ladder decides and leave it queued.
@@ -250,7 +253,12 @@ class Monitor:
                   "started in %.3f s", len(ids), self.probes.in_flight,
                   max(0.0, started - (until - self.settings.check_interval)),
                   time.monotonic() - started)
-        self.probes.run(until=until, stop=stop)
+        while time.monotonic() < until and not stop.is_set():
+            self.probes.run(until=min(until, time.monotonic() + RETURN_POLL), stop=stop)
+            with self._lock:
+                returning, self._returning = self._returning, []
+            if returning:  # settled again: a session now, not at the next interval
+                self._start_slice([i for i in returning if self.holds(i)])
 
     def _start_slice(self, ids: list[str]) -> None:
         """Read the slice's instances from the store in one session and start the probes
@@ -381,6 +389,7 @@ class Monitor:
             with self._lock:
                 self._full.discard(instance_id)
                 self._threads.pop(instance_id, None)
+                self._returning.append(instance_id)
 
     # --- one check ----------------------------------------------------------------------
     def check_instance(self, instance_id: str) -> str:
