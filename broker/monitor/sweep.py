@@ -151,7 +151,10 @@ class ProbeLoop:
                 self._sync(key, ready)
             now = time.monotonic()
             for key in [k for k in self._busy if self.links[k].deadline <= now]:
-                self._unregister(key)
-                self.on_result(key, self.links[key].expire())
+                # An answer that arrived while this thread was busy elsewhere counts.
+                link = self.links[key]
+                result = link.advance() or link.expire()
+                self._sync(key, link)
+                self.on_result(key, result)
             if now >= until or stop.is_set():
                 return
