@@ -11,15 +11,16 @@ Every check is observe (observe.py: the store and the probes, as a Snapshot) →
 decide (decide.py: a pure ladder of early returns, each with a status sentence and
 at most one action) → act (act.py). Two paths run it (schedule.py says which):
 
-- the sweep, one thread for every held instance: every `check_interval` it reads
-  all of them from the store in one session, probes every node at once over
-  persistent sessions driven by one event loop (sweep.py), decides, and writes the
-  routine records in one transaction. Between sweeps it watches the idle sessions:
-  one the server closes (a crash, a shutdown) is probed at once, so a dead primary
-  counts its first failure within milliseconds, not at the next sweep;
+- the sweep, one thread for every held instance: each `check_interval` it reads
+  them from the store (one session per slice, `SLICES` slices spread over the
+  interval), probes their nodes over persistent sessions driven by one event loop
+  (sweep.py), decides, and writes the routine records of the interval in one
+  transaction. Idle sessions stay watched: one the server closes (a crash, a
+  shutdown) is probed at once, so a dead primary counts its first failure within
+  milliseconds, not at its next check;
 - a watcher thread per instance that is not settled (a failed probe to confirm, an
-  action to take): the full check with fresh probes, until it is settled again. It
-  logs the status when its class changes, and runs at once whatever it queued.
+  action to take): the full check with fresh probes, until it is settled again.
+  It runs at once whatever it queued.
 
 Settings (MonitorSettings, from the environment) and their defaults:
 
@@ -55,6 +56,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from queue import Empty, SimpleQueue
 
 from sqlalchemy import select
 
@@ -65,7 +67,7 @@ from broker.monitor.act import Executor
 from broker.monitor.decide import Snapshot, Watch, decide, recheck_delay
 from broker.monitor.leases import WORKER_PREFIX, Leases, monitor_lease_name
 from broker.monitor.observe import Observer, Prepared
-from broker.monitor.sweep import Key, ProbeLoop
+from broker.monitor.sweep import STOP_POLL, Key, ProbeLoop
 from broker.operations import queue, workflows
 from broker.operations.engine import Engine
 from broker.operations.promotion import REBUILD, derived_id
@@ -125,7 +127,7 @@ class Monitor:
         self._full: set[str] = set()              # instances their own watcher checks
         self._returning: list[str] = []           # back from their watcher: probe now
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._to_launch: SimpleQueue[str] = SimpleQueue()   # instances for a watcher
         # False (benchmarks): queue what the ladder decides and leave it queued.
         self.drive_queued = drive_queued
         self.probes = ProbeLoop(self.settings.connect_timeout, self._on_probe)
@@ -144,7 +146,9 @@ class Monitor:
         log.info("monitor %s started (interval %.1f s, connect_timeout %.1f s, %d failures "
                  "before acting)", self.owner, self.settings.check_interval,
                  self.settings.connect_timeout, self.settings.failures_before_acting)
-        self._stop = stop
+        launcher = threading.Thread(target=self._launcher, args=(stop,),
+                                    name="monitor-launcher", daemon=True)
+        launcher.start()
         while not stop.is_set():
             until = time.monotonic() + self.settings.check_interval
             try:
@@ -156,6 +160,7 @@ class Monitor:
         # Watchers notice `stop` within one check; one running a failover may take
         # longer: its operation is durable and another worker resumes it.
         deadline = time.monotonic() + self.settings.connect_timeout * 2 + 1
+        launcher.join(timeout=STOP_POLL * 4)
         for thread in list(self._threads.values()):
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
         for instance_id in list(self._held):
@@ -346,9 +351,20 @@ class Monitor:
             self._pending.pop(instance_id, None)
             self.probes.close((instance_id, PRIMARY))
             self.probes.close((instance_id, STANDBY))
-            thread = threading.Thread(target=self._watch_loop, args=(instance_id, self._stop),
+        # Starting a thread waits for it to run: not in the probe loop's thread.
+        self._to_launch.put(instance_id)
+
+    def _launcher(self, stop: threading.Event) -> None:
+        """Start the watcher threads `_escalate` asked for."""
+        while not stop.is_set():
+            try:
+                instance_id = self._to_launch.get(timeout=STOP_POLL)
+            except Empty:
+                continue
+            thread = threading.Thread(target=self._watch_loop, args=(instance_id, stop),
                                       name=f"watch-{instance_id[:12]}", daemon=True)
-            self._threads[instance_id] = thread
+            with self._lock:
+                self._threads[instance_id] = thread
             thread.start()
 
     def _report(self, instance_id: str, watch: _Watch, status: str) -> None:
