@@ -4,7 +4,7 @@ Run:  .venv/bin/python benchmarks/monitor_scale.py [--instances 1000] [--seconds
       [--servers 4] [--crashed 20] [--json [FILE]] [--write BENCHMARKS.md]
 
 How it is built: `--servers` real PostgreSQL 15 servers, plus one more that carries
-the `--crashed` instances, listen on 127.0.1.k:5432 (one loopback address each, the
+`--crashed` of the `--instances` instances, listen on 127.0.1.k:5432 (one loopback address each, the
 port the monitor probes). A PostgreSQL state store on its own loopback server holds
 `--instances` ready `standalone` instances (one node each) spread over them, every
 node's management address naming its server, so each server answers for many
@@ -272,12 +272,15 @@ def section(result: dict[str, Any]) -> str:
         start, "## Monitor at scale (benchmarks/monitor_scale.py)", "",
         f"One monitor process (the broker's `Monitor`, default settings: 1 s interval, 1 s "
         f"probe deadline, 3 failures) watches {result['instances']} `standalone` instances "
-        f"whose nodes are {result['servers']} real PostgreSQL 15 servers on loopback "
-        "addresses (each answers for many instances, one persistent probe session per "
-        f"instance; no TLS on these sessions), plus {result['crashed_instances']} instances "
-        "on one more server that is then killed (kill -9 of every process) at a random "
-        "phase of the sweep. The state store is PostgreSQL on loopback. Queued failovers "
-        "(resurrects, the standalone plan's) are left queued: only detection is measured.",
+        "(one node each). All but "
+        f"{result['crashed_instances']} have their node on one of {result['servers']} real "
+        "PostgreSQL 15 servers on loopback addresses (each answers for many instances, one "
+        "persistent probe session per instance, without TLS here); the other "
+        f"{result['crashed_instances']} on one more server, killed (kill -9 of every "
+        "process) after the measured window at a random phase of the sweep. The state "
+        "store is PostgreSQL on loopback. The failovers queued (resurrects, the standalone "
+        "plan's) are left queued: only detection is measured. An ha instance has two nodes, "
+        "so two probe sessions.",
         "",
         "| instances | cpu_cores | check interval p50 | p99 | max | crash detect p50 | p95 "
         "| false failovers |",
