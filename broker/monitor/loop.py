@@ -41,9 +41,7 @@ closed, then connection refused) is acted on ~0.4 s after the crash, whatever th
 phase of the sweep; a frozen or black-holed one ~2.2 s after the start of the
 first probe that hung (~2.7 s after the fault on average).
 
-The monitor runs the operations it queues itself (claiming them at once with its
-own Engine object), so a failover never waits behind another instance's long
-operation. The operation stays durable: any worker's engine resumes it after a crash.
+The monitor runs the operations it queues itself, at once (drive.py).
 """
 
 from __future__ import annotations
@@ -65,12 +63,12 @@ from broker.metrics import instruments
 from broker.monitor import schedule
 from broker.monitor.act import Executor
 from broker.monitor.decide import Snapshot, Watch, decide, recheck_delay
+from broker.monitor.drive import Driver
 from broker.monitor.leases import WORKER_PREFIX, Leases, monitor_lease_name
 from broker.monitor.observe import Observer, Prepared
 from broker.monitor.sweep import STOP_POLL, Key, ProbeLoop
-from broker.operations import queue, workflows
+from broker.operations import queue
 from broker.operations.engine import Engine
-from broker.operations.promotion import REBUILD, derived_id
 from broker.pg.probe import Probe
 from broker.runtime import Runtime
 from broker.store.models import (
@@ -78,7 +76,6 @@ from broker.store.models import (
     PRIMARY,
     READY,
     STANDBY,
-    SUCCEEDED,
     UPDATING,
     Instance,
 )
@@ -92,8 +89,6 @@ WATCHED_STATES = (READY, DEGRADED, UPDATING)
 SLICES = 10
 # How often the sweep looks for instances back from their watcher.
 RETURN_POLL = 0.25
-# How long the monitor drives one operation it queued before leaving it to the engine.
-DRIVE_TIMEOUT = 900.0
 
 
 @dataclass
@@ -137,9 +132,9 @@ class Monitor:
         self._records: dict[str, int | None] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=32,
                                                            thread_name_prefix="probe")
-        self._runner: Engine | None = None
+        self.driver = Driver(runtime, engine)
         self.observer = Observer(runtime, self._pool, self.recheck)
-        self.executor = Executor(runtime, self.leases, lambda: self.runner().owner)
+        self.executor = Executor(runtime, self.leases, lambda: self.driver.runner().owner)
 
     # --- the worker loop ------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -423,43 +418,9 @@ class Monitor:
         watch.settled = schedule.settled(decision)
         return outcome.status
 
-    # --- running what was queued -------------------------------------------------------------
-    def _op_state(self, op_id: str) -> str | None:
-        return queue.state_of(self.runtime.store, op_id)
-
+    # --- running what was queued -----------------------------------------------------------
     def runner(self) -> Engine:
-        """This monitor's own engine: runs what the monitor queued, at once."""
-        if self._runner is None:
-            rt = self.runtime
-            workflows.install()
-            self._runner = Engine(rt.store, rt.cloud, rt.vault, rt.catalog, rt.settings,
-                                  owner=queue.new_owner_id(queue.RUNNER_ROLE))
-        return self._runner
+        return self.driver.runner()
 
     def drive(self, op_id: str, stop: threading.Event | None = None) -> str | None:
-        """Run an operation this monitor queued to its end, here and now (then the
-        rebuild it queued). Another worker that claimed it first simply runs it."""
-        runner = self.runner()
-        if self.engine is not None:
-            self.engine.wake()
-        deadline = time.monotonic() + DRIVE_TIMEOUT
-        state = self._op_state(op_id)
-        while queue.is_unfinished(state) and time.monotonic() < deadline:
-            if stop is not None and stop.is_set():
-                return state
-            if runner.claim(op_id) is not None:
-                state = runner.run(op_id)
-                if queue.is_unfinished(state) and self.engine is not None:
-                    # Released to be retried later: from here the worker's engine runs it,
-                    # so that only one claimer ever competes for the row.
-                    self.engine.wake()
-                    return state
-                continue
-            time.sleep(0.05)
-            state = self._op_state(op_id)
-        if state == SUCCEEDED:
-            follow_up = derived_id(op_id, REBUILD)
-            if queue.is_unfinished(self._op_state(follow_up)):
-                return self.drive(follow_up, stop)
-        return state
-
+        return self.driver.drive(op_id, stop)
