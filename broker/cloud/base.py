@@ -198,6 +198,10 @@ class Cloud(abc.ABC):
         raise CloudError(f"this cloud has no security groups (asked for {group_id})")
 
     # --- housekeeping ----------------------------------------------------------
+    def hand_repository_to(self, stanza: str, volume_id: str) -> None:  # noqa: B027
+        """Let the node on `volume_id` write the stanza's backup repository (it is about
+        to be promoted). Object storage: every node holds the credentials already."""
+
     @abc.abstractmethod
     def find_resources(self, instance_id: str | None = None) -> list[CloudResource]:
         """Everything tagged as the broker's (for one instance, or all), of every kind

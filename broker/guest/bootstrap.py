@@ -42,6 +42,7 @@ import locale
 import os
 import pwd
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -113,6 +114,11 @@ class GuestConfig:
     tls_cert: str = ""
     tls_key: str = ""
     tls_issued_at: int = 0
+    # Continuous archiving with pgBackRest (none without both): the instance's stanza,
+    # and its repository's options (e.g. {"repo1-path": ...}) filled in by the cloud.
+    backup_stanza: str = ""
+    backup_repo: dict[str, str] = field(default_factory=dict)
+    archive_timeout_s: int = 60
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -224,6 +230,7 @@ def render_conf(config: GuestConfig, *, passfile: str, tls_dir: str | None = Non
     }
     if tls_dir:
         values.update(tls_settings(tls_dir))
+    values.update(archive_settings(config))
     if config.role == "standby" and config.primary_address:
         conninfo = " ".join([
             f"host={config.primary_address}", f"port={config.port}",
@@ -242,6 +249,83 @@ def render_conf(config: GuestConfig, *, passfile: str, tls_dir: str | None = Non
     lines = ["# Written by the pgha guest bootstrap at every boot. Do not edit."]
     lines += [f"{name} = {_conf_value(value)}" for name, value in values.items()]
     return "\n".join(lines) + "\n"
+
+
+# --- continuous archiving (pgBackRest) ------------------------------------------------------
+
+BACKUP_DIR = "pgbackrest"  # beside the data directory: config, spool, locks, logs
+BACKUP_CONF = "pgbackrest.conf"
+PGBACKREST = "/usr/bin/pgbackrest"
+_REPO_OPTION = re.compile(r"^repo1-[a-z0-9-]+$")
+
+
+def archives(config: GuestConfig) -> bool:
+    return bool(config.backup_stanza and config.backup_repo)
+
+
+def backup_dir(config: GuestConfig) -> Path:
+    return Path(config.data_dir).parent / BACKUP_DIR
+
+
+def pgbackrest_command(config: GuestConfig, *args: str) -> list[str]:
+    return [PGBACKREST, f"--config={backup_dir(config) / BACKUP_CONF}",
+            f"--stanza={config.backup_stanza}", *args]
+
+
+def archive_settings(config: GuestConfig) -> dict[str, object]:
+    """Every node archives through pgBackRest (asynchronous push: a slow repository
+    never holds a commit up) and can fetch WAL from the repository (a standby catches
+    up from it when the primary no longer has what it needs). Standbys do not archive
+    (`archive_mode = on`); once promoted they archive their new timeline."""
+    if not archives(config):
+        return {}
+    return {
+        "archive_mode": "on",
+        "archive_command": shlex.join(pgbackrest_command(config, "archive-push")) + " %p",
+        "restore_command": shlex.join(pgbackrest_command(config, "archive-get")) + ' %f "%p"',
+        "archive_timeout": f"{int(config.archive_timeout_s)}s",
+    }
+
+
+def render_backup_conf(config: GuestConfig) -> str:
+    """pgBackRest's configuration: the repository, and everything it writes locally kept
+    on the node's volume (its own spool, locks and logs: /tmp is shared in the local
+    cloud)."""
+    base = backup_dir(config)
+    lines = ["# Written by the pgha guest bootstrap at every boot. Do not edit.", "[global]"]
+    for name, value in sorted(config.backup_repo.items()):
+        if not _REPO_OPTION.match(name) or "\n" in value:
+            raise BootstrapError(f"unsupported repository option {name!r}")
+        lines.append(f"{name}={value}")
+    lines += [f"spool-path={base / 'spool'}", f"lock-path={base / 'lock'}",
+              f"log-path={base / 'log'}", "log-level-console=warn", "log-level-file=info",
+              "archive-async=y", "compress-type=lz4", "start-fast=y",
+              f"[{config.backup_stanza}]", f"pg1-path={config.data_dir}",
+              f"pg1-port={config.port}", f"pg1-socket-path={config.socket_dir}",
+              f"pg1-user={ADMIN_USER}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_backup_conf(config: GuestConfig) -> None:
+    if not archives(config):
+        return
+    base = backup_dir(config)
+    for directory in (base, base / "spool", base / "lock", base / "log"):
+        directory.mkdir(mode=0o700, exist_ok=True)
+    _replace_file(base / BACKUP_CONF, render_backup_conf(config))
+
+
+def create_stanza(config: GuestConfig, runner: Runner) -> None:
+    """A primary makes its stanza in the repository (nothing to do when it exists for
+    this cluster). Not fatal: a repository out of reach must not keep the database
+    down; archiving then fails visibly (pg_stat_archiver) until it is back."""
+    if not archives(config) or (Path(config.data_dir) / "standby.signal").exists():
+        return
+    result = runner.run(pgbackrest_command(config, "--no-online", "stanza-create"),
+                        what="pgbackrest stanza-create", timeout=120, check=False)
+    if result.returncode != 0:
+        tail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-2:])
+        say(f"warning: no stanza in the backup repository yet ({tail})")
 
 
 # --- processes -----------------------------------------------------------------------------
@@ -650,7 +734,9 @@ def node_steps(config: GuestConfig) -> None:
     # An existing cluster keeps its own role (standby.signal or not): a promoted standby
     # that reboots with its old "standby" config must stay a primary.
     write_config(config, tls)
+    write_backup_conf(config)
     start(config, runner)
+    create_stanza(config, runner)
     say("ready")
 
 

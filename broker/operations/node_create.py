@@ -18,6 +18,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from broker.backup import names as backup_names
 from broker.cloud.base import TAG_PLAN, ServerSpec
 from broker.guest.bootstrap import GuestConfig
 from broker.operations.engine import Context, RetryLater, StepFailed
@@ -185,6 +186,8 @@ def guest_config(ctx: Context, node_id: str) -> GuestConfig:
         tls_cert=cert.cert_pem if cert is not None else "",
         tls_key=cert.key_pem if cert is not None else "",
         tls_issued_at=cert.issued_at if cert is not None else 0,
+        backup_stanza=backup_names.stanza(inst.id),
+        archive_timeout_s=plan.cloud.backups.archive_timeout_s,
     )
 
 

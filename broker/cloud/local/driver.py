@@ -4,6 +4,7 @@ See the package's docstring for what each resource is."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import shutil
@@ -46,6 +47,7 @@ from broker.cloud.local.records import (
     VolumeRecord,
     by_name,
 )
+from broker.cloud.local.repositories import Repositories
 from broker.cloud.local.users import VolumeUsers, volume_user
 from broker.guest import bootstrap
 
@@ -70,6 +72,7 @@ class LocalCloud(LocalPorts, Cloud):
         self.records = RecordStore(self.root)
         # Marks the OS users this cloud made (destroy_everything finds them by it).
         self.volume_users = VolumeUsers(self.root)
+        self.repositories = Repositories(self.root / "backups")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalCloud:
@@ -153,6 +156,9 @@ class LocalCloud(LocalPorts, Cloud):
                                  "delete the server first")
             # rmtree never follows the links its user may have planted below.
             shutil.rmtree(self._volume_dir(volume_id), ignore_errors=True)
+            with contextlib.suppress(KeyError):
+                user = self.volume_users.own(volume_user(volume_id))
+                self.repositories.forget_user(user.pw_uid, user.pw_gid)
             self.volume_users.delete(volume_user(volume_id))
             del st.volumes[volume_id]
 
@@ -239,10 +245,26 @@ class LocalCloud(LocalPorts, Cloud):
                       spec: ServerSpec) -> bootstrap.GuestConfig:
         volume_dir = self._volume_dir(volume_id)
         run_as = self._own_volume(volume_id)
+        backup_repo: dict[str, str] = {}
+        if spec.guest.backup_stanza:
+            user = self.volume_users.own(run_as)
+            if spec.guest.role == "primary":
+                self.repositories.hand_over(spec.guest.backup_stanza,
+                                            owner=(user.pw_uid, user.pw_gid))
+            else:
+                self.repositories.hand_over(spec.guest.backup_stanza, reader_gid=user.pw_gid)
+            backup_repo = {"repo1-path": str(self.repositories.path(spec.guest.backup_stanza))}
         return dataclasses.replace(
             spec.guest, data_dir=str(volume_dir / "data"), volume_device=None,
             mount_point=str(volume_dir), socket_dir=str(self._server_dir(server_id) / "run"),
-            pg_bin=self.pg_bin, run_as=run_as, log_file=str(volume_dir / "postgresql.log"))
+            pg_bin=self.pg_bin, run_as=run_as, log_file=str(volume_dir / "postgresql.log"),
+            backup_repo=backup_repo)
+
+    def hand_repository_to(self, stanza: str, volume_id: str) -> None:
+        """The volume's user becomes the repository's writer; the previous writer (the
+        old primary: after a switchover, the standby) keeps reading it."""
+        user = self.volume_users.own(volume_user(volume_id))
+        self.repositories.hand_over_to(stanza, (user.pw_uid, user.pw_gid))
 
     def get_server(self, server_id: str) -> Server | None:
         st = self.records.read()
