@@ -90,7 +90,8 @@ def test_render_hba_allows_only_what_is_needed() -> None:
     lines = hba.render_hba(admin_cidrs=["10.1.0.1"], peer_addresses=["10.1.0.2", "10.1.0.3"],
                            app_cidrs=["10.1.0.0/24"])
     rules = [line.split() for line in lines if not line.startswith("#")]
-    assert not [r for r in rules if r[0] == "local"]  # nothing uses the unix socket
+    # The unix socket admits only the superuser, by password (pgBackRest's backups).
+    assert [r for r in rules if r[0] == "local"] == [["local", "all", "postgres", "scram-sha-256"]]
     assert ["hostssl", "all", "postgres", "10.1.0.1/32", "scram-sha-256"] in rules
     assert ["hostssl", "replication", "pgha_replicator", "10.1.0.3/32", "scram-sha-256"] in rules
     assert ["hostssl", "appdb", "+app_owner", "10.1.0.0/24", "scram-sha-256"] in rules

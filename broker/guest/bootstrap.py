@@ -154,8 +154,9 @@ def render_hba(*, admin_cidrs: list[str] | tuple[str, ...],
                tls: bool = True) -> list[str]:
     """pg_hba.conf lines. First match wins and nothing else is allowed; with `tls` every
     line is `hostssl` (a node made before TLS has no certificate: `host`):
-    - `postgres` by password only from the broker's addresses (no line for the unix
-      socket: nothing uses it, and `pg_ctl -w` checks readiness without logging in);
+    - `postgres` by password only from the broker's addresses, and through the unix
+      socket (pgBackRest's backups: the socket directory is the PostgreSQL user's alone;
+      `pg_ctl -w` checks readiness without logging in);
     - replication only as pgha_replicator, only from the instance's nodes;
     - application roles (members of app_owner or pg_read_all_data; superusers are never
       "members" for pg_hba) only to the application database, only from app_cidrs."""
@@ -164,6 +165,9 @@ def render_hba(*, admin_cidrs: list[str] | tuple[str, ...],
     row = "{:<7} {:<12} {:<20} {:<20} {}"
     host = "hostssl" if tls else "host"
     lines = ["# Written by pgha (guest bootstrap / broker). Changes here are overwritten."]
+    # pgBackRest reaches its own node's server only through the unix socket; the socket
+    # directory is the PostgreSQL user's alone (0700), and the password is required.
+    lines.append(f"{'local':<7} {'all':<12} {ADMIN_USER:<20} {'':<20} scram-sha-256")
     lines += [row.format(host, "all", ADMIN_USER, _cidr(c), "scram-sha-256")
               for c in _unique(admin_cidrs)]
     lines += [row.format(host, "replication", REPLICATION_USER, _cidr(p), "scram-sha-256")
@@ -255,6 +259,7 @@ def render_conf(config: GuestConfig, *, passfile: str, tls_dir: str | None = Non
 
 BACKUP_DIR = "pgbackrest"  # beside the data directory: config, spool, locks, logs
 BACKUP_CONF = "pgbackrest.conf"
+BACKUP_PASSFILE = "pgpass"  # the superuser's password, for pgBackRest's backups
 PGBACKREST = "/usr/bin/pgbackrest"
 _REPO_OPTION = re.compile(r"^repo1-[a-z0-9-]+$")
 
@@ -313,6 +318,8 @@ def write_backup_conf(config: GuestConfig) -> None:
     for directory in (base, base / "spool", base / "lock", base / "log"):
         directory.mkdir(mode=0o700, exist_ok=True)
     _replace_file(base / BACKUP_CONF, render_backup_conf(config))
+    _replace_file(base / BACKUP_PASSFILE, ":".join(
+        ["*", "*", "*", ADMIN_USER, _pgpass_escape(config.admin_password)]) + "\n")
 
 
 def create_stanza(config: GuestConfig, runner: Runner) -> None:
