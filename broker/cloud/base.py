@@ -202,6 +202,10 @@ class Cloud(abc.ABC):
         """Let the node on `volume_id` write the stanza's backup repository (it is about
         to be promoted). Object storage: every node holds the credentials already."""
 
+    def share_repository(self, stanza: str, volume_id: str | None) -> None:  # noqa: B027
+        """Let the node on `volume_id` (a standby) read the stanza's repository, and no
+        other node but its writer. Object storage: every node holds the credentials."""
+
     @abc.abstractmethod
     def find_resources(self, instance_id: str | None = None) -> list[CloudResource]:
         """Everything tagged as the broker's (for one instance, or all), of every kind

@@ -119,6 +119,10 @@ class GuestConfig:
     backup_stanza: str = ""
     backup_repo: dict[str, str] = field(default_factory=dict)
     archive_timeout_s: int = 60
+    # A primary made from another instance's backups: {"stanza": ..., "target": a time
+    # or "" for the end of its archive, "set": the backup to start from, and the
+    # repository's options}.
+    restore_from: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -320,6 +324,73 @@ def write_backup_conf(config: GuestConfig) -> None:
     _replace_file(base / BACKUP_CONF, render_backup_conf(config))
     _replace_file(base / BACKUP_PASSFILE, ":".join(
         ["*", "*", "*", ADMIN_USER, _pgpass_escape(config.admin_password)]) + "\n")
+
+
+# Written by pgBackRest's restore into postgresql.auto.conf: they name the source's
+# repository and the target, and must not outlive the recovery (a standby copied later
+# would stop at the old target).
+RECOVERY_SETTINGS = ("restore_command", "recovery_target", "recovery_target_time",
+                     "recovery_target_action", "recovery_target_inclusive",
+                     "recovery_target_timeline", "recovery_target_lsn",
+                     "recovery_target_name", "recovery_target_xid")
+RESTORE_TIMEOUT = 3600.0
+
+
+def restore_primary(config: GuestConfig, runner: Runner, tls: Path | None) -> None:
+    """A new cluster from the source instance's backups: pgBackRest picks the backup
+    before the target and PostgreSQL replays the source's archive up to the target
+    (every commit at or before it), then promotes to a timeline of its own."""
+    source = config.restore_from
+    partial = _fresh_target(config)
+    write_backup_conf(config)
+    repo = [f"--{name}={value}" for name, value in sorted(source.items())
+            if _REPO_OPTION.match(name)]
+    base = [PGBACKREST, f"--config={backup_dir(config) / BACKUP_CONF}",
+            f"--stanza={source['stanza']}", *repo]
+    fetch = shlex.join([*base, f"--pg1-path={config.data_dir}", "archive-get"]) + ' %f "%p"'
+    target = source.get("target", "")
+    kind = (["--type=time", f"--target={target}", "--target-action=promote"] if target
+            else ["--type=default"])
+    if source.get("set"):
+        kind.append(f"--set={source['set']}")
+    say(f"restoring from stanza {source['stanza']} ({target or 'end of its archive'})")
+    runner.run([*base, f"--pg1-path={partial}", *kind,
+                f"--recovery-option=restore_command={fetch}", "restore"],
+               what="pgbackrest restore", timeout=RESTORE_TIMEOUT)
+    _clean_auto_conf(partial / "postgresql.auto.conf")
+    for copied in partial.glob(f"{LEGACY_TLS_PREFIX}*"):
+        copied.unlink()  # the source's own TLS files: this node has its own
+    (partial / "standby.signal").unlink(missing_ok=True)
+    _finish_target(partial, config, tls)
+
+
+def finish_restore(config: GuestConfig, runner: Runner) -> None:
+    """Wait until the recovery of a restored cluster reached its target and promoted,
+    then drop the recovery settings that named the source."""
+    data = Path(config.data_dir)
+    deadline = time.monotonic() + RESTORE_TIMEOUT
+    while (data / "recovery.signal").exists():
+        status = runner.run([runner.bin("pg_ctl"), "-D", str(data), "status"],
+                            what="pg_ctl status", check=False)
+        if status.returncode != 0:
+            raise BootstrapError("the restored cluster stopped during its recovery: "
+                                 + " | ".join(_tail_lines(_log_file(config))))
+        if time.monotonic() > deadline:
+            raise BootstrapError(f"recovery not finished after {RESTORE_TIMEOUT:.0f} s")
+        time.sleep(0.2)
+    auto = data / "postgresql.auto.conf"
+    before = _read_file(auto) if auto.exists() else ""
+    _clean_auto_conf(auto, RECOVERY_SETTINGS)
+    if auto.exists() and _read_file(auto) != before:
+        say("recovery finished: dropping its settings")
+        runner.run([runner.bin("pg_ctl"), "-D", str(data), "reload"], what="pg_ctl reload")
+
+
+def _tail_lines(path: Path, lines: int = 3) -> list[str]:
+    try:
+        return _read_file(path).strip().splitlines()[-lines:]
+    except OSError:
+        return []
 
 
 def create_stanza(config: GuestConfig, runner: Runner) -> None:
@@ -734,7 +805,9 @@ def node_steps(config: GuestConfig) -> None:
     # First: a new cluster's pg_hba and a standby's base backup depend on it.
     tls = write_tls(config)
     if not _has_cluster(Path(config.data_dir)):
-        if config.role == "primary":
+        if config.role == "primary" and config.restore_from:
+            restore_primary(config, runner, tls)
+        elif config.role == "primary":
             init_primary(config, runner, tls)
         else:
             init_standby(config, runner, tls)
@@ -743,6 +816,8 @@ def node_steps(config: GuestConfig) -> None:
     write_config(config, tls)
     write_backup_conf(config)
     start(config, runner)
+    if config.restore_from:
+        finish_restore(config, runner)
     create_stanza(config, runner)
     say("ready")
 

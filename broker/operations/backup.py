@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from broker.backup import commands, names
+from broker.backup import commands, names, records
 from broker.operations import queue
 from broker.operations.engine import Context, RetryLater, Step, StepFailed, Workflow
 from broker.operations.node_access import admin_connection
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 KIND = "backup"
 SCHEDULED_KIND = "scheduled_backup"
-ANNOTATION = "pgha-operation"
+ANNOTATION = records.ANNOTATION
 LOCK_RETRY_SECONDS = 5.0
 
 
@@ -55,6 +55,12 @@ def annotated(backups: list[dict[str, Any]], operation_id: str) -> dict[str, Any
                  if (b.get("annotation") or {}).get(ANNOTATION) == operation_id), None)
 
 
+def record(ctx: Context, reported: list[dict[str, Any]]) -> None:
+    with ctx.store.session() as s:
+        records.repository(s, ctx.instance_id)
+        records.record_backups(s, ctx.instance_id, reported)
+
+
 def take_backup(ctx: Context) -> None:
     params = ctx.params_of(BackupParams)
     inst = ctx.instance()
@@ -64,17 +70,21 @@ def take_backup(ctx: Context) -> None:
     stanza = names.stanza(inst.id)
     with admin_connection(ctx, node, timeout=5.0) as conn:
         try:
-            if annotated(commands.info(conn, stanza).get("backup", []), ctx.operation_id):
+            reported = commands.info(conn, stanza).get("backup", [])
+            if annotated(reported, ctx.operation_id):
+                record(ctx, reported)
                 return
             ctx.progress(f"taking a {params.type} backup ({params.cause})")
             commands.run(conn, stanza, f"--type={params.type}",
                          f"--annotation={ANNOTATION}={ctx.operation_id}", *retention(ctx),
                          "backup")
+            reported = commands.info(conn, stanza).get("backup", [])
         except commands.PgBackRestFailed as exc:
             if exc.lock_held:
                 raise RetryLater("another backup of this instance is still running",
                                  LOCK_RETRY_SECONDS) from None
             raise StepFailed(f"the backup failed: {exc}") from None
+    record(ctx, reported)
     log.info("instance %s: %s backup taken (operation %s)", inst.id, params.type,
              ctx.operation_id)
 

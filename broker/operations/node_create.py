@@ -21,6 +21,7 @@ from typing import Any
 from broker.backup import names as backup_names
 from broker.cloud.base import TAG_PLAN, ServerSpec
 from broker.guest.bootstrap import GuestConfig
+from broker.operations import restore
 from broker.operations.engine import Context, RetryLater, StepFailed
 from broker.operations.naming import (
     instance_tags,
@@ -188,6 +189,7 @@ def guest_config(ctx: Context, node_id: str) -> GuestConfig:
         tls_issued_at=cert.issued_at if cert is not None else 0,
         backup_stanza=backup_names.stanza(inst.id),
         archive_timeout_s=plan.cloud.backups.archive_timeout_s,
+        restore_from=restore.guest_restore(ctx) if node.role == PRIMARY else {},
     )
 
 

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from broker import crypto
 from broker.catalog import Catalog, Plan, validate_parameters
 from broker.crypto import Vault
-from broker.operations import backup, queue
+from broker.operations import backup, queue, restore
 from broker.operations.params import UpdateParams
 from broker.operations.plan_changes import plan_change_refusal
 from broker.operations.refusals import (
@@ -145,6 +145,9 @@ def _provision(store: Store, vault: Vault, request: NewInstance,
             return _provision_again(s, inst, request, accepts_incomplete)
         if not accepts_incomplete:
             raise AsyncRequired("provisioning")
+        restore.check_request(s, service_id=request.service_id,
+                              organization_guid=request.organization_guid,
+                              parameters=request.parameters)
         s.add(Instance(
             id=request.id, service_id=request.service_id, plan_id=plan.id,
             organization_guid=request.organization_guid, space_guid=request.space_guid,

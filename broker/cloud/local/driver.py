@@ -254,11 +254,30 @@ class LocalCloud(LocalPorts, Cloud):
             else:
                 self.repositories.hand_over(spec.guest.backup_stanza, reader_gid=user.pw_gid)
             backup_repo = {"repo1-path": str(self.repositories.path(spec.guest.backup_stanza))}
+        restore_from = dict(spec.guest.restore_from)
+        if restore_from:
+            # The restoring node reads the source's repository until the broker gives
+            # its group back (share_repository).
+            source = restore_from["stanza"]
+            user = self.volume_users.own(run_as)
+            self.repositories.hand_over(source, reader_gid=user.pw_gid)
+            restore_from["repo1-path"] = str(self.repositories.path(source))
         return dataclasses.replace(
             spec.guest, data_dir=str(volume_dir / "data"), volume_device=None,
             mount_point=str(volume_dir), socket_dir=str(self._server_dir(server_id) / "run"),
             pg_bin=self.pg_bin, run_as=run_as, log_file=str(volume_dir / "postgresql.log"),
-            backup_repo=backup_repo)
+            backup_repo=backup_repo, restore_from=restore_from)
+
+    def share_repository(self, stanza: str, volume_id: str | None) -> None:
+        """The node on `volume_id` (the instance's standby) reads the repository; None:
+        only its writer does."""
+        if not self.repositories.path(stanza).exists():
+            return
+        if volume_id is None:
+            self.repositories.hand_over(stanza, reader_gid=self.repositories.owner_gid(stanza))
+            return
+        user = self.volume_users.own(volume_user(volume_id))
+        self.repositories.hand_over(stanza, reader_gid=user.pw_gid)
 
     def hand_repository_to(self, stanza: str, volume_id: str) -> None:
         """The volume's user becomes the repository's writer; the previous writer (the

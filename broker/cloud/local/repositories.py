@@ -64,6 +64,14 @@ class Repositories:
                 reader_gid = pwd.getpwuid(previous).pw_gid
         self.hand_over(stanza, owner=owner, reader_gid=reader_gid)
 
+    def owner_gid(self, stanza: str) -> int:
+        """The writer's own group (root's when nobody writes it)."""
+        owner = os.lstat(self.path(stanza)).st_uid
+        try:
+            return pwd.getpwuid(owner).pw_gid if owner else 0
+        except KeyError:
+            return 0
+
     def forget_user(self, uid: int, gid: int) -> None:
         """A node's user is deleted (its uid and gid may be given to another instance's
         node later): repositories it owned or read become root's alone until the next
