@@ -12,7 +12,7 @@ must give exactly the rows stamped before it."""
 from __future__ import annotations
 
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -21,7 +21,9 @@ from broker.operations import requests
 from broker.operations.refusals import InvalidRequest
 from broker.runtime import Runtime
 from harness.env import FailoverEnv, failover_env
-from harness.workflows import connect_with, finish, new_instance_id, provision
+from harness.faults import kill_server
+from harness.scenarios import fail_primary, under_write_load
+from harness.workflows import connect_with, deprovision, finish, new_instance_id, provision
 from harness.writer import app_credentials
 from tests.test_backup_operations import request_backup
 
@@ -64,7 +66,7 @@ def restored_ids(env: FailoverEnv, parameters: dict[str, Any], plan: str = "stan
     instance_id, op_id = restore(env.runtime, plan, parameters)
     assert op_id is not None
     finish(env.engine, op_id)
-    return set(stamped_rows(app_credentials(env, instance_id, "restored-app")))
+    return set(stamped_rows(app_credentials(env, instance_id, f"app-{instance_id}")))
 
 
 def test_restore_to_a_point_in_time_gives_exactly_what_was_committed_by_then() -> None:
@@ -110,3 +112,33 @@ def test_restore_is_refused_across_organizations_and_outside_the_window() -> Non
                                                 "point_in_time": "yesterday"})
         with env.runtime.store.session() as s:
             assert len(requests.unfinished(s, source)) == 0
+
+
+def test_restores_before_and_after_a_failover_and_of_a_deleted_instance() -> None:
+    """ha-sync under write load; a backup; the primary killed (failover, new timeline);
+    restores to a time before and to one after the failover; then the source deleted and
+    restored once more, as late as possible: each gives exactly the rows committed by
+    its time."""
+    with failover_env() as env, under_write_load(env, "ha-sync") as load:
+        source, creds = load.instance_id, load.credentials
+        load.writer.wait_acks(20)
+        finish(env.engine, request_backup(env.runtime, source))
+        backed_up = datetime.now(UTC)
+        time.sleep(3)  # the app goes on writing
+        killed = datetime.now(UTC)
+        outcome = fail_primary(env, source, creds, load.writer, kill_server)
+        assert not outcome.lost
+        load.writer.wait_acks(20, after=time.monotonic())
+        load.stop()
+        rows = stamped_rows(creds)
+        stamps = sorted(rows.values())
+        between = [at for at in stamps if backed_up < at < killed]
+        before = between[len(between) // 2]
+        after = stamps[-10]
+        assert after > killed + timedelta(seconds=outcome.settled)
+        for target in (before, after):
+            got = restored_ids(env, {"restore_from": source,
+                                     "point_in_time": target.isoformat()})
+            assert got == {i for i, at in rows.items() if at < target}, target
+        deprovision(env.runtime, env.engine, source)
+        assert restored_ids(env, {"restore_from": source}) == set(rows)

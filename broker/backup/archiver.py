@@ -4,6 +4,7 @@ archiving; a standby does not archive."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -33,3 +34,25 @@ def archiver_status(conn: Any) -> ArchiverStatus:
                     "FROM pg_catalog.pg_stat_archiver")
         row = cur.fetchone()
     return ArchiverStatus(*row)
+
+
+class NotArchived(Exception):
+    """The WAL file closed by `seal` was not archived in time; the message says why."""
+
+
+def seal(conn: Any, timeout: float) -> datetime:
+    """Close the current WAL file and wait until it is archived: everything committed
+    before the returned (server) time is then in the repository."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_catalog.now(), "
+                    "pg_catalog.pg_walfile_name(pg_catalog.pg_switch_wal())")
+        sealed_at, wal = cur.fetchone()
+    deadline = time.monotonic() + timeout
+    while (status := archiver_status(conn)).last_archived_wal is None \
+            or status.last_archived_wal < wal:
+        if time.monotonic() > deadline:
+            raise NotArchived(f"WAL file {wal} was not archived within {timeout:.0f} s (last "
+                              f"archived: {status.last_archived_wal or 'none'}, last failed: "
+                              f"{status.last_failed_wal or 'none'})")
+        time.sleep(0.2)
+    return sealed_at  # type: ignore[no-any-return]

@@ -5,7 +5,7 @@ known without reaching a node (a deleted instance has none)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, select
@@ -61,8 +61,10 @@ def record_backups(session: Session, instance_id: str, reported: list[dict[str, 
 
 
 def stopped_at(backup: Backup) -> datetime:
-    """When the backup ended: the earliest time it can restore to."""
-    return backup.stopped_at.replace(tzinfo=backup.stopped_at.tzinfo or UTC)
+    """The earliest time the backup restores to: pgBackRest reports whole seconds, the
+    backup ended before the next one."""
+    return backup.stopped_at.replace(tzinfo=backup.stopped_at.tzinfo or UTC) \
+        + timedelta(seconds=1)
 
 
 def backups(session: Session, instance_id: str) -> list[Backup]:

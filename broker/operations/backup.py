@@ -20,14 +20,18 @@ remote protocol between nodes, which the nodes do not run).
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Any
 
-from broker.backup import commands, names, records
+import psycopg2
+
+from broker.backup import archiver, commands, names, records
+from broker.catalog import BackupSettings
 from broker.operations import queue
 from broker.operations.engine import Context, RetryLater, Step, StepFailed, Workflow
 from broker.operations.node_access import admin_connection
 from broker.operations.params import BackupParams
-from broker.store.models import NODE_RUNNING, Operation
+from broker.store.models import NODE_RUNNING, Operation, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,7 @@ KIND = "backup"
 SCHEDULED_KIND = "scheduled_backup"
 ANNOTATION = records.ANNOTATION
 LOCK_RETRY_SECONDS = 5.0
+SEAL_TIMEOUT = 60.0
 
 
 def new_backup(instance_id: str, backup_type: str, *, cause: str,
@@ -87,6 +92,33 @@ def take_backup(ctx: Context) -> None:
     record(ctx, reported)
     log.info("instance %s: %s backup taken (operation %s)", inst.id, params.type,
              ctx.operation_id)
+
+
+def keep_repository(ctx: Context) -> None:
+    """Deprovisioning: the primary's last WAL archived (when it still runs), the
+    repository kept for the plan's restore window, so the instance can be restored
+    after its deletion; the schedule stops."""
+    inst = ctx.instance()
+    with ctx.store.session() as s:
+        if records.repository(s, inst.id).keep_until is not None:
+            return
+    sealed_at = None
+    primary = inst.primary()
+    if primary is not None and primary.state == NODE_RUNNING and primary.management_address:
+        try:
+            with admin_connection(ctx, primary, timeout=3.0) as conn:
+                sealed_at = archiver.seal(conn, SEAL_TIMEOUT)
+        except (psycopg2.Error, archiver.NotArchived, StepFailed) as exc:
+            log.warning("instance %s: its last WAL is not archived (%s); it can be restored "
+                        "up to its last archived commit", inst.id, " ".join(str(exc).split()))
+    plan = ctx.catalog.plan(inst.plan_id)
+    days = (plan.cloud.backups if plan else BackupSettings()).retention_days
+    with ctx.store.session() as s:
+        row = records.repository(s, inst.id)
+        kept = records.backups(s, inst.id)
+        row.archive_end_at = sealed_at or (records.stopped_at(kept[-1]) if kept else None)
+        row.keep_until = utcnow() + timedelta(days=days)
+        row.next_full_at = row.next_diff_at = None
 
 
 def steps(ctx: Context) -> list[Step]:

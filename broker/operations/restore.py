@@ -23,15 +23,13 @@ guest bootstrap restores the source's backups and replays its archive up to
 from __future__ import annotations
 
 import logging
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg2
 from sqlalchemy.orm import Session
 
-from broker.backup import names, records
-from broker.backup.archiver import archiver_status
+from broker.backup import archiver, names, records
 from broker.guest.bootstrap import ADMIN_USER, REPLICATION_USER
 from broker.operations.engine import Context, RetryLater, StepFailed
 from broker.operations.node_access import admin_password, node_ca
@@ -133,17 +131,9 @@ def seal_source(ctx: Context) -> None:
     except psycopg2.OperationalError:
         raise _wait(ctx, "the source instance's primary") from None
     try:
-        wal = connection.fetch_one(
-            conn, "SELECT pg_catalog.pg_walfile_name(pg_catalog.pg_switch_wal())")
-        deadline = time.monotonic() + SEAL_WAIT
-        while (status := archiver_status(conn)).last_archived_wal is None \
-                or status.last_archived_wal < wal:
-            if time.monotonic() > deadline:
-                raise StepFailed(f"the source's WAL file {wal} was not archived within "
-                                 f"{SEAL_WAIT:.0f} s (last archived: "
-                                 f"{status.last_archived_wal or 'none'}, last failure: "
-                                 f"{status.last_failed_wal or 'none'})")
-            time.sleep(0.2)
+        archiver.seal(conn, SEAL_WAIT)
+    except archiver.NotArchived as exc:
+        raise StepFailed(f"the source's latest WAL is not archived: {exc}") from None
     finally:
         conn.close()
 
