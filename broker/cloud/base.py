@@ -206,6 +206,11 @@ class Cloud(abc.ABC):
         """Let the node on `volume_id` (a standby) read the stanza's repository, and no
         other node but its writer. Object storage: every node holds the credentials."""
 
+    def delete_repository(self, stanza: str) -> None:
+        """Delete the stanza's backup repository (a deleted instance's, after its restore
+        window)."""
+        raise CloudError(f"the {self.name} cloud cannot delete backup repositories")
+
     @abc.abstractmethod
     def find_resources(self, instance_id: str | None = None) -> list[CloudResource]:
         """Everything tagged as the broker's (for one instance, or all), of every kind

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
+from broker.backup.schedule import Scheduler
 from broker.config import MonitorSettings
 from broker.monitor.act import Executor
 from broker.monitor.decide import Watch, decide, recheck_delay
@@ -107,6 +108,7 @@ class Monitor:
         self._runner: Engine | None = None
         self.observer = Observer(runtime, self._pool, self.recheck)
         self.executor = Executor(runtime, self.leases, lambda: self.runner().owner)
+        self.backups = Scheduler(runtime)
 
     # --- the worker loop ------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -116,6 +118,7 @@ class Monitor:
         while not stop.is_set():
             try:
                 self.tick(stop)
+                self.backups.maybe_tick()
             except Exception:
                 log.exception("monitor: unexpected error; continuing")
             stop.wait(self.settings.check_interval)

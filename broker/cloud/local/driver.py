@@ -268,6 +268,9 @@ class LocalCloud(LocalPorts, Cloud):
             pg_bin=self.pg_bin, run_as=run_as, log_file=str(volume_dir / "postgresql.log"),
             backup_repo=backup_repo, restore_from=restore_from)
 
+    def delete_repository(self, stanza: str) -> None:
+        self.repositories.delete(stanza)
+
     def share_repository(self, stanza: str, volume_id: str | None) -> None:
         """The node on `volume_id` (the instance's standby) reads the repository; None:
         only its writer does."""

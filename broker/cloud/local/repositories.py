@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import shutil
 import stat
 from pathlib import Path
 
@@ -63,6 +64,12 @@ class Repositories:
             with contextlib.suppress(KeyError):
                 reader_gid = pwd.getpwuid(previous).pw_gid
         self.hand_over(stanza, owner=owner, reader_gid=reader_gid)
+
+    def delete(self, stanza: str) -> None:
+        """rmtree never follows the links its writer may have planted below."""
+        shutil.rmtree(self.path(stanza), ignore_errors=True)
+        if self.path(stanza).exists():
+            raise OSError(f"backup repository {stanza} could not be deleted")
 
     def owner_gid(self, stanza: str) -> int:
         """The writer's own group (root's when nobody writes it)."""

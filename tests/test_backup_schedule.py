@@ -1,0 +1,104 @@
+"""The backup schedule lives in the state store: two workers ticking at once queue one
+backup, a restarted worker queues nothing new, differential and full backups come at
+the plan's intervals; a deleted instance's repository is kept for the restore window
+and purged after it."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from broker.backup import records
+from broker.backup.schedule import Scheduler
+from broker.operations import backup, restore
+from broker.operations.params import BackupParams
+from broker.operations.refusals import InvalidRequest
+from broker.store.db import Store
+from broker.store.models import BackupRepository, Operation, aware, utcnow
+from harness.backups import repository, switch_and_wait_archived
+from harness.env import failover_env
+from harness.workflows import deprovision, finish, make_engine, make_runtime, provision
+
+
+def scheduled(store: Store, instance_id: str) -> list[Operation]:
+    with store.session() as s:
+        return list(s.scalars(select(Operation).where(Operation.instance_id == instance_id)
+                              .where(Operation.kind == backup.SCHEDULED_KIND)
+                              .order_by(Operation.created_at)))
+
+
+def test_two_workers_queue_each_scheduled_backup_once_and_a_restart_changes_nothing() -> None:
+    with failover_env() as env:
+        instance_id = provision(env.runtime, env.engine, "standalone")
+        switch_and_wait_archived(env.runtime, instance_id)
+        clock = {"now": utcnow()}
+        # Two workers: their own runtime and engine on the same store and cloud.
+        other = make_runtime(env.state_url, env.key, env.cloud)
+        workers = [Scheduler(env.runtime, now=lambda: clock["now"]),
+                   Scheduler(other, now=lambda: clock["now"])]
+
+        def tick_together() -> list[str]:
+            out: list[list[str]] = [[], []]
+            threads = [threading.Thread(target=lambda i=i: out[i].extend(workers[i].tick()))
+                       for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return out[0] + out[1]
+
+        first = tick_together()
+        if not first:  # the rows were made by this tick: the next one queues
+            first = tick_together()
+        assert len(first) == 1
+        finish(make_engine(other), first[0])
+        ops = scheduled(env.runtime.store, instance_id)
+        assert [BackupParams.load(op.params).type for op in ops] == ["full"]
+        # A worker restarted: a new scheduler on the same store queues nothing new.
+        assert Scheduler(env.runtime, now=lambda: clock["now"]).tick() == []
+        clock["now"] += timedelta(days=1, seconds=1)
+        diff = tick_together()
+        assert len(diff) == 1
+        finish(env.engine, diff[0])
+        clock["now"] += timedelta(days=6)
+        full = tick_together()
+        assert len(full) == 1
+        finish(env.engine, full[0])
+        ops = scheduled(env.runtime.store, instance_id)
+        assert [BackupParams.load(op.params).type for op in ops] == ["full", "diff", "full"]
+        with env.runtime.store.session() as s:
+            kept = records.backups(s, instance_id)
+        assert [b.type for b in kept] == ["full", "diff", "full"]
+        other.store.dispose()
+
+
+def test_a_deleted_instances_backups_are_kept_for_the_window_then_purged() -> None:
+    with failover_env() as env:
+        instance_id = provision(env.runtime, env.engine, "standalone")
+        scheduler = Scheduler(env.runtime)
+        ops = scheduler.tick() or scheduler.tick()
+        finish(env.engine, ops[0])
+        deprovision(env.runtime, env.engine, instance_id)
+        assert repository(env.cloud, instance_id).exists()
+        with env.runtime.store.session() as s:
+            row = s.get(BackupRepository, instance_id)
+            assert row is not None and row.keep_until is not None
+            keep_until = aware(row.keep_until)
+            assert keep_until is not None
+            assert keep_until - utcnow() > timedelta(days=6, hours=23)
+            restore.check_request(s, service_id=env.runtime.catalog.plan_by_name(
+                "standalone").service_id, organization_guid="org",
+                parameters={"restore_from": instance_id})
+        assert scheduler.tick() == []  # nothing due, nothing purged yet
+        assert repository(env.cloud, instance_id).exists()
+        later = Scheduler(env.runtime, now=lambda: keep_until + timedelta(seconds=1))
+        later.tick()
+        assert not repository(env.cloud, instance_id).exists()
+        with env.runtime.store.session() as s, pytest.raises(InvalidRequest, match="no backup"):
+            restore.check_request(s, service_id=env.runtime.catalog.plan_by_name(
+                "standalone").service_id, organization_guid="org",
+                parameters={"restore_from": instance_id})
+
