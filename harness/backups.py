@@ -66,7 +66,8 @@ def switch_and_wait_archived(runtime: Runtime, instance_id: str, timeout: float 
     conn = connect_as_admin(runtime, inst, primary.management_address, dbname="postgres")
     try:
         conn.autocommit = True
-        with conn.cursor() as cur:
+        with conn.cursor() as cur:  # some WAL first: a switch with none does nothing
+            cur.execute("SELECT pg_catalog.pg_logical_emit_message(false, 'pgha', 'x')")
             cur.execute("SELECT pg_catalog.pg_walfile_name(pg_catalog.pg_switch_wal())")
             wal = str(cur.fetchone()[0])
         eventually(lambda: (archiver_status(conn).last_archived_wal or "") >= wal,

@@ -5,10 +5,16 @@ standby reads the repository; another instance's node reaches none of it."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 
-from broker.backup import names
+import pytest
+
+from broker.backup import archiver, names
+from broker.backup.schedule import Scheduler
+from broker.cli.instances import show_instance
+from broker.store.models import OP_FAILED, Operation
 from harness.backups import (
     archived_files,
     node_user,
@@ -20,7 +26,9 @@ from harness.backups import (
 from harness.env import failover_env
 from harness.faults import kill_server
 from harness.scenarios import fail_primary, under_write_load
-from harness.workflows import instance, provision
+from harness.waiting import eventually
+from harness.workflows import connect_as_admin, instance, provision
+from tests.test_backup_operations import request_backup
 
 
 def segments(files: list[str], timeline: int) -> list[int]:
@@ -95,3 +103,45 @@ def test_a_node_of_another_instance_reaches_no_repository_but_its_own() -> None:
         # Its own repository works for the attacker's node.
         own = pgbackrest(env.cloud, attacker_node, attacker, "info")
         assert own.returncode == 0 and names.stanza(attacker) in own.stdout
+
+
+def test_an_archive_failure_is_visible_and_catches_up_once_the_repository_is_back(
+        capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """The repository becomes unreachable: `instances show` says archiving fails, the
+    monitor's worker warns, a backup fails saying why; once the repository is back,
+    archiving catches up with no one's help."""
+    with failover_env() as env:
+        instance_id = provision(env.runtime, env.engine, "standalone")
+        switch_and_wait_archived(env.runtime, instance_id)
+        repo = repository(env.cloud, instance_id)
+        away = repo.with_name(repo.name + ".away")
+        repo.rename(away)  # as an object store that stopped answering
+        inst = instance(env.runtime, instance_id)
+        primary = inst.primary()
+        assert primary is not None and primary.management_address
+        conn = connect_as_admin(env.runtime, inst, primary.management_address, "postgres")
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:  # some WAL, then its file closed
+                cur.execute("SELECT pg_catalog.pg_logical_emit_message(false, 'pgha', 'x')")
+                cur.execute("SELECT pg_catalog.pg_walfile_name(pg_catalog.pg_switch_wal())")
+                stuck = str(cur.fetchone()[0])
+            eventually(lambda: archiver.archiving(conn).status.failing, "archiving failing", 60)
+            assert show_instance(env.runtime, instance_id, as_json=False) == 0
+            assert "FAILING since" in capsys.readouterr().out
+            with caplog.at_level(logging.INFO, logger="broker.backup.schedule"):
+                Scheduler(env.runtime).check_archiving(lambda _: True)
+            assert f"instance {instance_id}: archiving is behind" in caplog.text
+            op_id = request_backup(env.runtime, instance_id)
+            assert env.engine.run_until_finished(op_id, timeout=180) == OP_FAILED
+            with env.runtime.store.session() as s:
+                op = s.get(Operation, op_id)
+                assert op is not None and op.description.startswith("failed: the backup failed:")
+            away.rename(repo)
+            # No switch, no nudge: PostgreSQL's archiver retries on its own.
+            eventually(lambda: (archiver.archiving(conn).status.last_archived_wal or "") >= stuck
+                       and not archiver.archiving(conn).status.failing,
+                       "archiving caught up", 150)
+        finally:
+            conn.close()
+        assert switch_and_wait_archived(env.runtime, instance_id) > stuck

@@ -56,3 +56,52 @@ def seal(conn: Any, timeout: float) -> datetime:
                               f"{status.last_failed_wal or 'none'})")
         time.sleep(0.2)
     return sealed_at  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class Archiving:
+    """A primary's archiving as an operator reads it."""
+
+    status: ArchiverStatus
+    current_wal: str                 # the WAL file being written
+    waiting: int                     # completed WAL files not archived yet
+    now: datetime
+
+    @property
+    def age_seconds(self) -> float | None:
+        """How old the newest archived WAL file is."""
+        last = self.status.last_archived_time
+        return None if last is None else max(0.0, (self.now - last).total_seconds())
+
+    def describe(self) -> str:
+        last = self.status.last_archived_wal
+        text = (f"last archived {last}, {self.age_seconds:.0f} s ago" if last
+                else "nothing archived yet")
+        text += f"; {self.waiting} WAL file(s) waiting"
+        if self.status.failing:
+            text += (f"; FAILING since {self.status.last_failed_time:%Y-%m-%d %H:%M:%S}Z "
+                     f"({self.status.failed_count} failures, on {self.status.last_failed_wal})")
+        return text
+
+
+def _segment(name: str) -> int | None:
+    """A WAL file's position on its timeline (None for history and partial files)."""
+    if len(name) != 24:
+        return None
+    return int(name[8:16], 16) * 0x100 + int(name[16:], 16)
+
+
+def archiving(conn: Any) -> Archiving:
+    status = archiver_status(conn)
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_catalog.now(), "
+                    "pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn())")
+        now, current = cur.fetchone()
+    waiting = 0
+    last = _segment(status.last_archived_wal or "")
+    here = _segment(current)
+    if here is not None:
+        same_timeline = last is not None and (status.last_archived_wal or "")[:8] == current[:8]
+        waiting = max(0, here - last - 1) if same_timeline and last is not None else 0
+    return Archiving(status=status, current_wal=current, waiting=waiting, now=now)
+

@@ -21,7 +21,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from broker.backup import records
+from broker.backup import records, report
 from broker.cloud.base import Cloud, CloudError
 from broker.operations import backup, queue
 from broker.runtime import Runtime
@@ -39,6 +39,7 @@ from broker.store.models import (
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 10.0
+WARN_AGAIN_SECONDS = 600.0
 
 
 class Scheduler:
@@ -48,11 +49,40 @@ class Scheduler:
         self.catalog = runtime.catalog
         self.now = now
         self._last = 0.0
+        self._warned: dict[str, float] = {}  # instance → when its lag was last logged
 
-    def maybe_tick(self) -> None:
+    def maybe_tick(self, holds: Callable[[str], bool] = lambda _: True) -> None:
+        """Tick if TICK_SECONDS passed; then check the archiving of the instances this
+        worker's monitor `holds` (one worker warns about each)."""
         if time.monotonic() - self._last >= TICK_SECONDS:
             self._last = time.monotonic()
             self.tick()
+            self.check_archiving(holds)
+
+    def check_archiving(self, holds: Callable[[str], bool]) -> None:
+        """A warning when an instance's archiving fails or falls behind (again every
+        WARN_AGAIN_SECONDS while it lasts), a note when it has caught up."""
+        with self.store.session() as s:
+            live = [(inst, self.catalog.plan(inst.plan_id)) for inst in s.scalars(
+                select(Instance).where(Instance.deleted_at.is_(None))
+                .where(Instance.state.in_((READY, DEGRADED))))
+                if holds(inst.id)]
+            for inst, _ in live:
+                _ = list(inst.nodes)
+        for inst, plan in live:
+            found = report.archiving(self.runtime, inst)
+            if not found["reachable"] or plan is None:
+                continue
+            lagging = found["failing"] or (
+                found["waiting_wal_files"] > 0 and (found["last_archived_age_s"] or 0)
+                > 2 * plan.cloud.backups.archive_timeout_s + 60)
+            warned = self._warned.get(inst.id)
+            if lagging and (warned is None or time.monotonic() - warned > WARN_AGAIN_SECONDS):
+                log.warning("instance %s: archiving is behind: %s", inst.id, found["summary"])
+                self._warned[inst.id] = time.monotonic()
+            elif not lagging and warned is not None:
+                log.info("instance %s: archiving caught up: %s", inst.id, found["summary"])
+                del self._warned[inst.id]
 
     def tick(self) -> list[str]:
         """Queue the backups that are due; purge expired repositories. The ids queued."""

@@ -118,7 +118,7 @@ class Monitor:
         while not stop.is_set():
             try:
                 self.tick(stop)
-                self.backups.maybe_tick()
+                self.backups.maybe_tick(self.holds)
             except Exception:
                 log.exception("monitor: unexpected error; continuing")
             stop.wait(self.settings.check_interval)
