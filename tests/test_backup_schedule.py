@@ -5,6 +5,8 @@ and purged after it."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from datetime import timedelta
 
@@ -19,7 +21,7 @@ from broker.operations.refusals import InvalidRequest
 from broker.store.db import Store
 from broker.store.models import BackupRepository, Operation, aware, utcnow
 from harness.backups import repository, switch_and_wait_archived
-from harness.env import failover_env
+from harness.env import ROOT, failover_env
 from harness.workflows import deprovision, finish, make_engine, make_runtime, provision
 
 
@@ -102,3 +104,33 @@ def test_a_deleted_instances_backups_are_kept_for_the_window_then_purged() -> No
                 "standalone").service_id, organization_guid="org",
                 parameters={"restore_from": instance_id})
 
+
+
+def test_backups_list_shows_deleted_instances_and_delete_purges_after_confirmation() -> None:
+    with failover_env() as env:
+        live = provision(env.runtime, env.engine, "standalone")
+        gone = provision(env.runtime, env.engine, "standalone")
+        scheduler = Scheduler(env.runtime)
+        for op_id in scheduler.tick() or scheduler.tick():
+            finish(env.engine, op_id)
+        deprovision(env.runtime, env.engine, gone)
+
+        def cli(*args: str, answer: str = "") -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "broker", "backups", *args],
+                                  input=answer, capture_output=True, text=True, timeout=120,
+                                  env=env.worker_env(), cwd=ROOT, check=False)
+
+        listed = cli("list")
+        assert listed.returncode == 0, listed.stderr
+        assert f"instance {live} (live)" in listed.stdout
+        assert f"instance {gone} (deleted, kept until" in listed.stdout
+        assert "restorable  20" in listed.stdout and "last archived" in listed.stdout
+        assert cli("delete", live, "--yes").returncode == 1  # a live instance's: never
+        refused = cli("delete", gone, answer="n\n")
+        assert refused.returncode == 1 and "nothing deleted" in refused.stdout
+        assert repository(env.cloud, gone).exists()
+        deleted = cli("delete", gone, answer="y\n")
+        assert deleted.returncode == 0, deleted.stderr
+        assert not repository(env.cloud, gone).exists()
+        assert repository(env.cloud, live).exists()
+        assert f"instance {gone}" not in cli("list").stdout
