@@ -11,7 +11,7 @@ from pathlib import Path
 from broker.backup import names
 from broker.backup.archiver import archiver_status
 from broker.cloud.local import LocalCloud
-from broker.guest.bootstrap import BACKUP_CONF, BACKUP_DIR, PGBACKREST
+from broker.guest.bootstrap import BACKUP_CONF, BACKUP_DIR, BACKUP_PASSFILE, PGBACKREST
 from broker.runtime import Runtime
 from broker.store.models import Node
 from harness.waiting import eventually
@@ -35,12 +35,13 @@ def pgbackrest(cloud: LocalCloud, node: Node, instance_id: str, *args: str,
     """pgBackRest run as the node's PostgreSQL user with the node's own configuration,
     on the stanza of `instance_id`."""
     user = node_user(cloud, node)
-    conf = node_volume(cloud, node) / BACKUP_DIR / BACKUP_CONF
-    return subprocess.run([PGBACKREST, f"--config={conf}",
+    base = node_volume(cloud, node) / BACKUP_DIR
+    return subprocess.run([PGBACKREST, f"--config={base / BACKUP_CONF}",
                            f"--stanza={names.stanza(instance_id)}", *args],
                           user=user.pw_uid, group=user.pw_gid, extra_groups=[], cwd="/",
                           capture_output=True, text=True, timeout=timeout, check=False,
-                          env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+                          env={"PATH": "/usr/bin:/bin", "LC_ALL": "C",
+                               "PGPASSFILE": str(base / BACKUP_PASSFILE)})
 
 
 def repository(cloud: LocalCloud, instance_id: str) -> Path:

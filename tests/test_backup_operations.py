@@ -5,15 +5,23 @@ consistent; a backup that cannot be taken fails with pgBackRest's reason."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from broker.operations import requests
 from broker.runtime import Runtime
-from broker.store.models import Operation
+from broker.store.models import SUCCEEDED, Operation
 from harness.backups import pgbackrest, switch_and_wait_archived
 from harness.env import FailoverEnv, failover_env
-from harness.workflows import finish, instance, provision
+from harness.waiting import eventually
+from harness.workflows import connect_with, finish, instance, provision
+from harness.writer import app_credentials
 
 
 def request_backup(runtime: Runtime, instance_id: str) -> str:
@@ -54,3 +62,53 @@ def test_a_backup_requested_by_the_platform_is_taken_by_the_workers() -> None:
         # Asked again: a second full backup, not the first one found again.
         finish(env.engine, request_backup(env.runtime, instance_id))
         assert len(backups_of(env, instance_id)) == 2
+
+
+def backup_processes(env: FailoverEnv, instance_id: str) -> list[int]:
+    """pgBackRest's backup processes on the instance's primary."""
+    node = instance(env.runtime, instance_id).primary()
+    assert node is not None and node.server_id
+    found = []
+    for pid in env.cloud.server_pids(node.server_id):
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if argv[0].endswith(b"pgbackrest") and b"backup" in argv:
+                found.append(pid)
+    return found
+
+
+@pytest.mark.parametrize("also_pgbackrest", [False, True], ids=["worker", "worker+pgbackrest"])
+def test_a_worker_killed_mid_backup_is_followed_by_one_that_finishes_it(
+        also_pgbackrest: bool) -> None:
+    """SIGKILL the worker while pgBackRest copies (and, as a node that rebooted, its
+    backup too): another worker finishes the same operation, with one backup carrying
+    its annotation, and the repository passes `check` and `verify`."""
+    with failover_env() as env:
+        instance_id = provision(env.runtime, env.engine, "standalone")
+        creds = app_credentials(env, instance_id)
+        conn = connect_with(creds)
+        with conn.cursor() as cur:  # something to copy for a moment
+            cur.execute("CREATE TABLE big AS SELECT i, md5(i::text) AS m "
+                        "FROM generate_series(1, 1500000) AS i")
+        conn.close()
+        op_id = request_backup(env.runtime, instance_id)
+        worker = env.start_worker("killed")
+        eventually(lambda: backup_processes(env, instance_id), "pgBackRest backing up", 120,
+                   interval=0.01)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        if also_pgbackrest:
+            for pid in backup_processes(env, instance_id):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        finish(env.engine, op_id)
+        taken = backups_of(env, instance_id)
+        assert [b["annotation"] for b in taken] == [{"pgha-operation": op_id}]
+        node = instance(env.runtime, instance_id).primary()
+        assert node is not None
+        for command in ("check", "verify"):
+            out = pgbackrest(env.cloud, node, instance_id, command)
+            assert out.returncode == 0, command + ": " + out.stderr + out.stdout
+        with env.runtime.store.session() as s:
+            op = s.get(Operation, op_id)
+            assert op is not None and op.state == SUCCEEDED
