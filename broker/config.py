@@ -43,6 +43,21 @@ class TlsSettings:
 
 
 @dataclass(frozen=True)
+class S3Settings:
+    """Backup repositories in S3-compatible object storage (Swift's S3 API, Ceph RGW)."""
+
+    endpoint: str                # host name or address, TLS verified
+    port: int
+    bucket: str
+    region: str
+    uri_style: str               # "host" or "path"
+    key: str = field(repr=False)
+    secret: str = field(repr=False)
+    ca_pem: str = ""             # the CA the endpoint's certificate is verified with
+    prefix: str = "/pgha"        # each instance's repository is <prefix>/<stanza>
+
+
+@dataclass(frozen=True)
 class Settings:
     username: str
     password: str
@@ -60,6 +75,7 @@ class Settings:
     log_level: str
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
+    backup_s3: S3Settings | None = None
 
     @property
     def is_sqlite(self) -> bool:
@@ -104,6 +120,36 @@ def _float(env: dict[str, str], name: str, default: float) -> float:
     if value <= 0:
         raise ConfigError(f"{name} must be positive, got {raw!r}")
     return value
+
+
+def _backup_s3(env: dict[str, str]) -> S3Settings | None:
+    """BROKER_BACKUP_S3_*: none set, no S3; the endpoint set, every required one too."""
+    def get(name: str, default: str = "") -> str:
+        return env.get(f"BROKER_BACKUP_S3_{name}", default)
+
+    if not get("ENDPOINT"):
+        return None
+    missing = [f"BROKER_BACKUP_S3_{n}" for n in ("BUCKET", "KEY", "SECRET") if not get(n)]
+    if missing:
+        raise ConfigError(f"BROKER_BACKUP_S3_ENDPOINT is set: {', '.join(missing)} must be too")
+    endpoint = get("ENDPOINT")
+    host, _, port_raw = endpoint.rpartition(":") if ":" in endpoint else (endpoint, "", "443")
+    if not port_raw.isdigit() or not 0 < int(port_raw) < 65536 or not host:
+        raise ConfigError(f"BROKER_BACKUP_S3_ENDPOINT must be HOST or HOST:PORT, "
+                          f"got {get('ENDPOINT')!r}")
+    uri_style = get("URI_STYLE", "host")
+    if uri_style not in ("host", "path"):
+        raise ConfigError(f"BROKER_BACKUP_S3_URI_STYLE must be 'host' or 'path', got {uri_style!r}")
+    ca_pem = ""
+    if get("CA_FILE"):
+        try:
+            ca_pem = Path(get("CA_FILE")).read_text()
+        except OSError as exc:
+            raise ConfigError(f"BROKER_BACKUP_S3_CA_FILE cannot be read: {exc.strerror}") from None
+    prefix = "/" + get("PREFIX", "pgha").strip("/")
+    return S3Settings(endpoint=host, port=int(port_raw), bucket=get("BUCKET"),
+                      region=get("REGION", "us-east-1"), uri_style=uri_style, key=get("KEY"),
+                      secret=get("SECRET"), ca_pem=ca_pem, prefix=prefix)
 
 
 def load_settings(env: dict[str, str] | None = None, *, require_auth: bool = True) -> Settings:
@@ -178,4 +224,5 @@ def load_settings(env: dict[str, str] | None = None, *, require_auth: bool = Tru
         monitor=monitor,
         tls=TlsSettings(cert_days=_float(env, "BROKER_TLS_CERT_DAYS", 365.0),
                         renew_days=_float(env, "BROKER_TLS_RENEW_DAYS", 30.0)),
+        backup_s3=_backup_s3(env),
     )

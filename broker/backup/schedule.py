@@ -146,6 +146,8 @@ class Scheduler:
         return op.id
 
     def _purge_expired(self, now: datetime) -> None:
+        if self.runtime.settings.backup_s3 is not None:
+            return  # deleting from object storage is not done yet (README "Backups")
         with self.store.session() as s:
             expired = [(row.instance_id, row.stanza) for row in s.scalars(
                 select(BackupRepository).where(BackupRepository.purged_at.is_(None))

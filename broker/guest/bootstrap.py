@@ -118,6 +118,7 @@ class GuestConfig:
     # and its repository's options (e.g. {"repo1-path": ...}) filled in by the cloud.
     backup_stanza: str = ""
     backup_repo: dict[str, str] = field(default_factory=dict)
+    backup_repo_ca: str = ""           # PEM: the CA object storage's certificate is verified with
     archive_timeout_s: int = 60
     # A primary made from another instance's backups: {"stanza": ..., "target": a time
     # or "" for the end of its archive, "set": the backup to start from, and the
@@ -264,6 +265,7 @@ def render_conf(config: GuestConfig, *, passfile: str, tls_dir: str | None = Non
 BACKUP_DIR = "pgbackrest"  # beside the data directory: config, spool, locks, logs
 BACKUP_CONF = "pgbackrest.conf"
 BACKUP_PASSFILE = "pgpass"  # the superuser's password, for pgBackRest's backups
+BACKUP_REPO_CA = "repository-ca.pem"
 PGBACKREST = "/usr/bin/pgbackrest"
 _REPO_OPTION = re.compile(r"^repo1-[a-z0-9-]+$")
 
@@ -306,6 +308,8 @@ def render_backup_conf(config: GuestConfig) -> str:
         if not _REPO_OPTION.match(name) or "\n" in value:
             raise BootstrapError(f"unsupported repository option {name!r}")
         lines.append(f"{name}={value}")
+    if config.backup_repo_ca:
+        lines.append(f"repo1-storage-ca-file={base / BACKUP_REPO_CA}")
     lines += [f"spool-path={base / 'spool'}", f"lock-path={base / 'lock'}",
               f"log-path={base / 'log'}", "log-level-console=warn", "log-level-file=info",
               "archive-async=y", "compress-type=lz4", "start-fast=y",
@@ -321,6 +325,8 @@ def write_backup_conf(config: GuestConfig) -> None:
     base = backup_dir(config)
     for directory in (base, base / "spool", base / "lock", base / "log"):
         directory.mkdir(mode=0o700, exist_ok=True)
+    if config.backup_repo_ca:
+        _replace_file(base / BACKUP_REPO_CA, config.backup_repo_ca)
     _replace_file(base / BACKUP_CONF, render_backup_conf(config))
     _replace_file(base / BACKUP_PASSFILE, ":".join(
         ["*", "*", "*", ADMIN_USER, _pgpass_escape(config.admin_password)]) + "\n")

@@ -19,6 +19,7 @@ from datetime import timedelta
 from typing import Any
 
 from broker.backup import names as backup_names
+from broker.backup import s3
 from broker.cloud.base import TAG_PLAN, ServerSpec
 from broker.guest.bootstrap import GuestConfig
 from broker.operations import restore
@@ -188,6 +189,9 @@ def guest_config(ctx: Context, node_id: str) -> GuestConfig:
         tls_key=cert.key_pem if cert is not None else "",
         tls_issued_at=cert.issued_at if cert is not None else 0,
         backup_stanza=backup_names.stanza(inst.id),
+        backup_repo=s3.repository_options(ctx.settings.backup_s3, backup_names.stanza(inst.id))
+        if ctx.settings.backup_s3 else {},
+        backup_repo_ca=ctx.settings.backup_s3.ca_pem if ctx.settings.backup_s3 else "",
         archive_timeout_s=plan.cloud.backups.archive_timeout_s,
         restore_from=restore.guest_restore(ctx) if node.role == PRIMARY else {},
     )

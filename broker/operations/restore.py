@@ -29,7 +29,7 @@ from typing import Any
 import psycopg2
 from sqlalchemy.orm import Session
 
-from broker.backup import archiver, names, records
+from broker.backup import archiver, names, records, s3
 from broker.guest.bootstrap import ADMIN_USER, REPLICATION_USER
 from broker.operations.engine import Context, RetryLater, StepFailed
 from broker.operations.node_access import admin_password, node_ca
@@ -96,8 +96,10 @@ def guest_restore(ctx: Context) -> dict[str, str]:
     if source is None or ctx.kind != "provision":
         return {}
     text = (ctx.instance().parameters or {}).get("point_in_time")
+    where = ({"repo1-path": s3.repository_path(ctx.settings.backup_s3, names.stanza(source))}
+             if ctx.settings.backup_s3 else {})
     if not text:
-        return {"stanza": names.stanza(source), "target": ""}
+        return {"stanza": names.stanza(source), "target": "", **where}
     target = parse_time(str(text))
     with ctx.store.session() as s:
         before = [b for b in records.backups(s, source) if records.stopped_at(b) <= target]
@@ -106,7 +108,7 @@ def guest_restore(ctx: Context) -> dict[str, str]:
     # pgBackRest picks a backup set from a time only to the millisecond: name the set,
     # and give PostgreSQL the time to the microsecond.
     return {"stanza": names.stanza(source), "set": before[-1].label,
-            "target": target.strftime("%Y-%m-%d %H:%M:%S.%f+00")}
+            "target": target.strftime("%Y-%m-%d %H:%M:%S.%f+00"), **where}
 
 
 def seal_source(ctx: Context) -> None:

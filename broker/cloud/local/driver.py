@@ -245,8 +245,8 @@ class LocalCloud(LocalPorts, Cloud):
                       spec: ServerSpec) -> bootstrap.GuestConfig:
         volume_dir = self._volume_dir(volume_id)
         run_as = self._own_volume(volume_id)
-        backup_repo: dict[str, str] = {}
-        if spec.guest.backup_stanza:
+        backup_repo = dict(spec.guest.backup_repo)  # object storage: set by the broker
+        if spec.guest.backup_stanza and not backup_repo:
             user = self.volume_users.own(run_as)
             if spec.guest.role == "primary":
                 self.repositories.hand_over(spec.guest.backup_stanza,
@@ -255,7 +255,7 @@ class LocalCloud(LocalPorts, Cloud):
                 self.repositories.hand_over(spec.guest.backup_stanza, reader_gid=user.pw_gid)
             backup_repo = {"repo1-path": str(self.repositories.path(spec.guest.backup_stanza))}
         restore_from = dict(spec.guest.restore_from)
-        if restore_from:
+        if restore_from and "repo1-path" not in restore_from:
             # The restoring node reads the source's repository until the broker gives
             # its group back (share_repository).
             source = restore_from["stanza"]
@@ -285,6 +285,8 @@ class LocalCloud(LocalPorts, Cloud):
     def hand_repository_to(self, stanza: str, volume_id: str) -> None:
         """The volume's user becomes the repository's writer; the previous writer (the
         old primary: after a switchover, the standby) keeps reading it."""
+        if not self.repositories.path(stanza).exists():
+            return  # in object storage
         user = self.volume_users.own(volume_user(volume_id))
         self.repositories.hand_over_to(stanza, (user.pw_uid, user.pw_gid))
 
