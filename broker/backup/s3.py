@@ -24,4 +24,6 @@ def repository_options(s3: S3Settings, stanza: str) -> dict[str, str]:
         "repo1-s3-uri-style": s3.uri_style,
         "repo1-s3-key": s3.key,
         "repo1-s3-key-secret": s3.secret,
+        # Each object is a round trip: small files go into bundles.
+        "repo1-bundle": "y",
     }

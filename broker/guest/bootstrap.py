@@ -313,6 +313,8 @@ def render_backup_conf(config: GuestConfig) -> str:
     lines += [f"spool-path={base / 'spool'}", f"lock-path={base / 'lock'}",
               f"log-path={base / 'log'}", "log-level-console=warn", "log-level-file=info",
               "archive-async=y", "compress-type=lz4", "start-fast=y",
+              # Object storage answers each request after a round trip: several at once.
+              f"process-max={4 if config.backup_repo.get('repo1-type') == 's3' else 1}",
               f"[{config.backup_stanza}]", f"pg1-path={config.data_dir}",
               f"pg1-port={config.port}", f"pg1-socket-path={config.socket_dir}",
               f"pg1-user={ADMIN_USER}"]
