@@ -44,6 +44,9 @@ def seal(conn: Any, timeout: float) -> datetime:
     """Close the current WAL file and wait until it is archived: everything committed
     before the returned (server) time is then in the repository."""
     with conn.cursor() as cur:
+        cur.execute("SELECT pg_catalog.current_setting('archive_mode')")
+        if cur.fetchone()[0] == "off":
+            raise NotArchived("this node does not archive")
         cur.execute("SELECT pg_catalog.now(), "
                     "pg_catalog.pg_walfile_name(pg_catalog.pg_switch_wal())")
         sealed_at, wal = cur.fetchone()

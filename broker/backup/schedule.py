@@ -84,8 +84,14 @@ class Scheduler:
                 log.info("instance %s: archiving caught up: %s", inst.id, found["summary"])
                 del self._warned[inst.id]
 
+    def enabled(self) -> bool:
+        """Repositories on the local cloud's host, or in object storage (anywhere)."""
+        return self.runtime.settings.backup_s3 is not None or self.runtime.cloud.name == "local"
+
     def tick(self) -> list[str]:
         """Queue the backups that are due; purge expired repositories. The ids queued."""
+        if not self.enabled():
+            return []
         now = self.now()
         try:
             self._add_missing_rows(now)
