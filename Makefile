@@ -60,7 +60,7 @@ typecheck: python-env
 test: setup lint typecheck
 	$(VENV)/bin/pytest -n 2 -p no:cacheprovider $(PYTEST_ARGS)
 
-# The provisioning, failover and TLS-cost scripts rewrite their own sections of
+# The provisioning, failover, TLS-cost and backup scripts rewrite their own sections of
 # BENCHMARKS.md and keep their raw data in benchmarks/results/; the API throughput
 # figures are still copied there from what its script prints.
 # TLS_BASE: the last commit before TLS, which tls_cost.py measures against.
@@ -71,6 +71,7 @@ benchmark: setup
 	$(PY) benchmarks/api_throughput.py
 	$(PY) benchmarks/failover.py --rounds 10 --write BENCHMARKS.md --json benchmarks/results/failover.json
 	$(PY) benchmarks/tls_cost.py --base $(TLS_BASE) --write BENCHMARKS.md
+	$(PY) benchmarks/backup.py --size-mb 1024 --seconds 60 --write BENCHMARKS.md --json benchmarks/results/backup.json
 
 # Remove every namespace, interface and data directory of the dev broker's local cloud.
 clean-local: python-env

@@ -82,6 +82,8 @@ def window(session: Session, instance_id: str, *, deleted: bool) -> Window | Non
         return None
     start = stopped_at(kept[0])
     end = aware(row.archive_end_at) if deleted and row is not None else utcnow()
-    if end is None or end < start:
+    if end is None:
         return None
-    return Window(start=start, end=end)
+    # Right after a backup its end (rounded up) may still lie ahead: the latest point
+    # is restorable all the same.
+    return Window(start=start, end=max(start, end))
