@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import select
 
 from broker.backup import records
-from broker.backup.schedule import Scheduler
-from broker.operations import backup, restore
+from broker.backup.schedule import FIRST_BACKUP_DELAY, Scheduler
+from broker.operations import backup, queue, restore
 from broker.operations.params import BackupParams
 from broker.operations.refusals import InvalidRequest
 from broker.store.db import Store
@@ -52,9 +52,9 @@ def test_two_workers_queue_each_scheduled_backup_once_and_a_restart_changes_noth
                 t.join()
             return out[0] + out[1]
 
+        assert tick_together() == []  # first seen: the first backup in ten minutes
+        clock["now"] += FIRST_BACKUP_DELAY + timedelta(seconds=1)
         first = tick_together()
-        if not first:  # the rows were made by this tick: the next one queues
-            first = tick_together()
         assert len(first) == 1
         finish(make_engine(other), first[0])
         ops = scheduled(env.runtime.store, instance_id)
@@ -80,10 +80,11 @@ def test_two_workers_queue_each_scheduled_backup_once_and_a_restart_changes_noth
 def test_a_deleted_instances_backups_are_kept_for_the_window_then_purged() -> None:
     with failover_env() as env:
         instance_id = provision(env.runtime, env.engine, "standalone")
-        scheduler = Scheduler(env.runtime)
-        ops = scheduler.tick() or scheduler.tick()
+        Scheduler(env.runtime).tick()
+        ops = Scheduler(env.runtime, now=lambda: utcnow() + FIRST_BACKUP_DELAY).tick()
         finish(env.engine, ops[0])
         deprovision(env.runtime, env.engine, instance_id)
+        scheduler = Scheduler(env.runtime)
         assert repository(env.cloud, instance_id).exists()
         with env.runtime.store.session() as s:
             row = s.get(BackupRepository, instance_id)
@@ -110,8 +111,8 @@ def test_backups_list_shows_deleted_instances_and_delete_purges_after_confirmati
     with failover_env() as env:
         live = provision(env.runtime, env.engine, "standalone")
         gone = provision(env.runtime, env.engine, "standalone")
-        scheduler = Scheduler(env.runtime)
-        for op_id in scheduler.tick() or scheduler.tick():
+        Scheduler(env.runtime).tick()
+        for op_id in Scheduler(env.runtime, now=lambda: utcnow() + FIRST_BACKUP_DELAY).tick():
             finish(env.engine, op_id)
         deprovision(env.runtime, env.engine, gone)
 
@@ -134,3 +135,31 @@ def test_backups_list_shows_deleted_instances_and_delete_purges_after_confirmati
         assert not repository(env.cloud, gone).exists()
         assert repository(env.cloud, live).exists()
         assert f"instance {gone}" not in cli("list").stdout
+
+
+def test_nothing_waits_behind_a_backup_and_the_monitor_acts_during_one() -> None:
+    """A scheduled backup in progress: a failover (here a switchover, claimed the same
+    way) queued after it is claimed at once, and the monitor does not call the
+    instance busy; a backup queued after another operation waits for it."""
+    with failover_env() as env:
+        instance_id = provision(env.runtime, env.engine, "standalone")
+        with env.runtime.store.session() as s:
+            running = backup.new_backup(instance_id, "full", cause="test",
+                                        kind=backup.SCHEDULED_KIND)
+            s.add(running)
+        assert env.engine.claim(running.id) == running.id  # in progress
+        with env.runtime.store.session() as s:
+            failover = queue.new_operation(instance_id, "switchover")
+            s.add(failover)
+        assert env.engine.claim(failover.id) == failover.id
+        with env.runtime.store.session() as s:
+            busy = queue.busy_with(s, instance_id, except_kinds=queue.BACKGROUND_KINDS)
+            assert busy is not None and busy.id == failover.id
+            later = backup.new_backup(instance_id, "diff", cause="test")
+            s.add(later)
+        assert env.engine.claim(later.id) is None  # behind the switchover
+        for op_id in (running.id, failover.id, later.id):
+            env.engine.queue.finish(op_id, "failed", "test over", error="test over")
+        with env.runtime.store.session() as s:
+            s.add(backup.new_backup(instance_id, "full", cause="test"))
+            assert queue.busy_with(s, instance_id, except_kinds=queue.BACKGROUND_KINDS) is None

@@ -2,7 +2,7 @@
 
 Each live instance has a row (`backup_repositories`) with the times of its next full
 and differential backups (the plan's `full_every_days`, `diff_every_days`; the first
-full backup at once, so an instance can be restored from its first minutes). Every
+full backup FIRST_BACKUP_DELAY after the instance is first seen ready). Every
 worker ticks (at most every TICK_SECONDS); a due row is advanced with a
 compare-and-set on the times it read, in the same transaction that queues the
 backup operation, so however many workers tick, one backup is queued, and a restart
@@ -39,6 +39,9 @@ from broker.store.models import (
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 10.0
+# A new instance's first full backup: soon, but not in the middle of its first minutes
+# (its app's schema migrations, a switchover test...).
+FIRST_BACKUP_DELAY = timedelta(minutes=10)
 WARN_AGAIN_SECONDS = 600.0
 
 
@@ -120,7 +123,7 @@ class Scheduler:
                 .where(Instance.state.in_((READY, DEGRADED)))).all()
             for inst in missing:
                 row = records.repository(s, inst.id)
-                row.next_full_at = now
+                row.next_full_at = now + FIRST_BACKUP_DELAY
 
     def _queue_if_due(self, s: Session, inst: Instance, row: BackupRepository,
                       now: datetime) -> str | None:

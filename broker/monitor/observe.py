@@ -60,7 +60,7 @@ class Observer:
             if inst is None or inst.deleted_at is not None:
                 return replace(snap, exists=False)
             _ = list(inst.nodes)
-            busy = queue.busy_with(s, instance_id)
+            busy = queue.busy_with(s, instance_id, except_kinds=queue.BACKGROUND_KINDS)
         plan = self.runtime.catalog.plan(inst.plan_id)
         primary = inst.primary()
         if primary is not None and not primary.management_address:

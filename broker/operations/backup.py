@@ -35,8 +35,7 @@ from broker.store.models import NODE_RUNNING, Operation, utcnow
 
 log = logging.getLogger(__name__)
 
-KIND = "backup"
-SCHEDULED_KIND = "scheduled_backup"
+KIND, SCHEDULED_KIND = queue.BACKGROUND_KINDS  # nothing waits behind a backup
 ANNOTATION = records.ANNOTATION
 LOCK_RETRY_SECONDS = 5.0
 SEAL_TIMEOUT = 60.0

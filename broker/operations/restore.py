@@ -74,7 +74,7 @@ def check_request(session: Session, *, service_id: str, organization_guid: str,
     window = records.window(session, source.id, deleted=deleted)
     if window is None:
         raise InvalidRequest(f"restore_from: instance {source_id} has no backup to restore "
-                             "from yet (its first backup is taken within minutes of its "
+                             "from yet (its first backup is taken within 10 minutes of its "
                              "creation; `{\"backup\": true}` takes one now)")
     text = parameters.get("point_in_time")
     if text is None:
