@@ -23,7 +23,11 @@ make root write and chown any file:
    (an included `pgha.conf`). pg_hba.conf is written only with a new cluster: later
    the broker keeps it current (the peers in this config are those of the first
    boot, and a reboot must not admit a node that left since).
-5. Remove a postmaster.pid left by a killed server, start PostgreSQL.
+5. Remove a postmaster.pid left by a killed server, start PostgreSQL. With a backup
+   repository: pgBackRest's configuration beside the data directory first, the
+   stanza on a primary after; a primary restored from another instance's backups
+   (`restore_from`) is made by `pgbackrest restore` instead of initdb and waits here
+   until its recovery reached the target.
 Every file is written whole beside its target and renamed over it, so a link in its
 place is replaced, never followed.
 
