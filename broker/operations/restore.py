@@ -171,6 +171,11 @@ def adopt(ctx: Context) -> None:
     if conn is None:
         raise RetryLater("waiting for the restored primary to accept the broker", delay=1.0)
     try:
+        # PostgreSQL removes recovery.signal before its end-of-recovery checkpoint:
+        # writable only once that is done.
+        if connection.fetch_one(conn, "SELECT pg_catalog.pg_is_in_recovery()"):
+            raise RetryLater("waiting for the restored primary to finish its recovery",
+                             delay=1.0)
         roles.set_password(conn, ADMIN_USER, password, create="SUPERUSER LOGIN")
         for role in connection.fetch_column(
                 conn, "SELECT rolname FROM pg_catalog.pg_roles WHERE rolcanlogin "
