@@ -17,11 +17,13 @@ export BROKER_STATE_DIR ?= /var/lib/pgha-broker
 setup: system-packages python-env
 
 # apt packages: PostgreSQL server binaries (without the distribution's default
-# cluster), iproute2 for namespaces and veths, venv support for python3.
+# cluster), pgBackRest (continuous archiving and backups), iproute2 for namespaces
+# and veths, venv support for python3.
 system-packages:
 	@if [ "$$(id -u)" != 0 ]; then echo "make: run as root (the local cloud creates network namespaces)"; exit 1; fi
 	@missing=""; \
 	  [ -x $(PG_BIN)/initdb ] || missing="$$missing postgresql-$(PG_MAJOR) postgresql-contrib-$(PG_MAJOR)"; \
+	  command -v pgbackrest >/dev/null || missing="$$missing pgbackrest"; \
 	  command -v ip >/dev/null || missing="$$missing iproute2"; \
 	  $(PYTHON) -m venv --help >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	  if [ -n "$$missing" ]; then \
@@ -29,7 +31,11 @@ system-packages:
 	    mkdir -p /etc/postgresql-common; \
 	    grep -qs '^create_main_cluster' /etc/postgresql-common/createcluster.conf || \
 	      echo 'create_main_cluster = false' >> /etc/postgresql-common/createcluster.conf; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	    apt-get update -qq || true; \
+	    for try in 1 2 3 4 5 6 7 8 9 10 11 12; do \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=60 $$missing && break; \
+	      [ $$try = 12 ] && exit 1; echo "apt-get busy (dpkg lock?), retrying"; sleep 10; \
+	    done; \
 	  fi
 	@# `postgres` runs the tests' own PostgreSQL servers (the local cloud makes a user per volume)
 	@id postgres >/dev/null 2>&1 || useradd --system --home /var/lib/postgresql --shell /bin/false postgres
@@ -83,6 +89,7 @@ benchmark: setup
 	$(PY) benchmarks/metrics_scrape.py --instances 1000 --failovers 500 --scrapes 30 --write BENCHMARKS.md --json benchmarks/results/metrics_scrape.json
 	$(PY) benchmarks/openstack_failover.py --runs 3 --write BENCHMARKS.md --json benchmarks/results/openstack_failover.json
 	$(PY) benchmarks/monitor_scale.py --instances 1000 --seconds 60 --crashed 20 --write BENCHMARKS.md --json benchmarks/results/monitor_scale.json
+	$(PY) benchmarks/backup.py --size-mb 1024 --seconds 60 --write BENCHMARKS.md --json benchmarks/results/backup.json
 
 # Remove every namespace, interface and data directory of the dev broker's local cloud.
 clean-local: python-env

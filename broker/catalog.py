@@ -34,6 +34,19 @@ _NETWORK_SCHEMA: dict[str, Any] = {
     },
 }
 
+_BACKUPS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        # A WAL segment is archived at least this often under any write load: the most
+        # a total loss of every node can cost (the RPO).
+        "archive_timeout_s": {"type": "integer", "minimum": 1, "maximum": 3600},
+        "retention_days": {"type": "integer", "minimum": 1, "maximum": 3650},
+        "full_every_days": {"type": "integer", "minimum": 1, "maximum": 365},
+        "diff_every_days": {"type": "integer", "minimum": 1, "maximum": 365},
+    },
+}
+
 _CLOUD_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["nodes", "replication", "flavor", "image", "volume_size_gb", "availability_zones"],
@@ -56,6 +69,7 @@ _CLOUD_SCHEMA: dict[str, Any] = {
             "items": {"type": "string", "minLength": 1},
         },
         "network": _NETWORK_SCHEMA,
+        "backups": _BACKUPS_SCHEMA,
     },
 }
 
@@ -143,6 +157,16 @@ class NetworkSettings:
 
 
 @dataclass(frozen=True)
+class BackupSettings:
+    """Continuous archiving and backups of a plan's instances."""
+
+    archive_timeout_s: int = 60
+    retention_days: int = 7  # the restore window; a deleted instance's backups stay as long
+    full_every_days: int = 7
+    diff_every_days: int = 1
+
+
+@dataclass(frozen=True)
 class CloudSettings:
     """How the broker builds a plan's instances (never shown to the platform)."""
 
@@ -155,6 +179,7 @@ class CloudSettings:
     availability_zones: tuple[str, ...]
     network: NetworkSettings = field(default_factory=NetworkSettings)
     fallback_zones: tuple[str, ...] = ()   # a standby's refuge while its zone is down
+    backups: BackupSettings = field(default_factory=BackupSettings)
 
     @property
     def is_ha(self) -> bool:
@@ -268,6 +293,10 @@ def parse_catalog(document: Any, source: str = "catalog.yml") -> Catalog:
                               f"{where}.schemas.service_instance.{key}.parameters", source)
             _check_schema(schemas["service_binding"]["create"].get("parameters", {}),
                           f"{where}.schemas.service_binding.create.parameters", source)
+            backups = cloud_doc.get("backups") or {}
+            if backups.get("diff_every_days", 1) > backups.get("full_every_days", 7):
+                raise ConfigError(f"{source}: {where}.cloud.backups.diff_every_days: a "
+                                  "differential backup is never rarer than a full one")
             net = cloud_doc.get("network") or {}
             cloud = CloudSettings(
                 nodes=cloud_doc["nodes"],
@@ -285,6 +314,7 @@ def parse_catalog(document: Any, source: str = "catalog.yml") -> Catalog:
                     security_groups=tuple(net.get("security_groups", ())),
                     app_cidrs=tuple(net.get("app_cidrs", ())),
                 ),
+                backups=BackupSettings(**backups),
             )
             raw = {k: copy.deepcopy(v) for k, v in p.items() if k != "cloud"}
             plans.append(Plan(

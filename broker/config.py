@@ -82,6 +82,21 @@ class OperationSettings:
 
 
 @dataclass(frozen=True)
+class S3Settings:
+    """Backup repositories in S3-compatible object storage (Swift's S3 API, Ceph RGW)."""
+
+    endpoint: str                # host name or address, TLS verified
+    port: int
+    bucket: str
+    region: str
+    uri_style: str               # "host" or "path"
+    key: str = field(repr=False)
+    secret: str = field(repr=False)
+    ca_pem: str = ""             # the CA the endpoint's certificate is verified with
+    prefix: str = "/pgha"        # each instance's repository is <prefix>/<stanza>
+
+
+@dataclass(frozen=True)
 class Settings:
     username: str
     password: str
@@ -105,6 +120,7 @@ class Settings:
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     operations: OperationSettings = field(default_factory=OperationSettings)
+    backup_s3: S3Settings | None = None
 
     @property
     def is_sqlite(self) -> bool:
@@ -239,6 +255,36 @@ def _log_level(env: dict[str, str]) -> str:
     return level
 
 
+def _backup_s3(env: dict[str, str]) -> S3Settings | None:
+    """BROKER_BACKUP_S3_*: none set, no S3; the endpoint set, every required one too."""
+    def get(name: str, default: str = "") -> str:
+        return env.get(f"BROKER_BACKUP_S3_{name}", default)
+
+    if not get("ENDPOINT"):
+        return None
+    missing = [f"BROKER_BACKUP_S3_{n}" for n in ("BUCKET", "KEY", "SECRET") if not get(n)]
+    if missing:
+        raise ConfigError(f"BROKER_BACKUP_S3_ENDPOINT is set: {', '.join(missing)} must be too")
+    endpoint = get("ENDPOINT")
+    host, _, port_raw = endpoint.rpartition(":") if ":" in endpoint else (endpoint, "", "443")
+    if not port_raw.isdigit() or not 0 < int(port_raw) < 65536 or not host:
+        raise ConfigError(f"BROKER_BACKUP_S3_ENDPOINT must be HOST or HOST:PORT, "
+                          f"got {get('ENDPOINT')!r}")
+    uri_style = get("URI_STYLE", "host")
+    if uri_style not in ("host", "path"):
+        raise ConfigError(f"BROKER_BACKUP_S3_URI_STYLE must be 'host' or 'path', got {uri_style!r}")
+    ca_pem = ""
+    if get("CA_FILE"):
+        try:
+            ca_pem = Path(get("CA_FILE")).read_text()
+        except OSError as exc:
+            raise ConfigError(f"BROKER_BACKUP_S3_CA_FILE cannot be read: {exc.strerror}") from None
+    prefix = "/" + get("PREFIX", "pgha").strip("/")
+    return S3Settings(endpoint=host, port=int(port_raw), bucket=get("BUCKET"),
+                      region=get("REGION", "us-east-1"), uri_style=uri_style, key=get("KEY"),
+                      secret=get("SECRET"), ca_pem=ca_pem, prefix=prefix)
+
+
 def load_settings(env: dict[str, str] | None = None, *, require_auth: bool = True) -> Settings:
     env = dict(os.environ if env is None else env)
     username = env.get("BROKER_USERNAME", "")
@@ -327,6 +373,7 @@ def load_settings(env: dict[str, str] | None = None, *, require_auth: bool = Tru
             max_failovers=_count(env, "BROKER_MAX_FAILOVERS", 8, 256),
             max_rebuilds=_count(env, "BROKER_MAX_REBUILDS", 2, 256),
         ),
+        backup_s3=_backup_s3(env),
     )
 
 

@@ -130,7 +130,7 @@ def test_own_tls_files_replace_those_the_broker_put_in_an_old_data_directory(
     assert f"ssl_cert_file = '{volume}/tls/server.crt'" in (data / "pgha.conf").read_text()
     rules = [line.split()[0] for line in (data / "pg_hba.conf").read_text().splitlines()
              if line and not line.startswith("#")]
-    assert set(rules) == {"hostssl"}
+    assert set(rules) == {"hostssl", "local"}  # local: the superuser on its own socket
 
 
 def test_a_zombie_or_a_foreign_process_is_not_a_live_postmaster(tmp_path: Path) -> None:

@@ -90,17 +90,18 @@ def test_render_hba_allows_only_what_is_needed() -> None:
     lines = hba.render_hba(admin_cidrs=["10.1.0.1"], peer_addresses=["10.1.0.2", "10.1.0.3"],
                            app_cidrs=["10.1.0.0/24"])
     rules = [line.split() for line in lines if not line.startswith("#")]
-    assert not [r for r in rules if r[0] == "local"]  # nothing uses the unix socket
+    # The unix socket admits only the superuser, by password (pgBackRest's backups).
+    assert [r for r in rules if r[0] == "local"] == [["local", "all", "postgres", "scram-sha-256"]]
     assert ["hostssl", "all", "postgres", "10.1.0.1/32", "scram-sha-256"] in rules
     assert ["hostssl", "replication", "pgha_replicator", "10.1.0.3/32", "scram-sha-256"] in rules
     assert ["hostssl", "appdb", "+app_owner", "10.1.0.0/24", "scram-sha-256"] in rules
     assert ["hostssl", "appdb", "+app_reader", "10.1.0.0/24", "scram-sha-256"] in rules
     # Nothing for "all" users, nothing trusting, nothing in cleartext over the network.
     assert not [r for r in rules if r[2] == "all" or r[-1] == "trust"]
-    assert {r[0] for r in rules} == {"hostssl"}
+    assert {r[0] for r in rules} == {"hostssl", "local"}
     # A node made before TLS has no certificate: its lines stay `host` until rotated.
     old = hba.render_hba(admin_cidrs=["10.1.0.1"], peer_addresses=[], app_cidrs=[], tls=False)
-    assert {line.split()[0] for line in old if not line.startswith("#")} == {"host"}
+    assert {line.split()[0] for line in old if not line.startswith("#")} == {"host", "local"}
     with pytest.raises(ValueError, match="not an IP"):
         hba.render_hba(admin_cidrs=["x; host all all 0.0.0.0/0 trust"], peer_addresses=[],
                        app_cidrs=[])

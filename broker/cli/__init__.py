@@ -5,6 +5,7 @@ web       the API alone, under gunicorn (production)
 worker    the operation worker and the monitor (production)
 db upgrade                      bring the state store's schema up to date
 instances list | show ID [--json] | switchover ID | rotate-certs ID
+backups list [ID] [--json] | delete ID [--yes]
 cloud check | orphans [--delete] [--yes]
 """
 
@@ -44,6 +45,16 @@ def _parser() -> argparse.ArgumentParser:
     rot = isub.add_parser("rotate-certs", help="new TLS certificates for every node (and a "
                                                "CA for an instance made before TLS)")
     rot.add_argument("instance_id")
+
+    backups = sub.add_parser("backups", help="backups and restore windows")
+    bsub = backups.add_subparsers(dest="action", required=True, metavar="ACTION")
+    blist = bsub.add_parser("list", help="backups, restorable window and archiving lag "
+                                         "(deleted instances included)")
+    blist.add_argument("instance_id", nargs="?")
+    blist.add_argument("--json", action="store_true", help="machine-readable output")
+    bdel = bsub.add_parser("delete", help="purge a deleted instance's backups now (asks first)")
+    bdel.add_argument("instance_id")
+    bdel.add_argument("--yes", action="store_true", help="do not ask")
 
     cloud = sub.add_parser("cloud", help="the cloud behind the broker")
     csub = cloud.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -109,6 +120,12 @@ def _dispatch(args: argparse.Namespace, settings: object) -> int:
         if args.action == "rotate-certs":
             return instances.rotate_certs(runtime, args.instance_id)
         return instances.switchover(runtime, args.instance_id)
+    if args.command == "backups":
+        from broker.cli import backups
+
+        if args.action == "list":
+            return backups.list_backups(runtime, args.instance_id, args.json)
+        return backups.delete_backups(runtime, args.instance_id, assume_yes=args.yes)
     if args.command == "cloud":
         from broker.cli import cloud
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from broker.backup import report
 from broker.pg import connection, replication
 from broker.runtime import Runtime
 from broker.store.models import (
@@ -148,6 +149,8 @@ def describe_instance(runtime: Runtime, instance_id: str) -> dict[str, Any] | No
             "deleted_at": _time(inst.deleted_at),
             "nodes": out_nodes,
             "replication": replication,
+            "archiving": report.archiving(runtime, inst) if inst.live_nodes() else
+            {"reachable": False, "error": "no nodes"},
             "operations": [
                 {"id": op.id, "kind": op.kind, "state": op.state,
                  "description": op.description, "error": op.error,
@@ -207,6 +210,9 @@ def show_instance(runtime: Runtime, instance_id: str, as_json: bool) -> int:
     print(f"TLS CA expires   {info['ca_expires_at'] or '- (no TLS: run rotate-certs)'}")
     if not info["replication"]["reachable"] and info["state"] != DEPROVISIONED:
         print(f"replication      unreachable ({info['replication']['error']})")
+    archiving = info["archiving"]
+    print("archiving        " + (archiving["summary"] if archiving["reachable"]
+                                 else f"unreachable ({archiving['error']})"))
     print("nodes")
     for node in info["nodes"]:
         server = node["server"]

@@ -226,6 +226,19 @@ class Cloud(abc.ABC):
         raise CloudError(f"this cloud has no security groups (asked for {group_id})")
 
     # --- housekeeping ----------------------------------------------------------
+    def hand_repository_to(self, stanza: str, volume_id: str) -> None:  # noqa: B027
+        """Let the node on `volume_id` write the stanza's backup repository (it is about
+        to be promoted). Object storage: every node holds the credentials already."""
+
+    def share_repository(self, stanza: str, volume_id: str | None) -> None:  # noqa: B027
+        """Let the node on `volume_id` (a standby) read the stanza's repository, and no
+        other node but its writer. Object storage: every node holds the credentials."""
+
+    def delete_repository(self, stanza: str) -> None:
+        """Delete the stanza's backup repository (a deleted instance's, after its restore
+        window)."""
+        raise CloudError(f"the {self.name} cloud cannot delete backup repositories")
+
     @abc.abstractmethod
     def find_resources(self, instance_id: str | None = None) -> list[CloudResource]:
         """Everything tagged as the broker's (for one instance, or all), of every kind

@@ -25,7 +25,11 @@ make root write and chown any file:
    (an included `pgha.conf`). pg_hba.conf is written only with a new cluster: later
    the broker keeps it current (the peers in this config are those of the first
    boot, and a reboot must not admit a node that left since).
-5. Remove a postmaster.pid left by a killed server, start PostgreSQL.
+5. Remove a postmaster.pid left by a killed server, start PostgreSQL. With a backup
+   repository: pgBackRest's configuration beside the data directory first, the
+   stanza on a primary after; a primary restored from another instance's backups
+   (`restore_from`) is made by `pgbackrest restore` instead of initdb and waits here
+   until its recovery reached the target.
 Every file is written whole beside its target and renamed over it, so a link in its
 place is replaced, never followed.
 
@@ -44,6 +48,7 @@ import locale
 import os
 import pwd
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -126,6 +131,16 @@ class GuestConfig:
     service_prefix_length: int = 0
     service_gateway: str = ""
     service_mtu: int = 0
+    # Continuous archiving with pgBackRest (none without both): the instance's stanza,
+    # and its repository's options (e.g. {"repo1-path": ...}) filled in by the cloud.
+    backup_stanza: str = ""
+    backup_repo: dict[str, str] = field(default_factory=dict)
+    backup_repo_ca: str = ""           # PEM: the CA object storage's certificate is verified with
+    archive_timeout_s: int = 60
+    # A primary made from another instance's backups: {"stanza": ..., "target": a time
+    # or "" for the end of its archive, "set": the backup to start from, and the
+    # repository's options}.
+    restore_from: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -161,8 +176,9 @@ def render_hba(*, admin_cidrs: list[str] | tuple[str, ...],
                tls: bool = True) -> list[str]:
     """pg_hba.conf lines. First match wins and nothing else is allowed; with `tls` every
     line is `hostssl` (a node made before TLS has no certificate: `host`):
-    - `postgres` by password only from the broker's addresses (no line for the unix
-      socket: nothing uses it, and `pg_ctl -w` checks readiness without logging in);
+    - `postgres` by password only from the broker's addresses, and through the unix
+      socket (pgBackRest's backups: the socket directory is the PostgreSQL user's alone;
+      `pg_ctl -w` checks readiness without logging in);
     - replication only as pgha_replicator, only from the instance's nodes;
     - application roles (members of app_owner or pg_read_all_data; superusers are never
       "members" for pg_hba) only to the application database, only from app_cidrs."""
@@ -171,6 +187,9 @@ def render_hba(*, admin_cidrs: list[str] | tuple[str, ...],
     row = "{:<7} {:<12} {:<20} {:<20} {}"
     host = "hostssl" if tls else "host"
     lines = ["# Written by pgha (guest bootstrap / broker). Changes here are overwritten."]
+    # pgBackRest reaches its own node's server only through the unix socket; the socket
+    # directory is the PostgreSQL user's alone (0700), and the password is required.
+    lines.append(f"{'local':<7} {'all':<12} {ADMIN_USER:<20} {'':<20} scram-sha-256")
     lines += [row.format(host, "all", ADMIN_USER, _cidr(c), "scram-sha-256")
               for c in _unique(admin_cidrs)]
     lines += [row.format(host, "replication", REPLICATION_USER, _cidr(p), "scram-sha-256")
@@ -237,6 +256,7 @@ def render_conf(config: GuestConfig, *, passfile: str, tls_dir: str | None = Non
     }
     if tls_dir:
         values.update(tls_settings(tls_dir))
+    values.update(archive_settings(config))
     if config.role == "standby" and config.primary_address:
         conninfo = " ".join([
             f"host={config.primary_address}", f"port={config.port}",
@@ -255,6 +275,160 @@ def render_conf(config: GuestConfig, *, passfile: str, tls_dir: str | None = Non
     lines = ["# Written by the pgha guest bootstrap at every boot. Do not edit."]
     lines += [f"{name} = {_conf_value(value)}" for name, value in values.items()]
     return "\n".join(lines) + "\n"
+
+
+# --- continuous archiving (pgBackRest) ------------------------------------------------------
+
+BACKUP_DIR = "pgbackrest"  # beside the data directory: config, spool, locks, logs
+BACKUP_CONF = "pgbackrest.conf"
+BACKUP_PASSFILE = "pgpass"  # the superuser's password, for pgBackRest's backups
+BACKUP_REPO_CA = "repository-ca.pem"
+PGBACKREST = "/usr/bin/pgbackrest"
+_REPO_OPTION = re.compile(r"^repo1-[a-z0-9-]+$")
+
+
+def archives(config: GuestConfig) -> bool:
+    return bool(config.backup_stanza and config.backup_repo)
+
+
+def backup_dir(config: GuestConfig) -> Path:
+    return Path(config.data_dir).parent / BACKUP_DIR
+
+
+def pgbackrest_command(config: GuestConfig, *args: str) -> list[str]:
+    return [PGBACKREST, f"--config={backup_dir(config) / BACKUP_CONF}",
+            f"--stanza={config.backup_stanza}", *args]
+
+
+def archive_settings(config: GuestConfig) -> dict[str, object]:
+    """Every node archives through pgBackRest (asynchronous push: a slow repository
+    never holds a commit up) and can fetch WAL from the repository (a standby catches
+    up from it when the primary no longer has what it needs). Standbys do not archive
+    (`archive_mode = on`); once promoted they archive their new timeline."""
+    if not archives(config):
+        return {}
+    return {
+        "archive_mode": "on",
+        "archive_command": shlex.join(pgbackrest_command(config, "archive-push")) + " %p",
+        "restore_command": shlex.join(pgbackrest_command(config, "archive-get")) + ' %f "%p"',
+        "archive_timeout": f"{int(config.archive_timeout_s)}s",
+    }
+
+
+def render_backup_conf(config: GuestConfig) -> str:
+    """pgBackRest's configuration: the repository, and everything it writes locally kept
+    on the node's volume (its own spool, locks and logs: /tmp is shared in the local
+    cloud)."""
+    base = backup_dir(config)
+    lines = ["# Written by the pgha guest bootstrap at every boot. Do not edit.", "[global]"]
+    for name, value in sorted(config.backup_repo.items()):
+        if not _REPO_OPTION.match(name) or "\n" in value:
+            raise BootstrapError(f"unsupported repository option {name!r}")
+        lines.append(f"{name}={value}")
+    if config.backup_repo_ca:
+        lines.append(f"repo1-storage-ca-file={base / BACKUP_REPO_CA}")
+    lines += [f"spool-path={base / 'spool'}", f"lock-path={base / 'lock'}",
+              f"log-path={base / 'log'}", "log-level-console=warn", "log-level-file=info",
+              "archive-async=y", "compress-type=lz4", "start-fast=y",
+              # Object storage answers each request after a round trip: several at once.
+              f"process-max={4 if config.backup_repo.get('repo1-type') == 's3' else 1}",
+              f"[{config.backup_stanza}]", f"pg1-path={config.data_dir}",
+              f"pg1-port={config.port}", f"pg1-socket-path={config.socket_dir}",
+              f"pg1-user={ADMIN_USER}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_backup_conf(config: GuestConfig) -> None:
+    if not archives(config):
+        return
+    base = backup_dir(config)
+    for directory in (base, base / "spool", base / "lock", base / "log"):
+        directory.mkdir(mode=0o700, exist_ok=True)
+    if config.backup_repo_ca:
+        _replace_file(base / BACKUP_REPO_CA, config.backup_repo_ca)
+    _replace_file(base / BACKUP_CONF, render_backup_conf(config))
+    _replace_file(base / BACKUP_PASSFILE, ":".join(
+        ["*", "*", "*", ADMIN_USER, _pgpass_escape(config.admin_password)]) + "\n")
+
+
+# Written by pgBackRest's restore into postgresql.auto.conf: they name the source's
+# repository and the target, and must not outlive the recovery (a standby copied later
+# would stop at the old target).
+RECOVERY_SETTINGS = ("restore_command", "recovery_target", "recovery_target_time",
+                     "recovery_target_action", "recovery_target_inclusive",
+                     "recovery_target_timeline", "recovery_target_lsn",
+                     "recovery_target_name", "recovery_target_xid")
+RESTORE_TIMEOUT = 3600.0
+
+
+def restore_primary(config: GuestConfig, runner: Runner, tls: Path | None) -> None:
+    """A new cluster from the source instance's backups: pgBackRest picks the backup
+    before the target and PostgreSQL replays the source's archive up to the target
+    (every commit at or before it), then promotes to a timeline of its own."""
+    source = config.restore_from
+    partial = _fresh_target(config)
+    write_backup_conf(config)
+    repo = [f"--{name}={value}" for name, value in sorted(source.items())
+            if _REPO_OPTION.match(name)]
+    base = [PGBACKREST, f"--config={backup_dir(config) / BACKUP_CONF}",
+            f"--stanza={source['stanza']}", *repo]
+    fetch = shlex.join([*base, f"--pg1-path={config.data_dir}", "archive-get"]) + ' %f "%p"'
+    target = source.get("target", "")
+    kind = (["--type=time", f"--target={target}", "--target-action=promote"] if target
+            else ["--type=default"])
+    if source.get("set"):
+        kind.append(f"--set={source['set']}")
+    say(f"restoring from stanza {source['stanza']} ({target or 'end of its archive'})")
+    runner.run([*base, f"--pg1-path={partial}", *kind,
+                f"--recovery-option=restore_command={fetch}", "restore"],
+               what="pgbackrest restore", timeout=RESTORE_TIMEOUT)
+    _clean_auto_conf(partial / "postgresql.auto.conf")
+    for copied in partial.glob(f"{LEGACY_TLS_PREFIX}*"):
+        copied.unlink()  # the source's own TLS files: this node has its own
+    (partial / "standby.signal").unlink(missing_ok=True)
+    _finish_target(partial, config, tls)
+
+
+def finish_restore(config: GuestConfig, runner: Runner) -> None:
+    """Wait until the recovery of a restored cluster reached its target and promoted,
+    then drop the recovery settings that named the source."""
+    data = Path(config.data_dir)
+    deadline = time.monotonic() + RESTORE_TIMEOUT
+    while (data / "recovery.signal").exists():
+        status = runner.run([runner.bin("pg_ctl"), "-D", str(data), "status"],
+                            what="pg_ctl status", check=False)
+        if status.returncode != 0:
+            raise BootstrapError("the restored cluster stopped during its recovery: "
+                                 + " | ".join(_tail_lines(_log_file(config))))
+        if time.monotonic() > deadline:
+            raise BootstrapError(f"recovery not finished after {RESTORE_TIMEOUT:.0f} s")
+        time.sleep(0.2)
+    auto = data / "postgresql.auto.conf"
+    before = _read_file(auto) if auto.exists() else ""
+    _clean_auto_conf(auto, RECOVERY_SETTINGS)
+    if auto.exists() and _read_file(auto) != before:
+        say("recovery finished: dropping its settings")
+        runner.run([runner.bin("pg_ctl"), "-D", str(data), "reload"], what="pg_ctl reload")
+
+
+def _tail_lines(path: Path, lines: int = 3) -> list[str]:
+    try:
+        return _read_file(path).strip().splitlines()[-lines:]
+    except OSError:
+        return []
+
+
+def create_stanza(config: GuestConfig, runner: Runner) -> None:
+    """A primary makes its stanza in the repository (nothing to do when it exists for
+    this cluster). Not fatal: a repository out of reach must not keep the database
+    down; archiving then fails visibly (pg_stat_archiver) until it is back."""
+    if not archives(config) or (Path(config.data_dir) / "standby.signal").exists():
+        return
+    result = runner.run(pgbackrest_command(config, "--no-online", "stanza-create"),
+                        what="pgbackrest stanza-create", timeout=120, check=False)
+    if result.returncode != 0:
+        tail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-2:])
+        say(f"warning: no stanza in the backup repository yet ({tail})")
 
 
 # --- processes -----------------------------------------------------------------------------
@@ -670,14 +844,20 @@ def node_steps(config: GuestConfig) -> None:
     # First: a new cluster's pg_hba and a standby's base backup depend on it.
     tls = write_tls(config)
     if not _has_cluster(Path(config.data_dir)):
-        if config.role == "primary":
+        if config.role == "primary" and config.restore_from:
+            restore_primary(config, runner, tls)
+        elif config.role == "primary":
             init_primary(config, runner, tls)
         else:
             init_standby(config, runner, tls)
     # An existing cluster keeps its own role (standby.signal or not): a promoted standby
     # that reboots with its old "standby" config must stay a primary.
     write_config(config, tls)
+    write_backup_conf(config)
     start(config, runner)
+    if config.restore_from:
+        finish_restore(config, runner)
+    create_stanza(config, runner)
     say("ready")
 
 

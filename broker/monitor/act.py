@@ -185,7 +185,8 @@ class Executor:
 
     # --- queueing ------------------------------------------------------------------------
     def _busy(self, instance_id: str) -> bool:
-        return queue.busy_kind(self.runtime.store, instance_id) is not None
+        return queue.busy_kind(self.runtime.store, instance_id,
+                               except_kinds=queue.BACKGROUND_KINDS) is not None
 
     def _queue(self, snap: Snapshot, action: QueueFailover,
                status: str) -> tuple[str, tuple[str, ...]]:
@@ -204,7 +205,8 @@ class Executor:
     def _queue_rebuild(self, snap: Snapshot, replace_node_id: str | None,
                        cause: str) -> tuple[str, tuple[str, ...]]:
         with self.runtime.store.session() as s:
-            if queue.busy_with(s, snap.instance_id) is not None:
+            if queue.busy_with(s, snap.instance_id,
+                               except_kinds=queue.BACKGROUND_KINDS) is not None:
                 return "operation in progress: not acting", ()
             op = queue.new_operation(
                 snap.instance_id, REBUILD,

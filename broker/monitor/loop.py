@@ -58,6 +58,7 @@ from queue import Empty, SimpleQueue
 
 from sqlalchemy import select
 
+from broker.backup.schedule import Scheduler
 from broker.config import MonitorSettings
 from broker.metrics import instruments
 from broker.monitor import schedule
@@ -135,6 +136,7 @@ class Monitor:
         self.driver = Driver(runtime, engine)
         self.observer = Observer(runtime, self._pool, self.recheck)
         self.executor = Executor(runtime, self.leases, lambda: self.driver.runner().owner)
+        self.backups = Scheduler(runtime)
 
     # --- the worker loop ------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -144,6 +146,11 @@ class Monitor:
         launcher = threading.Thread(target=self._launcher, args=(stop,),
                                     name="monitor-launcher", daemon=True)
         launcher.start()
+        # The backup schedule and the archiving check connect to nodes one by one: in
+        # their own thread, so they never hold up a check of a primary.
+        scheduler = threading.Thread(target=self._schedule_backups, args=(stop,),
+                                     name="backup-scheduler", daemon=True)
+        scheduler.start()
         while not stop.is_set():
             until = time.monotonic() + self.settings.check_interval
             try:
@@ -156,6 +163,7 @@ class Monitor:
         # longer: its operation is durable and another worker resumes it.
         deadline = time.monotonic() + self.settings.connect_timeout * 2 + 1
         launcher.join(timeout=STOP_POLL * 4)
+        scheduler.join(timeout=STOP_POLL * 4)
         for thread in list(self._threads.values()):
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
         for instance_id in list(self._held):
@@ -167,6 +175,14 @@ class Monitor:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.probes.close_all()
         log.info("monitor %s stopped", self.owner)
+
+    def _schedule_backups(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.backups.maybe_tick(self.holds)
+            except Exception:
+                log.exception("backup schedule: unexpected error; continuing")
+            stop.wait(1.0)
 
     def tick(self, stop: threading.Event) -> None:
         """Heartbeat, renew what we hold (one statement), take a fair share of the rest."""

@@ -74,7 +74,7 @@ class Observer:
             if inst is None or inst.deleted_at is not None:
                 return replace(snap, exists=False)
             _ = list(inst.nodes)
-            busy = queue.busy_with(s, instance_id)
+            busy = queue.busy_with(s, instance_id, except_kinds=queue.BACKGROUND_KINDS)
         prepared = self._prepare(snap, inst, f"{busy.kind} ({busy.description})"
                                  if busy is not None else None)
         snap = prepared.snap
@@ -140,6 +140,7 @@ class Observer:
                     select(Operation.instance_id, Operation.kind, Operation.description)
                     .where(Operation.instance_id.in_(ids))
                     .where(Operation.state.in_(UNFINISHED))
+                    .where(Operation.kind.not_in(queue.BACKGROUND_KINDS))
                     .order_by(Operation.created_at.desc())):
                 busy[instance_id] = f"{kind} ({description})"   # the oldest wins
             prepared = []

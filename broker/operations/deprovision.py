@@ -1,16 +1,18 @@
 """Deprovision: delete everything of an instance, found by its rows and by its tags.
 
-Servers first (deleting a server frees its ports and volumes), then volumes, ports
-and the server group; then the rows: nodes and bindings deleted, the instance
-`deprovisioned`. Each step only deletes (deleting what is gone is quiet), so the
-operation is safe to repeat and also cleans up a half-made instance.
+First the backup repository is kept (its last WAL archived) for the plan's restore
+window; a worker purges it after that. Then servers (deleting a server frees its
+ports and volumes), volumes, ports and the server group; then the rows: nodes and
+bindings deleted, the instance `deprovisioned`. Each step only deletes (deleting
+what is gone is quiet), so the operation is safe to repeat and also cleans up a
+half-made instance.
 """
 
 from __future__ import annotations
 
 from sqlalchemy import select
 
-from broker.operations import node_teardown, rows
+from broker.operations import backup, node_teardown, rows
 from broker.operations.engine import Context, Step, Workflow
 from broker.operations.queue import new_operation
 from broker.store.db import Store
@@ -59,6 +61,8 @@ def finish(ctx: Context) -> None:
 def steps(ctx: Context) -> list[Step]:
     return [
         Step("begin", "deprovisioning", begin),
+        Step("keep_backups", "archiving the last WAL, keeping the backups",
+             backup.keep_repository),
         Step("servers", "deleting the servers", node_teardown.delete_servers),
         Step("volumes", "deleting the volumes", node_teardown.delete_volumes),
         Step("ports", "deleting the service port and management ports", node_teardown.delete_ports),

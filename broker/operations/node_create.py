@@ -18,8 +18,11 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from broker.backup import names as backup_names
+from broker.backup import s3
 from broker.cloud.base import TAG_PLAN, ServerSpec
 from broker.guest.bootstrap import GuestConfig
+from broker.operations import restore
 from broker.operations.engine import Context, RetryLater, StepFailed
 from broker.operations.naming import (
     instance_tags,
@@ -197,6 +200,12 @@ def guest_config(ctx: Context, node_id: str) -> GuestConfig:
         service_prefix_length=nic.prefix_length,
         service_gateway=nic.gateway,
         service_mtu=nic.mtu,
+        backup_stanza=backup_names.stanza(inst.id),
+        backup_repo=s3.repository_options(ctx.settings.backup_s3, backup_names.stanza(inst.id))
+        if ctx.settings.backup_s3 else {},
+        backup_repo_ca=ctx.settings.backup_s3.ca_pem if ctx.settings.backup_s3 else "",
+        archive_timeout_s=plan.cloud.backups.archive_timeout_s,
+        restore_from=restore.guest_restore(ctx) if node.role == PRIMARY else {},
     )
 
 

@@ -115,3 +115,20 @@ class RebuildParams(Params):
     cause: str
     replace_node_id: str | None = None
     failover_id: str | None = None   # the event that made the rebuild necessary
+
+
+BACKUP_TYPES = ("full", "diff")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackupParams(Params):
+    """A backup: pgBackRest's type (a differential one with no full backup before it
+    becomes full) and who asked for it."""
+
+    type: str = "full"
+    cause: str = "requested"
+
+    def check(self) -> None:
+        if self.type not in BACKUP_TYPES:
+            raise ParamsError(f"parameter type must be one of {', '.join(BACKUP_TYPES)}, "
+                              f"not {self.type!r}")

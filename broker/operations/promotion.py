@@ -23,6 +23,7 @@ from typing import Any
 
 import psycopg2
 
+from broker.backup import names as backup_names
 from broker.cloud.base import FenceError, ServerStatus
 from broker.ha import rules
 from broker.operations import node_access, node_create, queue, rows
@@ -212,6 +213,8 @@ def clear_sync_on(ctx: Context, node: Node) -> None:
 def promote(ctx: Context, node_id: str) -> None:
     """pg_promote (idempotent), then make the node the instance's primary in the store."""
     node = node_row(ctx, node_id)
+    if node.volume_id:  # the old primary is fenced: one writer at a time
+        ctx.cloud.hand_repository_to(backup_names.stanza(ctx.instance_id), node.volume_id)
     with node_access.admin_connection(ctx, node, timeout=5.0) as conn:
         replication.promote(conn, timeout=30.0)
         replication.set_synchronous_standby(conn, None)

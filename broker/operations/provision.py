@@ -21,7 +21,7 @@ from typing import Any
 
 from broker.catalog import Plan
 from broker.crypto import Vault, new_password
-from broker.operations import naming, node_access, node_create, node_teardown, rows
+from broker.operations import naming, node_access, node_create, node_teardown, restore, rows
 from broker.operations.engine import Context, Step, StepFailed, Workflow
 from broker.operations.queue import new_operation
 from broker.pg import tenants
@@ -134,13 +134,18 @@ def steps(ctx: Context) -> list[Step]:
     plan = ctx.plan()
     zones = plan.cloud.availability_zones
     primary = f"creating primary in {zones[0]}"
+    restoring = restore.source_of(ctx) is not None
     out = [
         Step("nodes", "planning the nodes", plan_nodes),
+        *([Step("seal_source", "restoring: archiving the source's latest WAL",
+                restore.seal_source)] if restoring else []),
         Step("server_group", "creating the server group", node_create.ensure_server_group),
         Step("service_port", "creating the service port", node_create.ensure_service_port),
         Step("management_ports", "creating the management ports", management_ports),
         Step("primary_volume", f"{primary}: volume", _on(PRIMARY, node_create.ensure_volume)),
         Step("primary_server", f"{primary}: server", _on(PRIMARY, node_create.ensure_server)),
+        *([Step("restored", f"{primary}: taking over the restored cluster", restore.adopt)]
+          if restoring else []),
         Step("primary_ready", f"{primary}: starting PostgreSQL",
              _on(PRIMARY, node_create.wait_node_ready)),
         Step("database", "creating the database", database),

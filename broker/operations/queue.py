@@ -3,7 +3,8 @@
 - Owner ids are `host:pid:role-nonce`. The host is `host_identity()` (the host name,
   or BROKER_HOST_IDENTITY), so two workers of one machine can act as two hosts.
 - An operation is claimable when it is unfinished, its `not_before` has passed, no
-  older unfinished operation of its instance is waiting, and it is free, its lease
+  older unfinished operation of its instance is waiting (backups excepted: nothing
+  waits behind one), and it is free, its lease
   expired, or its owner is a dead process of the claimer's own host. Claiming a
   given id also takes a row pre-claimed for the claimer (born owned by it).
 - A deprovision is queued behind the broker's own work on the instance (oldest
@@ -40,6 +41,10 @@ from broker.store.models import (
 
 HOST_IDENTITY_ENV = "BROKER_HOST_IDENTITY"
 DEPROVISION = "deprovision"
+# Backups run beside everything else: nothing waits behind one (a failover least of
+# all), and the monitor acts while one runs. A backup caught by a failover fails its
+# attempt and is retried on the new primary.
+BACKGROUND_KINDS = ("backup", "scheduled_backup")
 LEASE_SECONDS = 15.0
 # The role of the engines a monitor runs what it queued with: they run follow-ups next.
 RUNNER_ROLE = "monitor-runner"
@@ -264,7 +269,9 @@ class Queue:
 
 
 def _has_older(session: Session, op: Operation) -> bool:
-    return session.scalar(
-        select(Operation.id).where(Operation.instance_id == op.instance_id)
-        .where(Operation.state.in_(UNFINISHED))
-        .where(Operation.created_at < op.created_at).limit(1)) is not None
+    query = (select(Operation.id).where(Operation.instance_id == op.instance_id)
+             .where(Operation.state.in_(UNFINISHED))
+             .where(Operation.created_at < op.created_at))
+    if op.kind not in BACKGROUND_KINDS:
+        query = query.where(Operation.kind.not_in(BACKGROUND_KINDS))
+    return session.scalar(query.limit(1)) is not None

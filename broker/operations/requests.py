@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from broker import crypto
 from broker.catalog import Catalog, Plan, validate_parameters
 from broker.crypto import Vault
-from broker.operations import queue
+from broker.operations import backup, queue, restore
 from broker.operations.params import UpdateParams
 from broker.operations.plan_changes import plan_change_refusal
 from broker.operations.refusals import (
@@ -43,6 +43,7 @@ from broker.operations.refusals import (
     NotAllowed,
     UnknownInstance,
 )
+from broker.operations.update import TRANSIENT_PARAMETERS
 from broker.store.db import Store
 from broker.store.models import (
     DEGRADED,
@@ -59,7 +60,7 @@ log = logging.getLogger(__name__)
 
 # Operations the platform asks for; the monitor's own (failover, rebuild...) are
 # not what a platform polls when it sends no `operation`.
-PLATFORM_KINDS = ("provision", "update", "switchover", "deprovision")
+PLATFORM_KINDS = ("provision", "update", "switchover", "deprovision", backup.KIND)
 # Column size of the state store's ids (instances.id, bindings.id, guids).
 MAX_ID_LENGTH = 128
 
@@ -151,6 +152,9 @@ def _provision(store: Store, vault: Vault, request: NewInstance,
             return _provision_again(s, inst, request, accepts_incomplete)
         if not accepts_incomplete:
             raise AsyncRequired("provisioning")
+        restore.check_request(s, service_id=request.service_id,
+                              organization_guid=request.organization_guid,
+                              parameters=request.parameters)
         s.add(Instance(
             id=request.id, service_id=request.service_id, plan_id=plan.id,
             organization_guid=request.organization_guid, space_guid=request.space_guid,
@@ -303,10 +307,17 @@ def _update_operation(s: Session, inst: Instance, current: Plan, target: Plan, c
         if not accepts_incomplete:
             raise AsyncRequired("a switchover")
         return queue.new_operation(inst.id, "switchover", description="queued: switchover")
+    if parameters.get("backup") is True:
+        if plan_change or set(parameters) != {"backup"}:
+            raise NotAllowed("a backup must be requested alone "
+                             "(parameters: {\"backup\": true})")
+        if not accepts_incomplete:
+            raise AsyncRequired("a backup")
+        return backup.new_backup(inst.id, "full", cause="requested by the platform")
     refusal = plan_change_refusal(current, target)
     if refusal:
         raise NotAllowed(refusal)
-    changes = {k: v for k, v in parameters.items() if k != "switchover"}
+    changes = {k: v for k, v in parameters.items() if k not in TRANSIENT_PARAMETERS}
     new_version = (target.maintenance_version if plan_change or version is not None
                    else inst.maintenance_version)
     stored = inst.parameters or {}

@@ -38,7 +38,7 @@ from broker.store.models import (
 
 KIND = "update"
 # Actions, not settings: never stored with the instance's parameters.
-TRANSIENT_PARAMETERS = ("switchover",)
+TRANSIENT_PARAMETERS = ("switchover", "backup")
 
 
 def start_update(store: Store, instance_id: str, *, plan_id: str | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from broker.operations import (
+    backup,
     certs,
     deprovision,
     failover,
@@ -15,7 +16,8 @@ from broker.operations import (
 from broker.operations.engine import Workflow, register, registered
 
 ALL = (provision.WORKFLOW, update.WORKFLOW, deprovision.WORKFLOW, certs.WORKFLOW,
-       failover.WORKFLOW, switchover.WORKFLOW, rebuild.WORKFLOW, resurrect.WORKFLOW)
+       failover.WORKFLOW, switchover.WORKFLOW, rebuild.WORKFLOW, resurrect.WORKFLOW,
+       backup.WORKFLOW, backup.SCHEDULED_WORKFLOW)
 
 
 def install() -> dict[str, Workflow]:

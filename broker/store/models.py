@@ -245,3 +245,33 @@ class Lease(Base):
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
     owner: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[datetime] = mapped_column()
+
+
+class BackupRepository(Base):
+    """An instance's backup repository (pgBackRest stanza): when the workers take its next
+    backups, and, once the instance is deleted, until when it is kept."""
+
+    __tablename__ = "backup_repositories"
+
+    instance_id: Mapped[str] = mapped_column(ForeignKey("instances.id"), primary_key=True)
+    stanza: Mapped[str] = mapped_column(String(64))
+    next_full_at: Mapped[datetime | None] = mapped_column()
+    next_diff_at: Mapped[datetime | None] = mapped_column()
+    # Deleted instances: everything committed up to here is archived; kept until then.
+    archive_end_at: Mapped[datetime | None] = mapped_column()
+    keep_until: Mapped[datetime | None] = mapped_column()
+    purged_at: Mapped[datetime | None] = mapped_column()
+
+
+class Backup(Base):
+    """One backup in an instance's repository, as pgBackRest last reported it."""
+
+    __tablename__ = "backups"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # <instance>/<label>
+    instance_id: Mapped[str] = mapped_column(ForeignKey("instances.id"), index=True)
+    label: Mapped[str] = mapped_column(String(64))
+    type: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column()
+    stopped_at: Mapped[datetime] = mapped_column()
+    operation_id: Mapped[str | None] = mapped_column(String(64))

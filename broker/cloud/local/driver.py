@@ -4,6 +4,7 @@ See the package's docstring for what each resource is."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import shutil
@@ -47,6 +48,7 @@ from broker.cloud.local.records import (
     VolumeRecord,
     by_name,
 )
+from broker.cloud.local.repositories import Repositories
 from broker.cloud.local.users import VolumeUsers, volume_user
 from broker.guest import bootstrap
 
@@ -72,6 +74,7 @@ class LocalCloud(LocalPorts, Hypervisors, Cloud):
         self.records = RecordStore(self.root)
         # Marks the OS users this cloud made (destroy_everything finds them by it).
         self.volume_users = VolumeUsers(self.root)
+        self.repositories = Repositories(self.root / "backups")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalCloud:
@@ -155,6 +158,9 @@ class LocalCloud(LocalPorts, Hypervisors, Cloud):
                                  "delete the server first")
             # rmtree never follows the links its user may have planted below.
             shutil.rmtree(self._volume_dir(volume_id), ignore_errors=True)
+            with contextlib.suppress(KeyError):
+                user = self.volume_users.own(volume_user(volume_id))
+                self.repositories.forget_user(user.pw_uid, user.pw_gid)
             self.volume_users.delete(volume_user(volume_id))
             del st.volumes[volume_id]
 
@@ -244,10 +250,50 @@ class LocalCloud(LocalPorts, Hypervisors, Cloud):
                       spec: ServerSpec) -> bootstrap.GuestConfig:
         volume_dir = self._volume_dir(volume_id)
         run_as = self._own_volume(volume_id)
+        backup_repo = dict(spec.guest.backup_repo)  # object storage: set by the broker
+        if spec.guest.backup_stanza and not backup_repo:
+            user = self.volume_users.own(run_as)
+            if spec.guest.role == "primary":
+                self.repositories.hand_over(spec.guest.backup_stanza,
+                                            owner=(user.pw_uid, user.pw_gid))
+            else:
+                self.repositories.hand_over(spec.guest.backup_stanza, reader_gid=user.pw_gid)
+            backup_repo = {"repo1-path": str(self.repositories.path(spec.guest.backup_stanza))}
+        restore_from = dict(spec.guest.restore_from)
+        if restore_from and "repo1-path" not in restore_from:
+            # The restoring node reads the source's repository until the broker gives
+            # its group back (share_repository).
+            source = restore_from["stanza"]
+            user = self.volume_users.own(run_as)
+            self.repositories.hand_over(source, reader_gid=user.pw_gid)
+            restore_from["repo1-path"] = str(self.repositories.path(source))
         return dataclasses.replace(
             spec.guest, data_dir=str(volume_dir / "data"), volume_device=None,
             mount_point=str(volume_dir), socket_dir=str(self._server_dir(server_id) / "run"),
-            pg_bin=self.pg_bin, run_as=run_as, log_file=str(volume_dir / "postgresql.log"))
+            pg_bin=self.pg_bin, run_as=run_as, log_file=str(volume_dir / "postgresql.log"),
+            backup_repo=backup_repo, restore_from=restore_from)
+
+    def delete_repository(self, stanza: str) -> None:
+        self.repositories.delete(stanza)
+
+    def share_repository(self, stanza: str, volume_id: str | None) -> None:
+        """The node on `volume_id` (the instance's standby) reads the repository; None:
+        only its writer does."""
+        if not self.repositories.path(stanza).exists():
+            return
+        if volume_id is None:
+            self.repositories.hand_over(stanza, reader_gid=self.repositories.owner_gid(stanza))
+            return
+        user = self.volume_users.own(volume_user(volume_id))
+        self.repositories.hand_over(stanza, reader_gid=user.pw_gid)
+
+    def hand_repository_to(self, stanza: str, volume_id: str) -> None:
+        """The volume's user becomes the repository's writer; the previous writer (the
+        old primary: after a switchover, the standby) keeps reading it."""
+        if not self.repositories.path(stanza).exists():
+            return  # in object storage
+        user = self.volume_users.own(volume_user(volume_id))
+        self.repositories.hand_over_to(stanza, (user.pw_uid, user.pw_gid))
 
     def get_server(self, server_id: str) -> Server | None:
         st = self.records.read()

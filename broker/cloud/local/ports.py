@@ -38,6 +38,8 @@ class LocalPorts:
                                  address=self.plumbing.allocate_address(st), tags=dict(tags))
                 st.ports[rec.id] = rec
                 self.records.save(st)
+                # The address may be a deleted port's: the host must not keep its MAC.
+                ip("neigh", "flush", "to", rec.address, "dev", self.plumbing.bridge, check=False)
             if rec.purpose == "service" and rec.device_id is None:
                 self.plumbing.ensure_service_veth(rec)
             return self._port(rec)

@@ -1,0 +1,192 @@
+"""The backup schedule, kept in the state store and shared by every worker.
+
+Each live instance has a row (`backup_repositories`) with the times of its next full
+and differential backups (the plan's `full_every_days`, `diff_every_days`; the first
+full backup FIRST_BACKUP_DELAY after the instance is first seen ready). Every
+worker ticks (at most every TICK_SECONDS); a due row is advanced with a
+compare-and-set on the times it read, in the same transaction that queues the
+backup operation, so however many workers tick, one backup is queued, and a restart
+changes nothing. The tick also purges the repositories of deleted instances whose
+restore window has passed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from broker.backup import records, report
+from broker.cloud.base import Cloud, CloudError
+from broker.operations import backup, queue
+from broker.runtime import Runtime
+from broker.store.db import Store
+from broker.store.models import (
+    DEGRADED,
+    READY,
+    Backup,
+    BackupRepository,
+    Instance,
+    aware,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+TICK_SECONDS = 10.0
+# A new instance's first full backup: soon, but not in the middle of its first minutes
+# (its app's schema migrations, a switchover test...).
+FIRST_BACKUP_DELAY = timedelta(minutes=10)
+WARN_AGAIN_SECONDS = 600.0
+
+
+class Scheduler:
+    def __init__(self, runtime: Runtime, *, now: Callable[[], datetime] = utcnow) -> None:
+        self.runtime = runtime
+        self.store = runtime.store
+        self.catalog = runtime.catalog
+        self.now = now
+        self._last = 0.0
+        self._warned: dict[str, float] = {}  # instance → when its lag was last logged
+
+    def maybe_tick(self, holds: Callable[[str], bool] = lambda _: True) -> None:
+        """Tick if TICK_SECONDS passed; then check the archiving of the instances this
+        worker's monitor `holds` (one worker warns about each)."""
+        if time.monotonic() - self._last >= TICK_SECONDS:
+            self._last = time.monotonic()
+            self.tick()
+            self.check_archiving(holds)
+
+    def check_archiving(self, holds: Callable[[str], bool]) -> None:
+        """A warning when an instance's archiving fails or falls behind (again every
+        WARN_AGAIN_SECONDS while it lasts), a note when it has caught up."""
+        with self.store.session() as s:
+            live = [(inst, self.catalog.plan(inst.plan_id)) for inst in s.scalars(
+                select(Instance).where(Instance.deleted_at.is_(None))
+                .where(Instance.state.in_((READY, DEGRADED))))
+                if holds(inst.id)]
+            for inst, _ in live:
+                _ = list(inst.nodes)
+        for inst, plan in live:
+            found = report.archiving(self.runtime, inst)
+            if not found["reachable"] or plan is None:
+                continue
+            lagging = found["failing"] or (
+                found["waiting_wal_files"] > 0 and (found["last_archived_age_s"] or 0)
+                > 2 * plan.cloud.backups.archive_timeout_s + 60)
+            warned = self._warned.get(inst.id)
+            if lagging and (warned is None or time.monotonic() - warned > WARN_AGAIN_SECONDS):
+                log.warning("instance %s: archiving is behind: %s", inst.id, found["summary"])
+                self._warned[inst.id] = time.monotonic()
+            elif not lagging and warned is not None:
+                log.info("instance %s: archiving caught up: %s", inst.id, found["summary"])
+                del self._warned[inst.id]
+
+    def enabled(self) -> bool:
+        """Repositories on the local cloud's host, or in object storage (anywhere)."""
+        return self.runtime.settings.backup_s3 is not None or self.runtime.cloud.name == "local"
+
+    def tick(self) -> list[str]:
+        """Queue the backups that are due; purge expired repositories. The ids queued."""
+        if not self.enabled():
+            return []
+        now = self.now()
+        try:
+            self._add_missing_rows(now)
+        except IntegrityError:  # another worker added them meanwhile
+            log.debug("backup schedule: rows added by another worker")
+        queued = []
+        with self.store.session() as s:
+            for inst, row in s.execute(
+                    select(Instance, BackupRepository)
+                    .join(BackupRepository, BackupRepository.instance_id == Instance.id)
+                    .where(Instance.deleted_at.is_(None))
+                    .where(Instance.state.in_((READY, DEGRADED)))).all():
+                op_id = self._queue_if_due(s, inst, row, now)
+                if op_id is not None:
+                    queued.append(op_id)
+        self._purge_expired(now)
+        return queued
+
+    def _add_missing_rows(self, now: datetime) -> None:
+        with self.store.session() as s:
+            missing = s.scalars(
+                select(Instance).outerjoin(BackupRepository,
+                                           BackupRepository.instance_id == Instance.id)
+                .where(BackupRepository.instance_id.is_(None))
+                .where(Instance.deleted_at.is_(None))
+                .where(Instance.state.in_((READY, DEGRADED)))).all()
+            for inst in missing:
+                row = records.repository(s, inst.id)
+                row.next_full_at = now + FIRST_BACKUP_DELAY
+
+    def _queue_if_due(self, s: Session, inst: Instance, row: BackupRepository,
+                      now: datetime) -> str | None:
+        plan = self.catalog.plan(inst.plan_id)
+        full_at, diff_at = aware(row.next_full_at), aware(row.next_diff_at)
+        if plan is None or full_at is None:
+            return None
+        kind = "full" if full_at <= now else "diff" if diff_at is not None and diff_at <= now \
+            else None
+        if kind is None or queue.unfinished_for(s, inst.id, kinds=(backup.KIND,
+                                                                   backup.SCHEDULED_KIND)):
+            return None
+        settings = plan.cloud.backups
+        values = {"next_diff_at": now + timedelta(days=settings.diff_every_days)}
+        if kind == "full":
+            values["next_full_at"] = now + timedelta(days=settings.full_every_days)
+        advanced = s.execute(
+            update(BackupRepository)
+            .where(BackupRepository.instance_id == inst.id)
+            .where(BackupRepository.next_full_at == row.next_full_at)
+            .where(BackupRepository.next_diff_at == row.next_diff_at
+                   if row.next_diff_at is not None else BackupRepository.next_diff_at.is_(None))
+            .values(**values).execution_options(synchronize_session=False))
+        if advanced.rowcount != 1:  # type: ignore[attr-defined]
+            return None  # another worker queued it
+        op = backup.new_backup(inst.id, kind, cause="scheduled", kind=backup.SCHEDULED_KIND)
+        s.add(op)
+        log.info("instance %s: scheduled %s backup queued (operation %s)", inst.id, kind, op.id)
+        return op.id
+
+    def _purge_expired(self, now: datetime) -> None:
+        if self.runtime.settings.backup_s3 is not None:
+            return  # deleting from object storage is not done yet (README "Backups")
+        with self.store.session() as s:
+            expired = [(row.instance_id, row.stanza) for row in s.scalars(
+                select(BackupRepository).where(BackupRepository.purged_at.is_(None))
+                .where(BackupRepository.keep_until.is_not(None))
+                .where(BackupRepository.keep_until <= now))]
+        for instance_id, stanza in expired:
+            purge(self.store, self.runtime.cloud, instance_id, stanza, now=now)
+
+
+def purge(store: Store, cloud: Cloud, instance_id: str, stanza: str, *,
+          now: datetime | None = None) -> bool:
+    """Delete a deleted instance's repository (once, whoever asks); False when another
+    worker did or does it."""
+    with store.session() as s:
+        claimed = s.execute(
+            update(BackupRepository).where(BackupRepository.instance_id == instance_id)
+            .where(BackupRepository.purged_at.is_(None))
+            .values(purged_at=now or utcnow()).execution_options(synchronize_session=False))
+        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+    try:
+        cloud.delete_repository(stanza)
+    except (CloudError, OSError) as exc:
+        log.warning("instance %s: backup repository not deleted (%s); retried later",
+                    instance_id, exc)
+        with store.session() as s:
+            s.execute(update(BackupRepository).where(BackupRepository.instance_id == instance_id)
+                      .values(purged_at=None).execution_options(synchronize_session=False))
+        return False
+    with store.session() as s:
+        s.query(Backup).filter(Backup.instance_id == instance_id).delete()
+    log.info("instance %s: backup repository deleted", instance_id)
+    return True

@@ -1,0 +1,130 @@
+"""Backups: a full or differential pgBackRest backup of an instance, run by the workers.
+
+Queued by `cf update-service db -c '{"backup": true}'` (kind `backup`: what the
+platform polls through last_operation) and by the schedule (kind `scheduled_backup`,
+broker/backup/schedule.py). One step:
+
+- backup: on the primary, by its own server (broker/backup/commands.py), annotated
+  with the operation's id, with the plan's retention (pgBackRest then expires what
+  the restore window no longer needs). A run that finds a backup carrying its
+  annotation is done: a worker killed mid-backup leaves pgBackRest running on the
+  node, and the next run waits for the stanza's lock (RetryLater), then finds the
+  finished backup. A backup that pgBackRest itself left unfinished is resumed or
+  cleaned by pgBackRest's next backup.
+
+Backups are taken on the primary: pgBackRest reaches a server only through its own
+node's socket, and a backup from the standby needs the primary's too (pgBackRest's
+remote protocol between nodes, which the nodes do not run).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+import psycopg2
+
+from broker.backup import archiver, commands, names, records
+from broker.catalog import BackupSettings
+from broker.operations import queue
+from broker.operations.engine import Context, RetryLater, Step, StepFailed, Workflow
+from broker.operations.node_access import admin_connection
+from broker.operations.params import BackupParams
+from broker.store.models import NODE_RUNNING, Operation, utcnow
+
+log = logging.getLogger(__name__)
+
+KIND, SCHEDULED_KIND = queue.BACKGROUND_KINDS  # nothing waits behind a backup
+ANNOTATION = records.ANNOTATION
+LOCK_RETRY_SECONDS = 5.0
+SEAL_TIMEOUT = 60.0
+
+
+def new_backup(instance_id: str, backup_type: str, *, cause: str,
+               kind: str = KIND) -> Operation:
+    return queue.new_operation(instance_id, kind, params=BackupParams(type=backup_type,
+                                                                      cause=cause),
+                               description=f"queued: {backup_type} backup ({cause})")
+
+
+def retention(ctx: Context) -> list[str]:
+    """Full backups are kept so that any time of the last `retention_days` can be restored."""
+    days = ctx.plan().cloud.backups.retention_days
+    return ["--repo1-retention-full-type=time", f"--repo1-retention-full={days}"]
+
+
+def annotated(backups: list[dict[str, Any]], operation_id: str) -> dict[str, Any] | None:
+    return next((b for b in backups
+                 if (b.get("annotation") or {}).get(ANNOTATION) == operation_id), None)
+
+
+def record(ctx: Context, reported: list[dict[str, Any]]) -> None:
+    with ctx.store.session() as s:
+        records.repository(s, ctx.instance_id)
+        records.record_backups(s, ctx.instance_id, reported)
+
+
+def take_backup(ctx: Context) -> None:
+    params = ctx.params_of(BackupParams)
+    inst = ctx.instance()
+    node = inst.primary()
+    if node is None or node.state != NODE_RUNNING or not node.management_address:
+        raise StepFailed("the instance has no running primary to back up")
+    stanza = names.stanza(inst.id)
+    with admin_connection(ctx, node, timeout=5.0) as conn:
+        try:
+            reported = commands.info(conn, stanza).get("backup", [])
+            if annotated(reported, ctx.operation_id):
+                record(ctx, reported)
+                return
+            ctx.progress(f"taking a {params.type} backup ({params.cause})")
+            commands.run(conn, stanza, f"--type={params.type}",
+                         f"--annotation={ANNOTATION}={ctx.operation_id}", *retention(ctx),
+                         "backup")
+            reported = commands.info(conn, stanza).get("backup", [])
+        except commands.PgBackRestFailed as exc:
+            if exc.lock_held:
+                raise RetryLater("another backup of this instance is still running",
+                                 LOCK_RETRY_SECONDS) from None
+            raise StepFailed(f"the backup failed: {exc}") from None
+    record(ctx, reported)
+    log.info("instance %s: %s backup taken (operation %s)", inst.id, params.type,
+             ctx.operation_id)
+
+
+def keep_repository(ctx: Context) -> None:
+    """Deprovisioning: the primary's last WAL archived (when it still runs), the
+    repository kept for the plan's restore window, so the instance can be restored
+    after its deletion; the schedule stops."""
+    inst = ctx.instance()
+    with ctx.store.session() as s:
+        if records.repository(s, inst.id).keep_until is not None:
+            return
+    sealed_at = None
+    primary = inst.primary()
+    if primary is not None and primary.state == NODE_RUNNING and primary.management_address:
+        try:
+            with admin_connection(ctx, primary, timeout=3.0) as conn:
+                sealed_at = archiver.seal(conn, SEAL_TIMEOUT)
+        except (psycopg2.Error, archiver.NotArchived, StepFailed) as exc:
+            log.warning("instance %s: its last WAL is not archived (%s); it can be restored "
+                        "up to its last archived commit", inst.id, " ".join(str(exc).split()))
+    plan = ctx.catalog.plan(inst.plan_id)
+    days = (plan.cloud.backups if plan else BackupSettings()).retention_days
+    with ctx.store.session() as s:
+        row = records.repository(s, inst.id)
+        kept = records.backups(s, inst.id)
+        row.archive_end_at = sealed_at or (records.stopped_at(kept[-1]) if kept else None)
+        row.keep_until = utcnow() + timedelta(days=days)
+        row.next_full_at = row.next_diff_at = None
+
+
+def steps(ctx: Context) -> list[Step]:
+    return [Step("backup", "taking a backup", take_backup)]
+
+
+WORKFLOW = Workflow(kind=KIND, steps=steps, done="backup taken", params=BackupParams)
+SCHEDULED_WORKFLOW = Workflow(kind=SCHEDULED_KIND, steps=steps, done="backup taken",
+                              params=BackupParams)
+
