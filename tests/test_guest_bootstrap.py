@@ -214,7 +214,8 @@ def test_openstack_path_formats_mounts_initialises_and_reruns() -> None:
                             text=True, check=True).stdout.strip()
     mount = root / "mnt"
     conf = root / "guest.json"
-    guest = config(role="primary", volume_device=device, mount_point=str(mount),
+    guest = config(role="primary", volume_device=device, volume_is_new=True,
+                   mount_point=str(mount),
                    data_dir=str(mount / "data"), socket_dir=str(root / "run"),
                    pg_bin=pg_bin_dir(), run_as=PG_USER, log_file=str(mount / "pg.log"),
                    port=free_port(), settings={"listen_addresses": "127.0.0.1"},
@@ -249,3 +250,36 @@ def test_openstack_path_formats_mounts_initialises_and_reruns() -> None:
     assert str(mount) not in Path("/proc/self/mounts").read_text()
     assert str(image) not in subprocess.run(["losetup", "-a"], capture_output=True,
                                             text=True, check=False).stdout
+
+
+@pytest.mark.e2e
+def test_a_volume_not_created_new_is_never_formatted() -> None:
+    """A resurrected node's volume that shows no filesystem (a device that is not the
+    data volume yet, a damaged superblock) is left alone: the bootstrap refuses, naming
+    it, rather than format what may be the instance's only copy of its data."""
+    root = world_traversable_tmpdir("pgha-guest-")
+    image = root / "volume.img"
+    with image.open("wb") as f:
+        f.truncate(16 * 1024 * 1024)
+    device = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    mount = root / "mnt"
+    conf = root / "guest.json"
+    guest = config(role="primary", volume_device=device, volume_is_new=False,
+                   mount_point=str(mount), data_dir=str(mount / "data"),
+                   socket_dir=str(root / "run"), pg_bin=pg_bin_dir(), run_as=PG_USER,
+                   log_file=str(mount / "pg.log"), port=free_port())
+    try:
+        conf.write_text(guest.to_json())
+        conf.chmod(0o600)
+        result = subprocess.run([sys.executable, "-I", bootstrap.__file__, str(conf)],
+                                capture_output=True, text=True, check=False, timeout=120)
+        assert result.returncode != 0
+        assert f"data volume {device} has no filesystem" in result.stderr
+        assert "refusing to format" in result.stderr
+        probe = subprocess.run(["blkid", "-p", device], capture_output=True, check=False)
+        assert probe.returncode == 2  # still no signature: nothing was written
+        assert str(mount) not in Path("/proc/self/mounts").read_text()
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
+        shutil.rmtree(root)

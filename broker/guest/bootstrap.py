@@ -113,6 +113,9 @@ class GuestConfig:
     # Placement, filled in by the cloud driver.
     data_dir: str = "/var/lib/pgha/data"
     volume_device: str | None = None   # openstack: format and mount this device
+    # The broker created the volume for this node (provision, rebuild): only then may a
+    # volume with no filesystem be formatted. A resurrected node's volume holds data.
+    volume_is_new: bool = False
     mount_point: str = "/var/lib/pgha"
     socket_dir: str = "/var/run/postgresql"
     pg_bin: str = "/usr/lib/postgresql/15/bin"
@@ -580,12 +583,21 @@ def mount_volume(config: GuestConfig) -> None:
         if time.monotonic() > deadline:
             raise BootstrapError(f"data volume {device} did not appear within 120 s")
         time.sleep(1)
-    probe = subprocess.run(["blkid", "-o", "value", "-s", "TYPE", device],
+    # blkid -p reads the device itself (no cache): exit 0 with a type, a filesystem;
+    # exit 2, no signature at all; anything else (4 usage, 8 ambiguous) is no answer.
+    probe = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", device],
                            capture_output=True, text=True, check=False)
-    if not probe.stdout.strip():
+    if probe.returncode == 2:
+        if not config.volume_is_new:
+            raise BootstrapError(f"data volume {device} has no filesystem, and the broker did "
+                                 "not create it new for this node: refusing to format it "
+                                 "(it may hold the instance's data)")
         say(f"formatting {device} (ext4)")
         subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "pgha-data", device], check=True,
                        capture_output=True)
+    elif probe.returncode != 0 or not probe.stdout.strip():
+        raise BootstrapError(f"blkid -p {device} gave no answer (exit {probe.returncode}): "
+                             f"{probe.stderr.strip()}; refusing to format or mount it")
     mount_point = os.path.realpath(config.mount_point)
     _check_root_controlled(Path(mount_point))
     Path(mount_point).mkdir(parents=True, exist_ok=True)

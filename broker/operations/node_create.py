@@ -155,7 +155,7 @@ def record_certificate(ctx: Context, node_id: str, issued: tls.Issued) -> None:
                 tls_expires_at=issued.expires_at, tls_issued_at=issued.issued_at)
 
 
-def guest_config(ctx: Context, node_id: str) -> GuestConfig:
+def guest_config(ctx: Context, node_id: str, *, volume_is_new: bool = True) -> GuestConfig:
     """What the node's guest bootstrap makes of it: a primary, or a standby of the
     current primary (base backup over the primary's management address)."""
     cert = node_certificate(ctx, node_id)
@@ -194,6 +194,7 @@ def guest_config(ctx: Context, node_id: str) -> GuestConfig:
         tls_cert=cert.cert_pem if cert is not None else "",
         tls_key=cert.key_pem if cert is not None else "",
         tls_issued_at=cert.issued_at if cert is not None else 0,
+        volume_is_new=volume_is_new,
         management_address=node.management_address,
         service_mac=nic.mac,
         service_address=nic.address,
@@ -221,8 +222,10 @@ def prepare_primary_for(ctx: Context, node_id: str) -> None:
         replication.ensure_slot(conn, node.slot_name or slot_name(node_id))
 
 
-def ensure_server(ctx: Context, node_id: str) -> str:
-    """Boot the node's server (adopting one a previous run made)."""
+def ensure_server(ctx: Context, node_id: str, *, volume_is_new: bool = True) -> str:
+    """Boot the node's server (adopting one a previous run made). `volume_is_new`: the
+    node's volume was created for it (provision, rebuild), so the guest may format it
+    if it has no filesystem; False (resurrect) makes the guest refuse to."""
     node = get_node(ctx, node_id)
     inst = ctx.instance()
     plan = target_plan(ctx)
@@ -235,7 +238,7 @@ def ensure_server(ctx: Context, node_id: str) -> str:
         image=plan.cloud.image,
         management_port_id=node.management_port_id,
         volume_id=node.volume_id,
-        guest=guest_config(ctx, node_id),
+        guest=guest_config(ctx, node_id, volume_is_new=volume_is_new),
         server_group_id=inst.server_group_id,
         tags=node_tags(inst.id, node_id, node.role),
     )

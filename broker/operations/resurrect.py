@@ -102,7 +102,8 @@ def port(ctx: Context) -> None:
 
 
 def server(ctx: Context) -> None:
-    node_create.ensure_server(ctx, _new_node_id(ctx))
+    # The volume holds the instance's data: the guest must never format it.
+    node_create.ensure_server(ctx, _new_node_id(ctx), volume_is_new=False)
 
 
 def ready(ctx: Context) -> None:
