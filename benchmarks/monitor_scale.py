@@ -61,7 +61,7 @@ from broker.monitor.loop import Monitor
 from broker.operations.resurrect import KIND as RESURRECT
 from broker.runtime import build_runtime
 from broker.store.models import NODE_RUNNING, PRIMARY, READY, Instance, Node, Operation, utcnow
-from harness.machine import pg_bin_dir, world_traversable_tmpdir
+from harness.machine import pg_bin_dir, release_interlock, world_traversable_tmpdir
 
 PG_USER = "postgres"
 RESULTS = Path(__file__).resolve().parent / "results" / "monitor_scale.json"
@@ -117,6 +117,7 @@ class Server:
         except subprocess.CalledProcessError:
             pass  # killed already
         finally:
+            release_interlock(self.data)
             shutil.rmtree(self.root, ignore_errors=True)
 
 

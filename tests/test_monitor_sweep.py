@@ -46,7 +46,7 @@ from broker.store.models import (
     Node,
     Operation,
 )
-from harness.machine import pg_bin_dir, world_traversable_tmpdir
+from harness.machine import pg_bin_dir, release_interlock, world_traversable_tmpdir
 from harness.waiting import eventually
 
 INTERVAL = 60.0  # far longer than any of these tests waits for the monitor
@@ -97,13 +97,17 @@ class NodeServer:
         pwfile = self.root / "pw"
         pwfile.write_text(self.password)
         os.chown(pwfile, user.pw_uid, user.pw_gid)
-        self._as_postgres(f"{bin_dir}/initdb", "-D", str(self.data), "-U", "postgres", "-N",
-                          "-A", "scram-sha-256", f"--pwfile={pwfile}")
-        pwfile.unlink()
-        self._as_postgres(f"{bin_dir}/pg_ctl", "-D", str(self.data), "-w", "-l",
-                          str(self.root / "log"), "-o",
-                          f"-c listen_addresses={self.address} -c port=5432 "
-                          f"-c unix_socket_directories={self.root} -c fsync=off", "start")
+        try:
+            self._as_postgres(f"{bin_dir}/initdb", "-D", str(self.data), "-U", "postgres",
+                              "-N", "-A", "scram-sha-256", f"--pwfile={pwfile}")
+            pwfile.unlink()
+            self._as_postgres(f"{bin_dir}/pg_ctl", "-D", str(self.data), "-w", "-l",
+                              str(self.root / "log"), "-o",
+                              f"-c listen_addresses={self.address} -c port=5432 "
+                              f"-c unix_socket_directories={self.root} -c fsync=off", "start")
+        except BaseException:
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise
         self.bin_dir = bin_dir
 
     @staticmethod
@@ -156,6 +160,7 @@ class NodeServer:
         except subprocess.CalledProcessError:
             pass  # killed by the test
         finally:
+            release_interlock(self.data)
             shutil.rmtree(self.root, ignore_errors=True)
 
 

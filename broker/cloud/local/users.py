@@ -70,6 +70,27 @@ def _kill_uid(uid: int, timeout: float = FENCE_TIMEOUT) -> None:
         time.sleep(0.01)
 
 
+def shared_memory_of(uid: int) -> list[int]:
+    """The System V shared memory segments `uid` owns that no process has attached."""
+    ids = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]:
+            fields = line.split()
+            # key shmid perms size cpid lpid nattch uid ...
+            if len(fields) > 7 and int(fields[7]) == uid and fields[6] == "0":
+                ids.append(int(fields[1]))
+    return ids
+
+
+def release_shared_memory(uid: int) -> None:
+    """Remove `uid`'s unattached System V segments. A PostgreSQL killed with SIGKILL
+    leaves its small interlock segment behind; only a restart in the same data
+    directory would remove it. Once the volume's user is gone nothing would: the
+    machine's segments (kernel.shmmni, 4096) run out and every initdb then fails."""
+    for shmid in shared_memory_of(uid):
+        subprocess.run(["ipcrm", "-m", str(shmid)], capture_output=True, check=False)
+
+
 class VolumeUsers:
     """The OS users of one local cloud, marked by a comment made from its root."""
 
@@ -121,6 +142,7 @@ class VolumeUsers:
         except KeyError:
             return
         _kill_uid(user.pw_uid)
+        release_shared_memory(user.pw_uid)
         result = _run_user_tool(["userdel", name])
         if result.returncode not in (0, 6):  # 6: no such user (gone meanwhile)
             raise CloudError(f"could not delete the OS user {name}: {result.stderr.strip()}")
