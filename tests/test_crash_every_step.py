@@ -305,7 +305,7 @@ def _start_api(env: FailoverEnv, port: int) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "broker", "serve"], cwd=ROOT,
         env=env.worker_env(BROKER_USERNAME=API_USER, BROKER_PASSWORD=API_PASSWORD,
-                           PORT=str(port), BROKER_MONITOR_FAILURES="1000"),
+                           PORT=str(port), BROKER_MONITOR_FAILURES="100"),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while True:
