@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 from broker.backup import names
-from broker.backup.archiver import archiver_status
+from broker.backup.archiver import ArchiverStatus, archiver_status
 from broker.cloud.local import LocalCloud
 from broker.guest.bootstrap import BACKUP_CONF, BACKUP_DIR, BACKUP_PASSFILE, PGBACKREST
 from broker.runtime import Runtime
@@ -76,3 +76,15 @@ def switch_and_wait_archived(runtime: Runtime, instance_id: str, timeout: float 
     finally:
         conn.close()
     return wal
+
+
+def primary_archiver(runtime: Runtime, instance_id: str) -> ArchiverStatus:
+    """What the instance's primary reports in pg_stat_archiver."""
+    inst = instance(runtime, instance_id)
+    primary = inst.primary()
+    assert primary is not None and primary.management_address
+    conn = connect_as_admin(runtime, inst, primary.management_address, dbname="postgres")
+    try:
+        return archiver_status(conn)
+    finally:
+        conn.close()

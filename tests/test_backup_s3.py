@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from broker.backup import names
-from harness.backups import repository, switch_and_wait_archived
+from harness.backups import primary_archiver, repository, switch_and_wait_archived
 from harness.env import failover_env
 from harness.s3 import moto_s3, object_keys
 from harness.workflows import finish, make_engine, provision
@@ -44,6 +44,8 @@ def test_archiving_backups_and_restore_through_s3() -> None:
             finish(engine, op_id)
             got = set(stamped_rows(app_credentials(env, copy, f"app-{copy}")))
             assert got == {i for i, at in rows.items() if at < target}
-            # The copy archives into a repository of its own, in the bucket too.
+            # The copy archives into a repository of its own, in the bucket too, from
+            # its first push on (its stanza exists before its server starts).
+            assert primary_archiver(runtime, copy).failed_count == 0
             switch_and_wait_archived(runtime, copy)
             assert object_keys(s3, f"pgha/{names.stanza(copy)}/archive/")

@@ -26,10 +26,10 @@ make root write and chown any file:
    the broker keeps it current (the peers in this config are those of the first
    boot, and a reboot must not admit a node that left since).
 5. Remove a postmaster.pid left by a killed server, start PostgreSQL. With a backup
-   repository: pgBackRest's configuration beside the data directory first, the
-   stanza on a primary after; a primary restored from another instance's backups
-   (`restore_from`) is made by `pgbackrest restore` instead of initdb and waits here
-   until its recovery reached the target.
+   repository: pgBackRest's configuration beside the data directory and, on a
+   primary, its stanza first (before the archiver pushes anything); a primary
+   restored from another instance's backups (`restore_from`) is made by `pgbackrest
+   restore` instead of initdb and waits here until its recovery reached the target.
 Every file is written whole beside its target and renamed over it, so a link in its
 place is replaced, never followed.
 
@@ -362,6 +362,7 @@ RECOVERY_SETTINGS = ("restore_command", "recovery_target", "recovery_target_time
                      "recovery_target_timeline", "recovery_target_lsn",
                      "recovery_target_name", "recovery_target_xid")
 RESTORE_TIMEOUT = 3600.0
+STANZA_ATTEMPTS = 10
 
 
 def restore_primary(config: GuestConfig, runner: Runner, tls: Path | None) -> None:
@@ -423,15 +424,25 @@ def _tail_lines(path: Path, lines: int = 3) -> list[str]:
 
 def create_stanza(config: GuestConfig, runner: Runner) -> None:
     """A primary makes its stanza in the repository (nothing to do when it exists for
-    this cluster). Not fatal: a repository out of reach must not keep the database
-    down; archiving then fails visibly (pg_stat_archiver) until it is back."""
+    this cluster), before PostgreSQL starts: once it runs, its archiver pushes at once
+    (a restored primary's new timeline) to a stanza that would not exist yet, and the
+    pgBackRest process pushing holds the lock stanza-create needs. Not fatal: a
+    repository out of reach must not keep the database down; archiving then fails
+    visibly (pg_stat_archiver) until it is back."""
     if not archives(config) or (Path(config.data_dir) / "standby.signal").exists():
         return
-    result = runner.run(pgbackrest_command(config, "--no-online", "stanza-create"),
-                        what="pgbackrest stanza-create", timeout=120, check=False)
-    if result.returncode != 0:
+    for attempt in range(STANZA_ATTEMPTS):
+        result = runner.run(pgbackrest_command(config, "--no-online", "stanza-create"),
+                            what="pgbackrest stanza-create", timeout=120, check=False)
+        if result.returncode == 0:
+            return
         tail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-2:])
-        say(f"warning: no stanza in the backup repository yet ({tail})")
+        # [050]: another pgBackRest process (a push left by the previous boot) holds
+        # the stanza's lock; it lets go within seconds.
+        if "[050]" not in tail or attempt == STANZA_ATTEMPTS - 1:
+            say(f"warning: no stanza in the backup repository yet ({tail})")
+            return
+        time.sleep(2.0)
 
 
 # --- processes -----------------------------------------------------------------------------
@@ -866,10 +877,10 @@ def node_steps(config: GuestConfig) -> None:
     # that reboots with its old "standby" config must stay a primary.
     write_config(config, tls)
     write_backup_conf(config)
+    create_stanza(config, runner)
     start(config, runner)
     if config.restore_from:
         finish_restore(config, runner)
-    create_stanza(config, runner)
     say("ready")
 
 
