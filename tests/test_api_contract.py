@@ -308,6 +308,10 @@ def test_originating_identity_is_logged_and_no_secret_is(cc: CloudController,
     lines = [r for r in caplog.records if r.name == "broker.api"]
     put = [r.getMessage() for r in lines if r.getMessage().startswith("PUT")]
     assert put and 'cloudfoundry {"user_id":"user-4711"}' in put[0] and "req-42" in put[0]
+    # Polls change nothing and are most requests: DEBUG (the access log has them),
+    # even though Cloud Controller names who asked on them too.
+    polls = [r for r in lines if r.getMessage().startswith("GET") and "-> 200" in r.getMessage()]
+    assert polls and {r.levelno for r in polls} == {logging.DEBUG}
     everything = caplog.text + "\n".join(r.getMessage() for r in caplog.records)
     with cc.runtime.store.session() as s:
         inst = s.get(Instance, iid)

@@ -158,10 +158,10 @@ def install(app: Flask, blueprint: Blueprint, runtime: Runtime) -> None:
         if request.endpoint in _UNAUTHENTICATED:
             return response
         identity = request.headers.get(IDENTITY_HEADER)
-        # Every change, every request that names who asked, every failure at INFO;
-        # routine polls (catalog, last_operation: no identity per the spec) at
-        # DEBUG, since the access log has them too and they are most requests.
-        level = logging.INFO if (identity or request.method != "GET"
+        # Every change and every failure at INFO, with who asked; reads (catalog,
+        # last_operation polls, fetches) at DEBUG: they are most requests, change
+        # nothing, and the access log has them too.
+        level = logging.INFO if (request.method != "GET"
                                  or response.status_code >= 400) else logging.DEBUG
         if log.isEnabledFor(level):
             started = g.get("started")
