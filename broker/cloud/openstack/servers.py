@@ -8,6 +8,7 @@ from typing import Any
 
 from broker.cloud.base import (
     CloudError,
+    NoValidHost,
     Server,
     ServerSpec,
     TransientCloudError,
@@ -140,8 +141,14 @@ class Servers(Volumes):
             server = self._find_server(spec.name)
             return server if server is not None else self.conn.compute.create_server(**attrs)
 
-        server = self.call(f"creating server {spec.name}", find_or_create,
-                           secrets=(*secrets, user_data))
+        try:
+            server = self.call(f"creating server {spec.name}", find_or_create,
+                               secrets=(*secrets, user_data))
+        except CloudError as exc:
+            if "availability zone is not available" in str(exc):
+                # Every compute service there is disabled: wait for the zone.
+                raise NoValidHost(str(exc)) from None
+            raise
         report(f"server {spec.name} is booting in {spec.availability_zone}")
         return self._wait_active(server.id, spec.name)
 
@@ -166,6 +173,8 @@ class Servers(Volumes):
                         "capacity and the flavor's aggregate)")
             report(f"server {name} failed to boot: {reason}; deleting it")
             self.delete_server(server_id)
+            if hint:  # no live host in the zone now: callers wait for it (a rebuild does)
+                raise NoValidHost(f"server {name} failed to boot: {reason}{hint}")
             raise CloudError(f"server {name} failed to boot: {reason}{hint}")
         return server_record(server)
 
