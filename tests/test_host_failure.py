@@ -12,21 +12,18 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
-from broker.catalog import load_catalog
-from broker.config import DEFAULT_CATALOG
 from broker.store.models import READY, Instance, Operation
 from harness.env import FailoverEnv, background, failover_env
 from harness.faults import host_of, kill_host, kill_zone, revive_host, revive_zone
 from harness.waiting import eventually, failovers, operations, settled
 from harness.workflows import deprovision, instance, provision, resource_counts
 from harness.writer import Writer, app_credentials, stored_ids
+from tests.support.catalogs import catalog_with
 
 pytestmark = pytest.mark.e2e
 # Loose bounds: this machine is shared; the benchmark keeps the real figures.
@@ -135,18 +132,9 @@ def test_a_rebuild_waits_for_its_dead_zone_and_completes_when_it_returns() -> No
         deprovision(env.runtime, env.engine, instance_id)
 
 
-def _catalog_with_fallback(path: Path) -> Path:
-    doc = copy.deepcopy(yaml.safe_load(DEFAULT_CATALOG.read_text()))
-    for plan in doc["services"][0]["plans"]:
-        if plan["name"] == "ha-sync":
-            plan["cloud"]["fallback_zones"] = ["az3"]
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
 def test_a_standby_uses_the_fallback_zone_and_returns_home(tmp_path: Path) -> None:
     with failover_env() as env:
-        catalog = load_catalog(_catalog_with_fallback(tmp_path / "catalog.yml"))
+        catalog = catalog_with(tmp_path / "catalog.yml", fallback_zones=["az3"])
         env.runtime.catalog = env.engine.catalog = catalog
         instance_id = provision(env.runtime, env.engine, "ha-sync")
         with _writing(env, [instance_id]) as writers, background(env):
