@@ -7,6 +7,10 @@
   waits, saying so, and completes once the zone is back.
 - The standby's zone dies and the plan has a fallback zone: the standby is rebuilt
   there, and returns to its own zone once that zone is back.
+- Then the primary's zone dies too: the standby in the fallback zone is promoted.
+  Once the zones are back and a standby in the plan's zone is in sync, a switchover
+  brings the primary home (once), and the old primary is replaced in the plan's
+  other zone.
 """
 
 from __future__ import annotations
@@ -154,5 +158,50 @@ def test_a_standby_uses_the_fallback_zone_and_returns_home(tmp_path: Path) -> No
         assert inst.primary().availability_zone == "az1"  # type: ignore[union-attr]
         rebuilds = operations(env, instance_id, "rebuild")
         assert [op.state for op in rebuilds] == ["succeeded", "succeeded"]
+        assert resource_counts(env.cloud, instance_id) == {"server": 2, "volume": 2, "port": 3}
+        deprovision(env.runtime, env.engine, instance_id)
+
+
+def _zones(env: FailoverEnv, instance_id: str) -> tuple[str | None, str | None]:
+    inst = instance(env.runtime, instance_id)
+    primary, standby = inst.primary(), inst.standby()
+    return (primary.availability_zone if primary else None,
+            standby.availability_zone if standby else None)
+
+
+def test_a_primary_left_in_the_fallback_zone_is_switched_back_home(tmp_path: Path) -> None:
+    with failover_env() as env:
+        catalog = catalog_with(tmp_path / "catalog.yml", fallback_zones=["az3"])
+        env.runtime.catalog = env.engine.catalog = catalog
+        instance_id = provision(env.runtime, env.engine, "ha-sync")
+        address = instance(env.runtime, instance_id).service_address
+        with _writing(env, [instance_id]) as writers, background(env):
+            writer = writers[instance_id]
+            eventually(lambda: _sync_standby(env, instance_id), "synchronous", 120)
+            kill_zone(env.cloud, "az2")
+            eventually(lambda: _zones(env, instance_id) == ("az1", "az3")
+                       and _sync_standby(env, instance_id), "a standby in az3", SETTLE)
+            kill_zone(env.cloud, "az1")
+            eventually(lambda: _zones(env, instance_id)[0] == "az3",
+                       "the standby in az3 promoted", SETTLE)
+            writer.wait_acks(5, after=writer.acked[-1][1], timeout=SETTLE)
+            # No standby can be placed (az1 and az2 dead): nothing to switch over to.
+            assert not operations(env, instance_id, "switchover-home")
+
+            revive_zone(env.cloud, "az1")
+            revive_zone(env.cloud, "az2")
+            eventually(lambda: _zones(env, instance_id) == ("az1", "az2")
+                       and _sync_standby(env, instance_id),
+                       "the primary back in az1, the standby in az2", 2 * SETTLE)
+            writer.wait_acks(5, after=writer.acked[-1][1], timeout=SETTLE)
+        assert not _lost(writer)
+        inst = instance(env.runtime, instance_id)
+        assert inst.state == READY and inst.service_address == address
+        [home] = operations(env, instance_id, "switchover-home")
+        assert home.state == "succeeded"
+        events = failovers(env, instance_id)
+        assert [(e.kind, e.outcome) for e in events] == [("failover", "succeeded"),
+                                                         ("switchover", "succeeded")]
+        assert events[1].cause == "returning the primary from the fallback zone az3 to az1"
         assert resource_counts(env.cloud, instance_id) == {"server": 2, "volume": 2, "port": 3}
         deprovision(env.runtime, env.engine, instance_id)
