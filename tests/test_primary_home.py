@@ -21,7 +21,8 @@ from sqlalchemy import select
 from broker.catalog import Catalog
 from broker.cloud.openstack import OpenStackCloud
 from broker.config import ConfigError
-from broker.operations import queue, zones
+from broker.operations import queue, requests, zones
+from broker.operations.refusals import Busy
 from broker.operations.switchover import HOME_KIND
 from broker.store.db import Store
 from broker.store.models import (
@@ -136,3 +137,25 @@ def test_ha_needs_a_caught_up_standby_and_the_plan_flag_turns_it_off(
     assert zones.queue_primaries_home(store, openstack_cloud, off) == []
     with pytest.raises(ConfigError, match="primary_returns_home"):
         catalog_with(tmp_path / "bad.yml", "ha", primary_returns_home="yes")
+
+
+def test_a_deprovision_is_accepted_behind_it_not_refused(
+        store: Store, tmp_path: Path, openstack_cloud: OpenStackCloud) -> None:
+    """Not the platform's operation: `cf delete-service` meanwhile is queued after it,
+    as after a failover, where the platform's own switchover gets 422."""
+    catalog = catalog_with(tmp_path / "c.yml", fallback_zones=["az3"])
+    inst = _instance(store, catalog, "ha-sync", "az3", "az1")
+    [op_id] = zones.queue_primaries_home(store, openstack_cloud, catalog)
+    accepted = requests.deprovision(store, inst.id, accepts_incomplete=True)
+    assert accepted.queued and accepted.operation_id != op_id
+    with store.session() as s:
+        deprovision = s.get(Operation, accepted.operation_id)
+        assert deprovision is not None
+        assert deprovision.description == "queued: deprovisioning (after the " \
+            "switchover-home in progress)"
+
+    platform = _instance(store, catalog, "ha-sync", "az1", "az2")
+    with store.session() as s:
+        requests.queue_switchover(s, s.get(Instance, platform.id))  # type: ignore[arg-type]
+    with pytest.raises(Busy):
+        requests.deprovision(store, platform.id, accepts_incomplete=True)
