@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from broker.store.models import READY, Instance, Operation
+from broker.store.models import READY, Instance
 from harness.env import FailoverEnv, background, failover_env
 from harness.faults import host_of, kill_host, kill_zone, revive_host, revive_zone
-from harness.waiting import eventually, failovers, operations, settled
+from harness.waiting import eventually, failovers, operations, rebuild_waiting_for, settled
 from harness.workflows import deprovision, instance, provision, resource_counts
 from harness.writer import Writer, app_credentials, stored_ids
 from tests.support.catalogs import catalog_with
@@ -110,17 +110,9 @@ def test_a_rebuild_waits_for_its_dead_zone_and_completes_when_it_returns() -> No
         with _writing(env, [instance_id]) as writers, background(env):
             eventually(lambda: _sync_standby(env, instance_id), "synchronous", 120)
             kill_zone(env.cloud, "az1")
-            rebuild: Operation | None = None
-
-            def waiting() -> bool:
-                nonlocal rebuild
-                found = [op for op in operations(env, instance_id, "rebuild")
-                         if "waiting for availability zone az1" in (op.description or "")]
-                rebuild = found[0] if found else None
-                return rebuild is not None
-            eventually(waiting, "the rebuild waiting for az1", SETTLE)
-            assert rebuild is not None and rebuild.state in ("queued", "in progress")
-            assert "no host there is up; the plan has no fallback zone" in rebuild.description
+            rebuild = rebuild_waiting_for(env, instance_id, "az1", SETTLE)
+            assert "no host there is up; the plan has no fallback zone" in (
+                rebuild.description or "")
             inst = instance(env.runtime, instance_id)
             assert inst.primary().availability_zone == "az2"  # type: ignore[union-attr]
             assert "waiting for availability zone az1" in (inst.state_reason or "")

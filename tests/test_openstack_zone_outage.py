@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.store.models import Instance, Operation
+from broker.store.models import Instance
 from harness.scenarios import under_write_load
-from harness.waiting import eventually, operations, settled
+from harness.waiting import eventually, operations, rebuild_waiting_for, settled
 from harness.workflows import deprovision, instance
 from harness.writer import stored_ids
 from tests.fakes.openstack.on_namespaces import OpenStackEnv, openstack_on_namespaces
@@ -97,16 +97,7 @@ def test_member_only_rebuild_waits_for_its_dead_zone_and_completes_when_it_retur
         instance_id, writer = load.instance_id, load.writer
         eventually(lambda: _in_sync(env, instance_id), "synchronous", 120)
         dead = _kill_zone(env, "az2")
-        rebuild: Operation | None = None
-
-        def waiting() -> bool:
-            nonlocal rebuild
-            found = [op for op in operations(env, instance_id, "rebuild")
-                     if "waiting for availability zone az2" in (op.description or "")]
-            rebuild = found[0] if found else None
-            return rebuild is not None
-        eventually(waiting, "the rebuild waiting for az2", SETTLE)
-        assert rebuild is not None and rebuild.state in ("queued", "in progress")
+        rebuild = rebuild_waiting_for(env, instance_id, "az2", SETTLE)
         assert "No valid host was found" in (rebuild.description or "")
         inst = instance(env.runtime, instance_id)
         assert "waiting for availability zone az2" in (inst.state_reason or "")
