@@ -5,7 +5,9 @@ there when the cloud says that zone can take a server (`Cloud.zone_available`);
 while it cannot, the rebuild uses the plan's first live fallback zone
 (`cloud.fallback_zones` in the catalog) if it has one, and otherwise waits: it tries
 again every ZONE_RETRY seconds, and its description and the instance's state reason
-say what it waits for. A standby in a fallback zone returns home once its zone is up
+say what it waits for. When the chosen zone dies before the new server boots, the
+rebuild moves the new standby to a live fallback zone (`refuge`, `move_new_standby`)
+or waits the same way. A standby in a fallback zone returns home once its zone is up
 again: the engines look for such instances (at most every HOMING_INTERVAL seconds)
 and queue a rebuild into the home zone for each idle one.
 
@@ -71,11 +73,37 @@ def standby_zone(ctx: Context) -> str:
                   else "the plan has no fallback zone")
 
 
+def refuge(ctx: Context, zone: str) -> str | None:
+    """When the zone a rebuild chose died before its server booted: a live fallback
+    zone for it, or None (no such zone, or `zone` is up again: try it once more)."""
+    if ctx.cloud.zone_available(zone):
+        return None
+    primary_zone = rows.primary_node(ctx).availability_zone
+    return next((z for z in ctx.plan().cloud.fallback_zones
+                 if z not in (zone, primary_zone) and ctx.cloud.zone_available(z)), None)
+
+
+def move_new_standby(ctx: Context, node_id: str, zone: str) -> None:
+    """Give up the new standby's volume in its dead zone (it has no server yet) and
+    make the node one of `zone`; the caller makes its volume and server there. A rerun
+    after a crash in between ends the same way (the volume is made again, and given
+    up again, in the dead zone)."""
+    node = rows.get_node(ctx, node_id)
+    log.warning("instance %s: zone %s died before the new standby booted there: moving "
+                "it to the fallback zone %s", ctx.instance_id, node.availability_zone, zone)
+    ctx.progress(f"zone {node.availability_zone} is down: building the standby in the "
+                 f"fallback zone {zone}")
+    if node.volume_id:
+        ctx.cloud.delete_volume(node.volume_id)
+    rows.update_node(ctx, node_id, availability_zone=zone, volume_id=None)
+
+
 def wait_for_zone(ctx: Context, zone: str, why: str) -> NoReturn:
     reason = (f"waiting for availability zone {zone} to come back (no host there is up; "
               f"{why}); trying again every {ZONE_RETRY:.0f} s")
-    ctx.progress(reason)
+    # The instance first: whoever reads the operation's words finds the instance's too.
     set_state(ctx, DEGRADED, f"no standby: {reason}")
+    ctx.progress(reason)
     raise RetryLater(reason, delay=ZONE_RETRY)
 
 

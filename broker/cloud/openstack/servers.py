@@ -79,7 +79,7 @@ class Servers(Volumes):
         if existing is not None:
             if (existing.status or "").upper() not in ("ERROR", "SOFT_DELETED"):
                 report(f"server {spec.name} exists already: adopting it")
-                return self._wait_active(existing.id, spec.name)
+                return self._wait_active(existing.id, spec.name, spec.availability_zone)
             report(f"server {spec.name} exists in {existing.status}: deleting it to boot it "
                    "again")
             self.delete_server(existing.id)
@@ -150,13 +150,21 @@ class Servers(Volumes):
                 raise NoValidHost(str(exc)) from None
             raise
         report(f"server {spec.name} is booting in {spec.availability_zone}")
-        return self._wait_active(server.id, spec.name)
+        return self._wait_active(server.id, spec.name, spec.availability_zone)
 
-    def _wait_active(self, server_id: str, name: str) -> Server:
+    def _wait_active(self, server_id: str, name: str, zone: str) -> Server:
         def probe() -> Any:
             server = self.raw_server(server_id)
             if server is None:
                 raise CloudError(f"server {name} disappeared while booting")
+            if (server.status or "").upper() == "BUILD" and not self.zone_available(zone):
+                # Scheduled before Nova counted the zone's hosts down: on a dead host it
+                # never boots. Give it up; callers wait for the zone or go elsewhere.
+                report(f"zone {zone} went down while server {name} was building: "
+                       "deleting it")
+                self.delete_server(server_id)
+                raise NoValidHost(f"server {name} could not boot: zone {zone} went down "
+                                  "while it was building")
             return server if (server.status or "").upper() in ("ACTIVE", "ERROR") else None
 
         try:
