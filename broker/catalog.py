@@ -68,6 +68,9 @@ _CLOUD_SCHEMA: dict[str, Any] = {
             "type": "array", "uniqueItems": True,
             "items": {"type": "string", "minLength": 1},
         },
+        # A primary left in a fallback zone (a failover promoted the standby there)
+        # moves back by a switchover once a standby in the plan's zones is in sync.
+        "primary_returns_home": {"type": "boolean"},
         "network": _NETWORK_SCHEMA,
         "backups": _BACKUPS_SCHEMA,
     },
@@ -179,6 +182,7 @@ class CloudSettings:
     availability_zones: tuple[str, ...]
     network: NetworkSettings = field(default_factory=NetworkSettings)
     fallback_zones: tuple[str, ...] = ()   # a standby's refuge while its zone is down
+    primary_returns_home: bool = True      # switch a primary in a fallback zone back
     backups: BackupSettings = field(default_factory=BackupSettings)
 
     @property
@@ -307,6 +311,7 @@ def parse_catalog(document: Any, source: str = "catalog.yml") -> Catalog:
                 volume_type=cloud_doc.get("volume_type"),
                 availability_zones=tuple(cloud_doc["availability_zones"]),
                 fallback_zones=tuple(fallback),
+                primary_returns_home=cloud_doc.get("primary_returns_home", True),
                 network=NetworkSettings(
                     management_network=net.get("management_network"),
                     service_network=net.get("service_network"),

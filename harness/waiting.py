@@ -1,5 +1,6 @@
-"""What a user checks, and waiting for it: `eventually`, the instance's operations and
-failovers, whether it settled with a streaming standby, who holds its monitor lease."""
+"""What a user checks, and waiting for it: `eventually`, the instance's operations (a
+rebuild waiting for its zone) and failovers, whether it settled with a streaming
+standby, who holds its monitor lease."""
 
 from __future__ import annotations
 
@@ -44,6 +45,18 @@ def operations(env: HasRuntime, instance_id: str, kind: str | None = None) -> li
         if kind is not None:
             q = q.filter(Operation.kind == kind)
         return list(q.order_by(Operation.created_at))
+
+
+def rebuild_waiting_for(env: HasRuntime, instance_id: str, zone: str,
+                        timeout: float) -> Operation:
+    """The instance's rebuild once it says it waits for `zone` to come back; unfinished."""
+    def waiting() -> Operation | None:
+        return next((op for op in operations(env, instance_id, "rebuild")
+                     if f"waiting for availability zone {zone}" in (op.description or "")),
+                    None)
+    rebuild: Operation = eventually(waiting, f"the rebuild waiting for {zone}", timeout)
+    assert rebuild.state in ("queued", "in progress")
+    return rebuild
 
 
 def failovers(env: HasRuntime, instance_id: str) -> list[Failover]:

@@ -7,26 +7,27 @@
   waits, saying so, and completes once the zone is back.
 - The standby's zone dies and the plan has a fallback zone: the standby is rebuilt
   there, and returns to its own zone once that zone is back.
+- Then the primary's zone dies too: the standby in the fallback zone is promoted.
+  Once the zones are back and a standby in the plan's zone is in sync, a switchover
+  brings the primary home (once), and the old primary is replaced in the plan's
+  other zone.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
-from broker.catalog import load_catalog
-from broker.config import DEFAULT_CATALOG
-from broker.store.models import READY, Instance, Operation
+from broker.store.models import READY, Instance
 from harness.env import FailoverEnv, background, failover_env
 from harness.faults import host_of, kill_host, kill_zone, revive_host, revive_zone
-from harness.waiting import eventually, failovers, operations, settled
+from harness.waiting import eventually, failovers, operations, rebuild_waiting_for, settled
 from harness.workflows import deprovision, instance, provision, resource_counts
 from harness.writer import Writer, app_credentials, stored_ids
+from tests.support.catalogs import catalog_with
 
 pytestmark = pytest.mark.e2e
 # Loose bounds: this machine is shared; the benchmark keeps the real figures.
@@ -109,17 +110,9 @@ def test_a_rebuild_waits_for_its_dead_zone_and_completes_when_it_returns() -> No
         with _writing(env, [instance_id]) as writers, background(env):
             eventually(lambda: _sync_standby(env, instance_id), "synchronous", 120)
             kill_zone(env.cloud, "az1")
-            rebuild: Operation | None = None
-
-            def waiting() -> bool:
-                nonlocal rebuild
-                found = [op for op in operations(env, instance_id, "rebuild")
-                         if "waiting for availability zone az1" in (op.description or "")]
-                rebuild = found[0] if found else None
-                return rebuild is not None
-            eventually(waiting, "the rebuild waiting for az1", SETTLE)
-            assert rebuild is not None and rebuild.state in ("queued", "in progress")
-            assert "no host there is up; the plan has no fallback zone" in rebuild.description
+            rebuild = rebuild_waiting_for(env, instance_id, "az1", SETTLE)
+            assert "no host there is up; the plan has no fallback zone" in (
+                rebuild.description or "")
             inst = instance(env.runtime, instance_id)
             assert inst.primary().availability_zone == "az2"  # type: ignore[union-attr]
             assert "waiting for availability zone az1" in (inst.state_reason or "")
@@ -135,18 +128,9 @@ def test_a_rebuild_waits_for_its_dead_zone_and_completes_when_it_returns() -> No
         deprovision(env.runtime, env.engine, instance_id)
 
 
-def _catalog_with_fallback(path: Path) -> Path:
-    doc = copy.deepcopy(yaml.safe_load(DEFAULT_CATALOG.read_text()))
-    for plan in doc["services"][0]["plans"]:
-        if plan["name"] == "ha-sync":
-            plan["cloud"]["fallback_zones"] = ["az3"]
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
 def test_a_standby_uses_the_fallback_zone_and_returns_home(tmp_path: Path) -> None:
     with failover_env() as env:
-        catalog = load_catalog(_catalog_with_fallback(tmp_path / "catalog.yml"))
+        catalog = catalog_with(tmp_path / "catalog.yml", fallback_zones=["az3"])
         env.runtime.catalog = env.engine.catalog = catalog
         instance_id = provision(env.runtime, env.engine, "ha-sync")
         with _writing(env, [instance_id]) as writers, background(env):
@@ -166,5 +150,50 @@ def test_a_standby_uses_the_fallback_zone_and_returns_home(tmp_path: Path) -> No
         assert inst.primary().availability_zone == "az1"  # type: ignore[union-attr]
         rebuilds = operations(env, instance_id, "rebuild")
         assert [op.state for op in rebuilds] == ["succeeded", "succeeded"]
+        assert resource_counts(env.cloud, instance_id) == {"server": 2, "volume": 2, "port": 3}
+        deprovision(env.runtime, env.engine, instance_id)
+
+
+def _zones(env: FailoverEnv, instance_id: str) -> tuple[str | None, str | None]:
+    inst = instance(env.runtime, instance_id)
+    primary, standby = inst.primary(), inst.standby()
+    return (primary.availability_zone if primary else None,
+            standby.availability_zone if standby else None)
+
+
+def test_a_primary_left_in_the_fallback_zone_is_switched_back_home(tmp_path: Path) -> None:
+    with failover_env() as env:
+        catalog = catalog_with(tmp_path / "catalog.yml", fallback_zones=["az3"])
+        env.runtime.catalog = env.engine.catalog = catalog
+        instance_id = provision(env.runtime, env.engine, "ha-sync")
+        address = instance(env.runtime, instance_id).service_address
+        with _writing(env, [instance_id]) as writers, background(env):
+            writer = writers[instance_id]
+            eventually(lambda: _sync_standby(env, instance_id), "synchronous", 120)
+            kill_zone(env.cloud, "az2")
+            eventually(lambda: _zones(env, instance_id) == ("az1", "az3")
+                       and _sync_standby(env, instance_id), "a standby in az3", SETTLE)
+            kill_zone(env.cloud, "az1")
+            eventually(lambda: _zones(env, instance_id)[0] == "az3",
+                       "the standby in az3 promoted", SETTLE)
+            writer.wait_acks(5, after=writer.acked[-1][1], timeout=SETTLE)
+            # No standby can be placed (az1 and az2 dead): nothing to switch over to.
+            assert not operations(env, instance_id, "switchover-home")
+
+            revive_zone(env.cloud, "az1")
+            revive_zone(env.cloud, "az2")
+            eventually(lambda: _zones(env, instance_id) == ("az1", "az2")
+                       and _sync_standby(env, instance_id),
+                       "the primary back in az1, the standby in az2", 2 * SETTLE)
+            writer.wait_acks(5, after=writer.acked[-1][1], timeout=SETTLE)
+        assert not _lost(writer)
+        inst = instance(env.runtime, instance_id)
+        assert inst.state == READY and inst.service_address == address
+        [home] = operations(env, instance_id, "switchover-home")
+        assert home.state == "succeeded"
+        events = failovers(env, instance_id)
+        assert [(e.kind, e.outcome) for e in events] == [("failover", "succeeded"),
+                                                         ("switchover", "succeeded")]
+        assert events[1].cause == "returning the primary from the fallback zone az3 to az1"
         assert resource_counts(env.cloud, instance_id) == {"server": 2, "volume": 2, "port": 3}
         deprovision(env.runtime, env.engine, instance_id)

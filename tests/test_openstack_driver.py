@@ -21,6 +21,7 @@ from broker.catalog import Catalog
 from broker.cloud.base import (
     TAG_INSTANCE,
     CloudError,
+    NoValidHost,
     ServerSpec,
     ServerStatus,
     TransientCloudError,
@@ -363,11 +364,17 @@ def test_no_valid_host_fails_plainly_and_leaves_no_server(
     cloud = openstack_cloud
     group_id = cloud.ensure_server_group(f"pgha-{INSTANCE}", instance_tags())
     for host in fake_openstack.state.hosts.values():
-        host.disabled = host.zone == "az3"    # no enabled compute host in az3
-    with pytest.raises(CloudError) as exc:
+        host.forced_down = host.zone == "az3"  # no live compute host in az3
+    with pytest.raises(NoValidHost) as exc:  # a rebuild waits for the zone on this
         build_node(cloud, INSTANCE, "cccccccc", "az3", group_id=group_id)
     assert "No valid host was found" in str(exc.value)
     assert "capacity" in str(exc.value)
+    assert fake_openstack.state.servers == {}
+    # Every compute service of the zone disabled: Nova refuses the zone itself.
+    for host in fake_openstack.state.hosts.values():
+        host.forced_down, host.disabled = False, host.zone == "az3"
+    with pytest.raises(NoValidHost, match="availability zone is not available"):
+        build_node(cloud, INSTANCE, "dddddddd", "az3", group_id=group_id)
     assert fake_openstack.state.servers == {}
     cleanup(cloud)
     assert leftovers(fake_openstack) == []

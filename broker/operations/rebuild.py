@@ -15,6 +15,9 @@ monitor when a standby died (or is missing). Params:
   is what keeps a standby that has not caught up from ever being promoted.
 - node…streaming: the shared node helpers (node_create.py): management port, pg_hba and a
   fresh slot on the primary, volume, server with a base backup, streaming.
+- server: when the zone chosen in `node` dies before the server boots (NoValidHost),
+  the new standby moves to a live fallback zone (zones.move_new_standby) or the
+  rebuild waits for the zone.
 - synchronous (ha-sync): name the new standby and record it synchronous once it
   holds every acknowledged commit (promotion.enable_sync).
 - remove_old: the replaced node's slot, server, volume and management port.
@@ -119,10 +122,18 @@ def volume(ctx: Context) -> None:
 
 
 def server(ctx: Context) -> None:
+    node_id = _new_node_id(ctx)
+    node_create.ensure_volume(ctx, node_id)  # again after a move to a fallback zone
     try:
-        node_create.ensure_server(ctx, _new_node_id(ctx))
-    except NoValidHost as exc:  # the zone died after it was chosen: wait for it
-        zones.wait_for_zone(ctx, _zone(ctx), str(exc))
+        node_create.ensure_server(ctx, node_id)
+    except NoValidHost as exc:  # the zone died after it was chosen
+        zone = _zone(ctx)
+        fallback = zones.refuge(ctx, zone)
+        if fallback is None:
+            zones.wait_for_zone(ctx, zone, str(exc))
+        zones.move_new_standby(ctx, node_id, fallback)
+        node_create.ensure_volume(ctx, node_id)
+        node_create.ensure_server(ctx, node_id)
 
 
 def streaming(ctx: Context) -> None:

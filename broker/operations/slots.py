@@ -19,7 +19,8 @@ from broker.config import OperationSettings
 
 FAILOVER = "failover"
 REBUILD = "rebuild"
-_CLASSES = {"failover": FAILOVER, "switchover": FAILOVER, "resurrect": FAILOVER,
+_CLASSES = {"failover": FAILOVER, "switchover": FAILOVER, "switchover-home": FAILOVER,
+            "resurrect": FAILOVER,
             "rebuild": REBUILD}
 
 _lock = threading.Lock()

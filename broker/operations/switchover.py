@@ -2,7 +2,10 @@
 
 Queued by the API on ``{"switchover": true}`` and by
 ``python -m broker instances switchover ID`` (`start_switchover`), with the same
-preconditions (`requests.queue_switchover`). Steps:
+preconditions (`requests.queue_switchover`); and, as HOME_KIND, by the engines to move
+a primary left in a fallback zone back to the plan's zones (zones.py): the same
+steps, but not the platform's operation, so a deprovision waits behind it as behind
+a failover. Steps:
 
     record → check → stop_writes → wait_replay → fence → clear_sync → attach_port
     → promote → rebuild_queued
@@ -20,6 +23,7 @@ plugged back): the old primary simply stays the primary.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -33,6 +37,7 @@ from broker.store.models import DEGRADED, NODE_FENCED, NODE_RUNNING, PRIMARY, RE
 log = logging.getLogger(__name__)
 
 KIND = "switchover"
+HOME_KIND = "switchover-home"
 REPLAY_TIMEOUT = 60.0
 
 
@@ -60,7 +65,11 @@ def record(ctx: Context) -> None:
     primary, standby = inst.primary(), promotion.standby_of(inst)
     if primary is None or standby is None:
         raise StepFailed("switchover refused: the instance needs a primary and a standby")
-    promotion.record_event(ctx, kind=KIND, cause="planned switchover", old_node_id=primary.id,
+    cause = "planned switchover"
+    if ctx.kind == HOME_KIND:
+        cause = (f"returning the primary from the fallback zone {primary.availability_zone} "
+                 f"to {standby.availability_zone}")
+    promotion.record_event(ctx, kind=KIND, cause=cause, old_node_id=primary.id,
                            new_node_id=standby.id)
 
 
@@ -154,3 +163,6 @@ def cleanup(ctx: Context, reason: str) -> None:
 
 WORKFLOW = Workflow(kind=KIND, steps=steps, cleanup=cleanup,
                     done="switched over; a standby is being rebuilt")
+HOME_WORKFLOW = dataclasses.replace(
+    WORKFLOW, kind=HOME_KIND,
+    done="switched the primary back to the plan's zones; a standby is being rebuilt")

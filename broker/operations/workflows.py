@@ -16,8 +16,8 @@ from broker.operations import (
 from broker.operations.engine import Workflow, register, registered
 
 ALL = (provision.WORKFLOW, update.WORKFLOW, deprovision.WORKFLOW, certs.WORKFLOW,
-       failover.WORKFLOW, switchover.WORKFLOW, rebuild.WORKFLOW, resurrect.WORKFLOW,
-       backup.WORKFLOW, backup.SCHEDULED_WORKFLOW)
+       failover.WORKFLOW, switchover.WORKFLOW, switchover.HOME_WORKFLOW, rebuild.WORKFLOW,
+       resurrect.WORKFLOW, backup.WORKFLOW, backup.SCHEDULED_WORKFLOW)
 
 
 def install() -> dict[str, Workflow]:

@@ -33,6 +33,7 @@ from broker.cloud.openstack.resources import (
     resource,
 )
 from broker.cloud.openstack.servers import Servers
+from broker.cloud.openstack.zones import ZoneStates
 from broker.config import Settings
 
 
@@ -60,6 +61,7 @@ class OpenStackCloud(Servers):
         from broker.cloud.openstack.fencing import Fencer
 
         self.fencer = Fencer(self)
+        self.zone_states = ZoneStates(self)
 
     # --- construction ------------------------------------------------------------------
     @classmethod
@@ -96,6 +98,12 @@ class OpenStackCloud(Servers):
         if plan.cloud.network.app_cidrs:
             return tuple(plan.cloud.network.app_cidrs)
         return (self.app_cidr,) if self.app_cidr else ()
+
+    def zone_available(self, availability_zone: str) -> bool:
+        # Nova's zone list (zones.py): with the admin connection, a zone with no live,
+        # enabled compute host is down; member-only, a zone whose services are all
+        # disabled.
+        return self.zone_states.available(availability_zone)
 
     # --- housekeeping ----------------------------------------------------------------------
     def find_resources(self, instance_id: str | None = None) -> list[CloudResource]:

@@ -8,6 +8,7 @@ from typing import Any
 
 from broker.cloud.base import (
     CloudError,
+    NoValidHost,
     Server,
     ServerSpec,
     TransientCloudError,
@@ -78,7 +79,7 @@ class Servers(Volumes):
         if existing is not None:
             if (existing.status or "").upper() not in ("ERROR", "SOFT_DELETED"):
                 report(f"server {spec.name} exists already: adopting it")
-                return self._wait_active(existing.id, spec.name)
+                return self._wait_active(existing.id, spec.name, spec.availability_zone)
             report(f"server {spec.name} exists in {existing.status}: deleting it to boot it "
                    "again")
             self.delete_server(existing.id)
@@ -140,16 +141,30 @@ class Servers(Volumes):
             server = self._find_server(spec.name)
             return server if server is not None else self.conn.compute.create_server(**attrs)
 
-        server = self.call(f"creating server {spec.name}", find_or_create,
-                           secrets=(*secrets, user_data))
+        try:
+            server = self.call(f"creating server {spec.name}", find_or_create,
+                               secrets=(*secrets, user_data))
+        except CloudError as exc:
+            if "availability zone is not available" in str(exc):
+                # Every compute service there is disabled: wait for the zone.
+                raise NoValidHost(str(exc)) from None
+            raise
         report(f"server {spec.name} is booting in {spec.availability_zone}")
-        return self._wait_active(server.id, spec.name)
+        return self._wait_active(server.id, spec.name, spec.availability_zone)
 
-    def _wait_active(self, server_id: str, name: str) -> Server:
+    def _wait_active(self, server_id: str, name: str, zone: str) -> Server:
         def probe() -> Any:
             server = self.raw_server(server_id)
             if server is None:
                 raise CloudError(f"server {name} disappeared while booting")
+            if (server.status or "").upper() == "BUILD" and not self.zone_available(zone):
+                # Scheduled before Nova counted the zone's hosts down: on a dead host it
+                # never boots. Give it up; callers wait for the zone or go elsewhere.
+                report(f"zone {zone} went down while server {name} was building: "
+                       "deleting it")
+                self.delete_server(server_id)
+                raise NoValidHost(f"server {name} could not boot: zone {zone} went down "
+                                  "while it was building")
             return server if (server.status or "").upper() in ("ACTIVE", "ERROR") else None
 
         try:
@@ -166,6 +181,8 @@ class Servers(Volumes):
                         "capacity and the flavor's aggregate)")
             report(f"server {name} failed to boot: {reason}; deleting it")
             self.delete_server(server_id)
+            if hint:  # no live host in the zone now: callers wait for it (a rebuild does)
+                raise NoValidHost(f"server {name} failed to boot: {reason}{hint}")
             raise CloudError(f"server {name} failed to boot: {reason}{hint}")
         return server_record(server)
 

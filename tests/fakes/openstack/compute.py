@@ -74,13 +74,38 @@ def blueprint(state: CloudState) -> Blueprint:
             raise nova_error(404, f"Flavor {flavor_id} could not be found.")
         return json_response({"extra_specs": dict(state.flavors[flavor_id].extra_specs)})
 
+    # Nova's availability_zone.py: the plain list (any member) marks a zone available
+    # while one of its services is enabled, whatever its heartbeat; /detail (admin)
+    # lists the enabled services per host, each `available` (heartbeat counted up,
+    # not forced down) and `active`. The internal zone (conductor, scheduler) shows in
+    # /detail only.
     @bp.get("/compute/v2.1/os-availability-zone")
-    @bp.get("/compute/v2.1/os-availability-zone/detail")
     @locked
     def compute_zones() -> Response:
+        listed = [(z, state.zone_enabled(z)) for z in state.zones]
         return json_response({"availabilityZoneInfo": [
-            {"zoneName": z, "zoneState": {"available": True}, "hosts": None}
-            for z in state.zones]})
+            {"zoneName": z, "zoneState": {"available": up}, "hosts": None}
+            for up in (True, False) for z, known in listed if known is up]})
+
+    @bp.get("/compute/v2.1/os-availability-zone/detail")
+    @locked
+    def compute_zones_detail() -> Response:
+        require_admin("os_compute_api:os-availability-zone:detail")
+        updated = iso(wall()).replace("Z", "")
+        found: list[dict[str, Any]] = [{
+            "zoneName": "internal", "zoneState": {"available": True},
+            "hosts": {"controller": {
+                binary: {"available": True, "active": True, "updated_at": updated}
+                for binary in ("nova-conductor", "nova-scheduler")}}}]
+        for up in (True, False):
+            for zone in (z for z in state.zones if state.zone_enabled(z) is up):
+                hosts = {h.name: {"nova-compute": {
+                    "available": state.service_up(h), "active": True,
+                    "updated_at": service_json(h)["updated_at"]}}
+                    for h in state.hosts.values() if h.zone == zone and not h.disabled}
+                found.append({"zoneName": zone, "zoneState": {"available": up},
+                              "hosts": hosts if up else None})
+        return json_response({"availabilityZoneInfo": found})
 
     def service_json(host: Any) -> dict[str, Any]:
         up = state.service_up(host)

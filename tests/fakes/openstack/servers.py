@@ -118,7 +118,8 @@ def blueprint(state: CloudState) -> Blueprint:
         if image_id not in state.images:
             raise nova_error(400, f"Image {image_id} could not be found.")
         zone = spec.get("availability_zone") or state.zones[0]
-        if zone not in state.zones:
+        # Nova validates against the zones with an enabled service (the plain list).
+        if zone not in state.zones or not state.zone_enabled(zone):
             raise nova_error(400, "The requested availability zone is not available")
         user_data = spec.get("user_data")
         if user_data is not None:

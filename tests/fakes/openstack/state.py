@@ -429,6 +429,12 @@ class CloudState:
         assert host.died_at is not None
         return time.monotonic() - host.died_at <= self.service_down_time
 
+    def zone_enabled(self, zone: str) -> bool | None:
+        """Nova's zone list: a zone is available while one of its services is enabled
+        (its heartbeat plays no part); None when no service is there (not listed)."""
+        hosts = [h for h in self.hosts.values() if h.zone == zone]
+        return any(not h.disabled for h in hosts) if hosts else None
+
     def host_status(self, server: Server) -> str:
         """Nova's precedence: forced_down, then disabled, then the heartbeat."""
         if not server.host:
