@@ -207,6 +207,8 @@ def _read(creds: dict[str, object]) -> set[int]:
 
 
 # --- the chains --------------------------------------------------------------------------
+# A kill after every step of several long workflows: minutes on a quiet machine.
+@pytest.mark.timeout(900)
 def test_ha_sync_failover_rebuild_switchover_rotation_deprovision_after_every_step() -> None:
     with failover_env() as env:
         instance_id = provision(env.runtime, env.engine, "ha-sync")
@@ -258,6 +260,8 @@ def test_ha_sync_failover_rebuild_switchover_rotation_deprovision_after_every_st
         no_leaks(env, instance_id, {})
 
 
+# A kill after every step of several long workflows: minutes on a quiet machine.
+@pytest.mark.timeout(900)
 def test_standalone_resurrect_update_after_every_step() -> None:
     with failover_env() as env:
         instance_id = provision(env.runtime, env.engine, "standalone")
