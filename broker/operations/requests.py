@@ -15,6 +15,8 @@ rotation...): a deprovision during it is accepted and queued behind it. The engi
 lets a failover finish and pre-empts the kinds whose workflow says a deprovision may
 (`Workflow.deprovision_preempts`); the platform's own operations still answer
 ConcurrencyError, since the platform does not send a DELETE while one it started runs.
+A backup is the exception: the platform's own (`{"backup": true}`) or the schedule's,
+it may take hours, so binds and unbinds go on meanwhile and a deprovision stops it.
 """
 
 from __future__ import annotations
