@@ -209,5 +209,7 @@ def _delete_repository(runtime: Runtime, instance_id: str, stanza: str) -> None:
     storage = s3.at(place, runtime.settings)
     if storage is not None:
         s3.delete_repository(storage, stanza)
-    else:
+    elif runtime.cloud.name == "local":
         runtime.cloud.delete_repository(stanza)
+    # else: a plan without object storage on a cloud with no repository of its own
+    # never archived anywhere: nothing to delete.
