@@ -44,6 +44,22 @@ _BACKUPS_SCHEMA: dict[str, Any] = {
         "retention_days": {"type": "integer", "minimum": 1, "maximum": 3650},
         "full_every_days": {"type": "integer", "minimum": 1, "maximum": 365},
         "diff_every_days": {"type": "integer", "minimum": 1, "maximum": 365},
+        # The plan's repositories in S3-compatible object storage; a field not set here
+        # comes from BROKER_BACKUP_S3_* (credentials always do).
+        "object_storage": {
+            "type": "object",
+            "additionalProperties": False,
+            "minProperties": 1,
+            "properties": {
+                "endpoint": {"type": "string", "pattern": r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$"},
+                # S3's bucket names (Swift containers and RGW buckets are within them).
+                "bucket": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"},
+                "region": {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,64}$"},
+                "uri_style": {"type": "string", "enum": ["host", "path"]},
+                "prefix": {"type": "string",
+                           "pattern": r"^/?[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*/?$"},
+            },
+        },
     },
 }
 
@@ -160,6 +176,18 @@ class NetworkSettings:
 
 
 @dataclass(frozen=True)
+class ObjectStorage:
+    """A plan's object storage for its repositories; None: BROKER_BACKUP_S3_*'s."""
+
+    endpoint: str | None = None      # host name or address
+    port: int | None = None
+    bucket: str | None = None
+    region: str | None = None
+    uri_style: str | None = None     # "host" or "path"
+    prefix: str | None = None
+
+
+@dataclass(frozen=True)
 class BackupSettings:
     """Continuous archiving and backups of a plan's instances."""
 
@@ -167,6 +195,7 @@ class BackupSettings:
     retention_days: int = 7  # the restore window; a deleted instance's backups stay as long
     full_every_days: int = 7
     diff_every_days: int = 1
+    object_storage: ObjectStorage | None = None  # None: the environment's (or the host's)
 
 
 @dataclass(frozen=True)
@@ -239,6 +268,24 @@ class Catalog:
                 {**s.raw, "plans": [p.raw for p in s.plans]} for s in self.services
             ]
         }
+
+
+def _backup_settings(doc: dict[str, Any], where: str) -> BackupSettings:
+    fields = {k: v for k, v in doc.items() if k != "object_storage"}
+    storage = doc.get("object_storage")
+    if storage is None:
+        return BackupSettings(**fields)
+    endpoint, port = storage.get("endpoint"), None
+    if endpoint is not None and ":" in endpoint:
+        endpoint, raw_port = endpoint.rsplit(":", 1)
+        port = int(raw_port)
+        if not 0 < port < 65536:
+            raise ConfigError(f"{where}.object_storage.endpoint: port {port} is not 1-65535")
+    prefix = storage.get("prefix")
+    return BackupSettings(**fields, object_storage=ObjectStorage(
+        endpoint=endpoint, port=port, bucket=storage.get("bucket"),
+        region=storage.get("region"), uri_style=storage.get("uri_style"),
+        prefix="/" + prefix.strip("/") if prefix is not None else None))
 
 
 def _path(error: jsonschema.ValidationError) -> str:
@@ -319,7 +366,7 @@ def parse_catalog(document: Any, source: str = "catalog.yml") -> Catalog:
                     security_groups=tuple(net.get("security_groups", ())),
                     app_cidrs=tuple(net.get("app_cidrs", ())),
                 ),
-                backups=BackupSettings(**backups),
+                backups=_backup_settings(backups, f"{source}: {where}.cloud.backups"),
             )
             raw = {k: copy.deepcopy(v) for k, v in p.items() if k != "cloud"}
             plans.append(Plan(

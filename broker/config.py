@@ -97,6 +97,16 @@ class S3Settings:
 
 
 @dataclass(frozen=True)
+class S3Access:
+    """Object storage credentials and CA (BROKER_BACKUP_S3_KEY, _SECRET, _CA_FILE): from
+    the environment only, for every plan's repositories."""
+
+    key: str = field(repr=False)
+    secret: str = field(repr=False)
+    ca_pem: str = ""
+
+
+@dataclass(frozen=True)
 class Settings:
     username: str
     password: str
@@ -120,7 +130,8 @@ class Settings:
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     operations: OperationSettings = field(default_factory=OperationSettings)
-    backup_s3: S3Settings | None = None
+    backup_s3: S3Settings | None = None   # the environment's object storage, if any
+    backup_s3_access: S3Access | None = None  # credentials, also for plans' own storage
 
     @property
     def is_sqlite(self) -> bool:
@@ -255,8 +266,25 @@ def _log_level(env: dict[str, str]) -> str:
     return level
 
 
+def _backup_s3_access(env: dict[str, str]) -> S3Access | None:
+    """BROKER_BACKUP_S3_KEY and _SECRET (both or neither), and the CA file."""
+    key, secret = env.get("BROKER_BACKUP_S3_KEY", ""), env.get("BROKER_BACKUP_S3_SECRET", "")
+    if bool(key) != bool(secret):
+        raise ConfigError("BROKER_BACKUP_S3_KEY and BROKER_BACKUP_S3_SECRET are set together")
+    if not key:
+        return None
+    ca_pem = ""
+    if env.get("BROKER_BACKUP_S3_CA_FILE"):
+        try:
+            ca_pem = Path(env["BROKER_BACKUP_S3_CA_FILE"]).read_text()
+        except OSError as exc:
+            raise ConfigError(f"BROKER_BACKUP_S3_CA_FILE cannot be read: {exc.strerror}") from None
+    return S3Access(key=key, secret=secret, ca_pem=ca_pem)
+
+
 def _backup_s3(env: dict[str, str]) -> S3Settings | None:
-    """BROKER_BACKUP_S3_*: none set, no S3; the endpoint set, every required one too."""
+    """BROKER_BACKUP_S3_*: no endpoint, no S3 by default (plans may name their own); the
+    endpoint set, every required one too."""
     def get(name: str, default: str = "") -> str:
         return env.get(f"BROKER_BACKUP_S3_{name}", default)
 
@@ -273,12 +301,8 @@ def _backup_s3(env: dict[str, str]) -> S3Settings | None:
     uri_style = get("URI_STYLE", "host")
     if uri_style not in ("host", "path"):
         raise ConfigError(f"BROKER_BACKUP_S3_URI_STYLE must be 'host' or 'path', got {uri_style!r}")
-    ca_pem = ""
-    if get("CA_FILE"):
-        try:
-            ca_pem = Path(get("CA_FILE")).read_text()
-        except OSError as exc:
-            raise ConfigError(f"BROKER_BACKUP_S3_CA_FILE cannot be read: {exc.strerror}") from None
+    access = _backup_s3_access(env)
+    ca_pem = access.ca_pem if access is not None else ""
     prefix = "/" + get("PREFIX", "pgha").strip("/")
     return S3Settings(endpoint=host, port=int(port_raw), bucket=get("BUCKET"),
                       region=get("REGION", "us-east-1"), uri_style=uri_style, key=get("KEY"),
@@ -374,6 +398,7 @@ def load_settings(env: dict[str, str] | None = None, *, require_auth: bool = Tru
             max_rebuilds=_count(env, "BROKER_MAX_REBUILDS", 2, 256),
         ),
         backup_s3=_backup_s3(env),
+        backup_s3_access=_backup_s3_access(env),
     )
 
 

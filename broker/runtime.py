@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from broker.backup import s3
 from broker.catalog import Catalog, load_catalog
 from broker.cloud.base import Cloud
 from broker.config import Settings
@@ -41,6 +42,7 @@ class Runtime:
 
 def build_runtime(settings: Settings, *, upgrade: bool = True) -> Runtime:
     catalog = load_catalog(settings.catalog_path)
+    s3.check_plans(settings, catalog)
     if settings.is_sqlite:
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = Store(settings.database_url)

@@ -7,6 +7,7 @@ one bucket."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import shutil
 import socket
@@ -114,3 +115,12 @@ def object_keys(s3: S3Settings, prefix: str) -> list[str]:
         for page in pages:
             keys += [item["Key"] for item in page.get("Contents", [])]
         return keys
+
+
+def create_bucket(s3: S3Settings, name: str) -> S3Settings:
+    """Another bucket on the same server; its settings."""
+    with tempfile.NamedTemporaryFile("w", suffix=".pem") as ca:
+        ca.write(s3.ca_pem)
+        ca.flush()
+        client(s3.endpoint, s3.port, ca.name).create_bucket(Bucket=name)
+    return dataclasses.replace(s3, bucket=name)

@@ -46,8 +46,8 @@ PROVISION_STEPS = [
     "primary_server", "primary_ready", "database", "service_address", "standby_slot",
     "standby_volume", "standby_server", "standby_streaming", "synchronous", "ready",
 ]
-DEPROVISION_STEPS = ["begin", "keep_backups", "servers", "volumes", "ports", "server_group",
-                     "finish"]
+DEPROVISION_STEPS = ["begin", "stop_backups", "keep_backups", "servers", "volumes", "ports",
+                     "server_group", "finish"]
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,10 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from broker.backup import records, report
-from broker.cloud.base import Cloud, CloudError
+from broker.backup import records, report, s3
+from broker.cloud.base import CloudError
 from broker.operations import backup, queue
 from broker.runtime import Runtime
-from broker.store.db import Store
 from broker.store.models import (
     DEGRADED,
     READY,
@@ -89,7 +88,9 @@ class Scheduler:
 
     def enabled(self) -> bool:
         """Repositories on the local cloud's host, or in object storage (anywhere)."""
-        return self.runtime.settings.backup_s3 is not None or self.runtime.cloud.name == "local"
+        return (self.runtime.settings.backup_s3 is not None or self.runtime.cloud.name == "local"
+                or any(p.cloud.backups.object_storage is not None
+                       for service in self.catalog.services for p in service.plans))
 
     def tick(self) -> list[str]:
         """Queue the backups that are due; purge expired repositories. The ids queued."""
@@ -114,14 +115,20 @@ class Scheduler:
         return queued
 
     def _add_missing_rows(self, now: datetime) -> None:
+        """A schedule for each live instance without one (its row may exist already: made
+        with its first node, or by a backup the platform asked for)."""
         with self.store.session() as s:
             missing = s.scalars(
                 select(Instance).outerjoin(BackupRepository,
                                            BackupRepository.instance_id == Instance.id)
-                .where(BackupRepository.instance_id.is_(None))
+                .where(BackupRepository.next_full_at.is_(None))
+                .where(BackupRepository.keep_until.is_(None))
                 .where(Instance.deleted_at.is_(None))
                 .where(Instance.state.in_((READY, DEGRADED)))).all()
             for inst in missing:
+                if self.runtime.cloud.name != "local" and s3.instance_storage(
+                        s, self.runtime.settings, self.catalog, inst.id, inst.plan_id) is None:
+                    continue  # no repository: this plan has no object storage
                 row = records.repository(s, inst.id)
                 row.next_full_at = now + FIRST_BACKUP_DELAY
 
@@ -155,21 +162,20 @@ class Scheduler:
         return op.id
 
     def _purge_expired(self, now: datetime) -> None:
-        if self.runtime.settings.backup_s3 is not None:
-            return  # deleting from object storage is not done yet (README "Backups")
         with self.store.session() as s:
             expired = [(row.instance_id, row.stanza) for row in s.scalars(
                 select(BackupRepository).where(BackupRepository.purged_at.is_(None))
                 .where(BackupRepository.keep_until.is_not(None))
                 .where(BackupRepository.keep_until <= now))]
         for instance_id, stanza in expired:
-            purge(self.store, self.runtime.cloud, instance_id, stanza, now=now)
+            purge(self.runtime, instance_id, stanza, now=now)
 
 
-def purge(store: Store, cloud: Cloud, instance_id: str, stanza: str, *,
+def purge(runtime: Runtime, instance_id: str, stanza: str, *,
           now: datetime | None = None) -> bool:
     """Delete a deleted instance's repository (once, whoever asks); False when another
     worker did or does it."""
+    store = runtime.store
     with store.session() as s:
         claimed = s.execute(
             update(BackupRepository).where(BackupRepository.instance_id == instance_id)
@@ -178,8 +184,8 @@ def purge(store: Store, cloud: Cloud, instance_id: str, stanza: str, *,
         if claimed.rowcount != 1:  # type: ignore[attr-defined]
             return False
     try:
-        cloud.delete_repository(stanza)
-    except (CloudError, OSError) as exc:
+        _delete_repository(runtime, instance_id, stanza)
+    except (CloudError, OSError, s3.ObjectStorageError) as exc:
         log.warning("instance %s: backup repository not deleted (%s); retried later",
                     instance_id, exc)
         with store.session() as s:
@@ -190,3 +196,20 @@ def purge(store: Store, cloud: Cloud, instance_id: str, stanza: str, *,
         s.query(Backup).filter(Backup.instance_id == instance_id).delete()
     log.info("instance %s: backup repository deleted", instance_id)
     return True
+
+
+def _delete_repository(runtime: Runtime, instance_id: str, stanza: str) -> None:
+    """Where it is: in object storage (every object under the stanza's prefix), or the
+    cloud's own."""
+    with runtime.store.session() as s:
+        row = s.get(BackupRepository, instance_id)
+        place = row.location if row is not None else None
+    if place is None:  # never stored (made before 0005): where the settings put them
+        place = s3.location(runtime.settings.backup_s3)
+    storage = s3.at(place, runtime.settings)
+    if storage is not None:
+        s3.delete_repository(storage, stanza)
+    elif runtime.cloud.name == "local":
+        runtime.cloud.delete_repository(stanza)
+    # else: a plan without object storage on a cloud with no repository of its own
+    # never archived anywhere: nothing to delete.

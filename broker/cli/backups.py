@@ -71,11 +71,6 @@ def delete_backups(runtime: Runtime, instance_id: str, assume_yes: bool) -> int:
                   "window and are not deleted by hand", file=sys.stderr)
             return 1
         stanza = row.stanza
-    s3 = runtime.settings.backup_s3
-    if s3 is not None:
-        print(f"broker: repositories in object storage are not deleted by the broker yet: "
-              f"delete {s3.prefix}/{stanza} from bucket {s3.bucket}", file=sys.stderr)
-        return 1
     if not assume_yes:
         try:
             answer = input(f"Delete every backup of deleted instance {instance_id}? It can "
@@ -85,7 +80,7 @@ def delete_backups(runtime: Runtime, instance_id: str, assume_yes: bool) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing deleted")
             return 1
-    if not schedule.purge(runtime.store, runtime.cloud, instance_id, stanza):
+    if not schedule.purge(runtime, instance_id, stanza):
         print(f"broker: the backups of instance {instance_id} were not deleted (see the log)",
               file=sys.stderr)
         return 1

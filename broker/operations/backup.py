@@ -12,6 +12,12 @@ broker/backup/schedule.py). One step:
   finished backup. A backup that pgBackRest itself left unfinished is resumed or
   cleaned by pgBackRest's next backup.
 
+A backup never holds the platform back: binds and unbinds go on during one, and a
+deprovision stops it (`stop_backups`, the deprovision's first step: pgBackRest's
+processes of the stanza are terminated on the primary, the operation ends
+"cancelled"); what pgBackRest left of the unfinished backup is never listed as a
+backup, and every earlier backup and the archive stay restorable.
+
 Backups are taken on the primary: pgBackRest reaches a server only through its own
 node's socket, and a backup from the standby needs the primary's too (pgBackRest's
 remote protocol between nodes, which the nodes do not run).
@@ -31,7 +37,8 @@ from broker.operations import queue
 from broker.operations.engine import Context, RetryLater, Step, StepFailed, Workflow
 from broker.operations.node_access import admin_connection
 from broker.operations.params import BackupParams
-from broker.store.models import NODE_RUNNING, Operation, utcnow
+from broker.operations.rows import operation_age
+from broker.store.models import IN_PROGRESS, NODE_RUNNING, Operation, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,11 @@ KIND, SCHEDULED_KIND = queue.BACKGROUND_KINDS  # nothing waits behind a backup
 ANNOTATION = records.ANNOTATION
 LOCK_RETRY_SECONDS = 5.0
 SEAL_TIMEOUT = 60.0
+CANCELLED = "cancelled: the instance is being deprovisioned"
+# A deprovision stops a running backup and waits this long for its operation to end
+# (its worker may be gone: its lease runs out first); then it goes on regardless.
+STOP_DEADLINE = timedelta(minutes=5)
+STOP_RETRY_SECONDS = 2.0
 
 
 def new_backup(instance_id: str, backup_type: str, *, cause: str,
@@ -78,12 +90,16 @@ def take_backup(ctx: Context) -> None:
             if annotated(reported, ctx.operation_id):
                 record(ctx, reported)
                 return
+            if _deprovisioning(ctx):
+                raise StepFailed(CANCELLED)
             ctx.progress(f"taking a {params.type} backup ({params.cause})")
             commands.run(conn, stanza, f"--type={params.type}",
                          f"--annotation={ANNOTATION}={ctx.operation_id}", *retention(ctx),
                          "backup")
             reported = commands.info(conn, stanza).get("backup", [])
         except commands.PgBackRestFailed as exc:
+            if _deprovisioning(ctx):
+                raise StepFailed(CANCELLED) from None
             if exc.lock_held:
                 raise RetryLater("another backup of this instance is still running",
                                  LOCK_RETRY_SECONDS) from None
@@ -91,6 +107,52 @@ def take_backup(ctx: Context) -> None:
     record(ctx, reported)
     log.info("instance %s: %s backup taken (operation %s)", inst.id, params.type,
              ctx.operation_id)
+
+
+def _deprovisioning(ctx: Context) -> bool:
+    with ctx.store.session() as s:
+        return queue.deprovision_requested(s, ctx.instance_id)
+
+
+def stop_backups(ctx: Context) -> None:
+    """Deprovisioning: a backup in progress is stopped and the step waits until its
+    operation has ended (a queued one is cancelled by the engine before it starts).
+    Stopping again at every retry also catches a backup that started meanwhile."""
+    with ctx.store.session() as s:
+        running = [op.id for op in queue.unfinished_for(s, ctx.instance_id,
+                                                          kinds=queue.BACKGROUND_KINDS)]
+        started = [op_id for op_id in running
+                   if (op := s.get(Operation, op_id)) is not None and op.state == IN_PROGRESS]
+    if not running:
+        return
+    if operation_age(ctx) > STOP_DEADLINE:
+        log.warning("instance %s: backup %s has not stopped; deprovisioning goes on (deleting "
+                    "the servers ends it)", ctx.instance_id, ", ".join(running))
+        return
+    if started:
+        _terminate_pgbackrest(ctx)
+    raise RetryLater(f"stopping the backup in progress ({', '.join(running)})",
+                     STOP_RETRY_SECONDS)
+
+
+def _terminate_pgbackrest(ctx: Context) -> None:
+    """`pgbackrest stop --force` ends the stanza's running processes (the backup, and
+    the asynchronous archiver, which the next archive_command starts again), then
+    `start` lets the last WAL be archived. An unreachable primary ends the backup by
+    itself."""
+    node = ctx.instance().primary()
+    if node is None or node.state != NODE_RUNNING or not node.management_address:
+        return
+    stanza = names.stanza(ctx.instance_id)
+    try:
+        with admin_connection(ctx, node, timeout=5.0) as conn:
+            try:
+                commands.run(conn, stanza, "--force", "stop")
+            finally:
+                commands.run(conn, stanza, "start")
+    except (psycopg2.Error, commands.PgBackRestFailed, StepFailed) as exc:
+        log.warning("instance %s: the backup in progress was not stopped (%s); waiting for "
+                    "it", ctx.instance_id, " ".join(str(exc).split()))
 
 
 def keep_repository(ctx: Context) -> None:
@@ -124,7 +186,9 @@ def steps(ctx: Context) -> list[Step]:
     return [Step("backup", "taking a backup", take_backup)]
 
 
-WORKFLOW = Workflow(kind=KIND, steps=steps, done="backup taken", params=BackupParams)
+# A deprovision cancels a backup that has not started, or waits on a retry.
+WORKFLOW = Workflow(kind=KIND, steps=steps, done="backup taken", params=BackupParams,
+                    deprovision_preempts=True)
 SCHEDULED_WORKFLOW = Workflow(kind=SCHEDULED_KIND, steps=steps, done="backup taken",
-                              params=BackupParams)
+                              params=BackupParams, deprovision_preempts=True)
 

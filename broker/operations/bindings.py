@@ -44,8 +44,9 @@ from broker.store.models import (
 log = logging.getLogger(__name__)
 
 PORT = 5432
-# Operations during which the primary stays where it is: binding is safe meanwhile.
-_BIND_SAFE_KINDS = ("rebuild",)
+# Operations during which the primary stays where it is: binding is safe meanwhile (a
+# backup only reads the primary, for hours on a large database).
+_BIND_SAFE_KINDS = ("rebuild", *queue.BACKGROUND_KINDS)
 
 
 class BindingConflict(Conflict):

@@ -1,6 +1,7 @@
 """Deprovision: delete everything of an instance, found by its rows and by its tags.
 
-First the backup repository is kept (its last WAL archived) for the plan's restore
+First a backup in progress is stopped (operations/backup.py). Then the backup
+repository is kept (its last WAL archived) for the plan's restore
 window; a worker purges it after that. Then servers (deleting a server frees its
 ports and volumes), volumes, ports and the server group; then the rows: nodes and
 bindings deleted, the instance `deprovisioned`. Each step only deletes (deleting
@@ -61,6 +62,7 @@ def finish(ctx: Context) -> None:
 def steps(ctx: Context) -> list[Step]:
     return [
         Step("begin", "deprovisioning", begin),
+        Step("stop_backups", "stopping any backup in progress", backup.stop_backups),
         Step("keep_backups", "archiving the last WAL, keeping the backups",
              backup.keep_repository),
         Step("servers", "deleting the servers", node_teardown.delete_servers),

@@ -177,6 +177,8 @@ def guest_config(ctx: Context, node_id: str, *, volume_is_new: bool = True) -> G
     # Every node gets the service port's NIC: any of them may carry it one day, and
     # its agent configures it when it appears (no metadata service needed).
     nic = ctx.cloud.port_nic(inst.service_port_id)
+    with ctx.store.session() as s:
+        storage = s3.instance_storage(s, ctx.settings, ctx.catalog, inst.id, plan.id)
     return GuestConfig(
         instance_id=inst.id,
         node_id=node.id,
@@ -202,9 +204,9 @@ def guest_config(ctx: Context, node_id: str, *, volume_is_new: bool = True) -> G
         service_gateway=nic.gateway,
         service_mtu=nic.mtu,
         backup_stanza=backup_names.stanza(inst.id),
-        backup_repo=s3.repository_options(ctx.settings.backup_s3, backup_names.stanza(inst.id))
-        if ctx.settings.backup_s3 else {},
-        backup_repo_ca=ctx.settings.backup_s3.ca_pem if ctx.settings.backup_s3 else "",
+        backup_repo=s3.repository_options(storage, backup_names.stanza(inst.id))
+        if storage else {},
+        backup_repo_ca=storage.ca_pem if storage else "",
         archive_timeout_s=plan.cloud.backups.archive_timeout_s,
         restore_from=restore.guest_restore(ctx) if node.role == PRIMARY else {},
     )

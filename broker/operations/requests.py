@@ -15,6 +15,8 @@ rotation...): a deprovision during it is accepted and queued behind it. The engi
 lets a failover finish and pre-empts the kinds whose workflow says a deprovision may
 (`Workflow.deprovision_preempts`); the platform's own operations still answer
 ConcurrencyError, since the platform does not send a DELETE while one it started runs.
+A backup is the exception: the platform's own (`{"backup": true}`) or the schedule's,
+it may take hours, so binds and unbinds go on meanwhile and a deprovision stops it.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ log = logging.getLogger(__name__)
 # Operations the platform asks for; the monitor's own (failover, rebuild...) are
 # not what a platform polls when it sends no `operation`.
 PLATFORM_KINDS = ("provision", "update", "switchover", "deprovision", backup.KIND)
+# Those that hold a bind, an unbind or a deprovision back. Not a backup: it may take
+# hours, binds go on meanwhile and a deprovision stops it (deprovision.stop_backups).
+BLOCKING_KINDS = tuple(kind for kind in PLATFORM_KINDS if kind != backup.KIND)
 # Column size of the state store's ids (instances.id, bindings.id, guids).
 MAX_ID_LENGTH = 128
 
@@ -344,12 +349,15 @@ def deprovision(store: Store, instance_id: str, accepts_incomplete: bool) -> Acc
             if not accepts_incomplete:
                 raise AsyncRequired("deprovisioning")
             return Accepted(running.id)
-        platform = [op for op in ops if op.kind in PLATFORM_KINDS]
+        platform = [op for op in ops if op.kind in BLOCKING_KINDS]
         if platform:
             raise busy(platform[0])
         if not accepts_incomplete:
             raise AsyncRequired("deprovisioning")
-        behind = f" (after the {ops[0].kind} in progress)" if ops else ""
+        backups = [op for op in ops if op.kind in queue.BACKGROUND_KINDS]
+        others = [op for op in ops if op.kind not in queue.BACKGROUND_KINDS]
+        behind = (f" (after the {others[0].kind} in progress)" if others
+                  else " (stopping the backup in progress)" if backups else "")
         op = queue.new_operation(instance_id, "deprovision",
                                  description=f"queued: deprovisioning{behind}")
         s.add(op)
@@ -370,7 +378,7 @@ def check_bindable(store: Store, instance_id: str, plan_id: str) -> None:
         if inst is None:
             raise UnknownInstance(f"instance {instance_id} does not exist")
         _require_plan(inst, plan_id)
-        ops = unfinished(s, instance_id, PLATFORM_KINDS)
+        ops = unfinished(s, instance_id, BLOCKING_KINDS)
         if ops:
             raise busy(ops[0])
         if inst.state == FAILED:
@@ -386,6 +394,6 @@ def check_unbindable(store: Store, instance_id: str, binding_id: str, plan_id: s
         if inst is None or not plausible_id(binding_id):
             raise AlreadyGone(f"binding {binding_id} does not exist")
         _require_plan(inst, plan_id)
-        ops = unfinished(s, instance_id, PLATFORM_KINDS)
+        ops = unfinished(s, instance_id, BLOCKING_KINDS)
         if ops:
             raise busy(ops[0])

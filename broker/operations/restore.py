@@ -96,8 +96,7 @@ def guest_restore(ctx: Context) -> dict[str, str]:
     if source is None or ctx.kind != "provision":
         return {}
     text = (ctx.instance().parameters or {}).get("point_in_time")
-    where = ({"repo1-path": s3.repository_path(ctx.settings.backup_s3, names.stanza(source))}
-             if ctx.settings.backup_s3 else {})
+    where = _source_place(ctx, source)
     if not text:
         return {"stanza": names.stanza(source), "target": "", **where}
     target = parse_time(str(text))
@@ -109,6 +108,29 @@ def guest_restore(ctx: Context) -> dict[str, str]:
     # and give PostgreSQL the time to the microsecond.
     return {"stanza": names.stanza(source), "set": before[-1].label,
             "target": target.strftime("%Y-%m-%d %H:%M:%S.%f+00"), **where}
+
+
+def _source_place(ctx: Context, source_id: str) -> dict[str, str]:
+    """Where the source's repository is (stored with it: a plan changed since, or
+    another plan's, does not matter), as options for the restoring node's command line:
+    no credentials, which its own configuration holds."""
+    with ctx.store.session() as s:
+        source = s.get(Instance, source_id)
+        assert source is not None
+        theirs = s3.instance_storage(s, ctx.settings, ctx.catalog, source_id, source.plan_id)
+        ours = s3.instance_storage(s, ctx.settings, ctx.catalog, ctx.instance_id,
+                                   ctx.instance().plan_id)
+    if theirs is None:
+        if ours is not None:
+            raise StepFailed(f"instance {source_id}'s backups are on the host, and this "
+                             "plan's repositories are in object storage: restore into a "
+                             "plan that keeps them on the host")
+        return {}
+    if ours is None:
+        raise StepFailed(f"instance {source_id}'s backups are in object storage, and this "
+                         "plan's repositories are on the host: restore into a plan that "
+                         "keeps them in object storage")
+    return s3.place_options(theirs, names.stanza(source_id))
 
 
 def seal_source(ctx: Context) -> None:

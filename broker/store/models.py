@@ -255,6 +255,9 @@ class BackupRepository(Base):
 
     instance_id: Mapped[str] = mapped_column(ForeignKey("instances.id"), primary_key=True)
     stanza: Mapped[str] = mapped_column(String(64))
+    # Where the repository is (broker/backup/s3.py): object storage's endpoint, port,
+    # bucket, region, URI style and prefix; {} the cloud's own; NULL not yet known.
+    location: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     next_full_at: Mapped[datetime | None] = mapped_column()
     next_diff_at: Mapped[datetime | None] = mapped_column()
     # Deleted instances: everything committed up to here is archived; kept until then.
