@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker import config
+from broker.guest import bootstrap
 
 CA_DAYS = 3650
 # Certificates start a little in the past: a node's clock may lag the broker's.
@@ -107,7 +108,7 @@ def issue_node_cert(ca_cert_pem: str, ca_key_pem: str, *, node_id: str,
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
-                                                    f"pgha node {node_id}"[:64])]))
+                                                    bootstrap.node_common_name(node_id))]))
         .issuer_name(ca_cert.subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - CLOCK_SKEW).not_valid_after(not_after)
