@@ -7,15 +7,21 @@ last_operation says why."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from broker.backup import names
+from broker.guest import bootstrap
 from broker.store.models import Node, Operation
-from harness.backups import pgbackrest, repository
+from harness.backups import node_user, node_volume, pgbackrest, repository
 from harness.env import FailoverEnv, background, failover_env
 from harness.faults import kill_server
 from harness.waiting import eventually, settled, standby_streaming
@@ -109,10 +115,45 @@ def test_an_ha_backup_comes_from_the_standby_restores_exactly_and_follows_a_fail
         assert taken_from(env, source, after) == ("standby", new_standby.id)
 
 
+def backup_servers(env: FailoverEnv, node: Node) -> list[int]:
+    """The node's `pgbackrest server` processes (not the children serving a session)."""
+    assert node.server_id
+    found = []
+    for pid in env.cloud.server_pids(node.server_id):
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if argv[0].endswith(b"pgbackrest") and b"server" in argv:
+                parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                if b"pgbackrest" not in Path(f"/proc/{parent}/cmdline").read_bytes():
+                    found.append(pid)  # a session's child has the server as its parent
+    return found
+
+
+def listening(env: FailoverEnv, node: Node) -> list[str]:
+    """The local addresses the node listens on at pgBackRest's port."""
+    assert node.server_id
+    out = subprocess.run(["ip", "netns", "exec", env.cloud.namespace(node.server_id), "ss",
+                          "-Hltn", f"sport = :{bootstrap.BACKUP_SERVER_PORT}"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    return [line.split()[3] for line in out.splitlines() if line.strip()]
+
+
 def test_without_a_streaming_standby_the_backup_is_taken_on_the_primary() -> None:
     with failover_env() as env:
         source = provision(env.runtime, env.engine, "ha")
         primary, standby = nodes(env, source)
+        # Every node runs pgBackRest's server as its PostgreSQL user, on its management
+        # address only; killed, it is started again.
+        for node in (primary, standby):
+            def servers(node: Node = node) -> list[int]:
+                return backup_servers(env, node)
+            [server] = eventually(servers, "the server", 60)
+            assert os.stat(f"/proc/{server}").st_uid == node_user(env.cloud, node).pw_uid != 0
+            assert listening(env, node) == [f"{node.management_address}:8432"]
+        [server] = backup_servers(env, primary)
+        os.kill(server, signal.SIGKILL)
+        eventually(lambda: [p for p in backup_servers(env, primary) if p != server],
+                   "the server started again", 60)
         assert standby.server_id
         # The standby's server dies; no monitor runs, so nothing rebuilds it meanwhile.
         kill_server(env.cloud, standby.server_id)
@@ -126,3 +167,35 @@ def test_without_a_streaming_standby_the_backup_is_taken_on_the_primary() -> Non
         assert last_operation(env, op_id) == (
             f"full backup taken on the primary (node {primary.id}): its standby "
             f"{standby.id} is not streaming")
+
+
+def test_another_instance_cannot_reach_a_node_s_pgbackrest_server() -> None:
+    """Instance B's node, as its PostgreSQL user and from its own namespace, with its own
+    node certificate and A's CA (public: every binding of A carries it), asks A's
+    standby's pgBackRest server for A's stanza: the TLS handshake refuses it."""
+    with failover_env() as env:
+        victim = provision(env.runtime, env.engine, "ha")
+        attacker = provision(env.runtime, env.engine, "standalone")
+        _, standby = nodes(env, victim)
+        intruder = instance(env.runtime, attacker).primary()
+        assert intruder is not None and intruder.server_id
+        user = node_user(env.cloud, intruder)
+        tls_dir = node_volume(env.cloud, intruder) / bootstrap.TLS_DIR
+        ca_file = node_volume(env.cloud, intruder) / bootstrap.BACKUP_DIR / "victim-ca.crt"
+        ca_file.write_text(str(instance(env.runtime, victim).tls_ca_cert))
+        os.chown(ca_file, user.pw_uid, user.pw_gid)
+        attempt = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{env.cloud.namespace(intruder.server_id)}",
+             f"--setuid={user.pw_uid}", f"--setgid={user.pw_gid}",
+             bootstrap.PGBACKREST, "--config=/dev/null", "--log-level-file=off",
+             f"--stanza={names.stanza(victim)}",
+             f"--repo1-path={repository(env.cloud, victim)}",
+             f"--repo1-host={standby.management_address}", "--repo1-host-type=tls",
+             f"--repo1-host-port={bootstrap.BACKUP_SERVER_PORT}",
+             f"--repo1-host-ca-file={ca_file}",
+             f"--repo1-host-cert-file={tls_dir / bootstrap.TLS_CERT_FILE}",
+             f"--repo1-host-key-file={tls_dir / bootstrap.TLS_KEY_FILE}", "repo-ls"],
+            capture_output=True, text=True, timeout=120, check=False, cwd="/")
+        assert attempt.returncode != 0
+        assert "unknown ca" in attempt.stderr, attempt.stderr
+        assert attempt.stdout == ""
