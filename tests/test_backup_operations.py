@@ -51,12 +51,16 @@ def test_a_backup_requested_by_the_platform_is_taken_by_the_workers() -> None:
         finish(env.engine, op_id)
         taken = backups_of(env, instance_id)
         assert [b["type"] for b in taken] == ["full"]
-        assert taken[0]["annotation"] == {"pgha-operation": op_id}
-        with env.runtime.store.session() as s:
-            op = s.get(Operation, op_id)
-            assert op is not None and op.kind == "backup" and op.description == "backup taken"
         node = instance(env.runtime, instance_id).primary()
         assert node is not None
+        assert taken[0]["annotation"] == {
+            "pgha-operation": op_id, "pgha-source-node": node.id, "pgha-source-role": "primary",
+            "pgha-source-note": "the instance has no standby"}
+        with env.runtime.store.session() as s:
+            op = s.get(Operation, op_id)
+            assert op is not None and op.kind == "backup" and op.description == (
+                f"full backup taken on the primary (node {node.id}): the instance has no "
+                "standby")
         verify = pgbackrest(env.cloud, node, instance_id, "verify")
         assert verify.returncode == 0, verify.stderr + verify.stdout
         # Asked again: a second full backup, not the first one found again.
@@ -103,7 +107,7 @@ def test_a_worker_killed_mid_backup_is_followed_by_one_that_finishes_it(
                     os.kill(pid, signal.SIGKILL)
         finish(env.engine, op_id)
         taken = backups_of(env, instance_id)
-        assert [b["annotation"] for b in taken] == [{"pgha-operation": op_id}]
+        assert [b["annotation"]["pgha-operation"] for b in taken] == [op_id]
         node = instance(env.runtime, instance_id).primary()
         assert node is not None
         for command in ("check", "verify"):

@@ -181,7 +181,8 @@ def test_a_node_is_built_with_zone_anti_affinity_fixed_ip_security_groups_and_ta
     assert f"pgha-instance={INSTANCE}" in s.ports[service.id].tags
 
     # Security groups: PostgreSQL from the app CIDRs (and the broker) on the service
-    # port; replication only between the instance's own nodes on management ports.
+    # port; replication and pgBackRest only between the instance's own nodes on
+    # management ports.
     svc_sg = s.by_name(s.security_groups, f"pgha-{INSTANCE}-service")
     nodes_sg = s.by_name(s.security_groups, f"pgha-{INSTANCE}-nodes")
     assert s.ports[service.id].security_groups == [svc_sg.id]
@@ -191,7 +192,9 @@ def test_a_node_is_built_with_zone_anti_affinity_fixed_ip_security_groups_and_ta
                       for r in sg.rules if r["direction"] == "ingress")
 
     assert ingress(svc_sg) == [(5432, "10.0.0.0/8", ""), (5432, ADMIN_CIDR, "")]
-    assert ingress(nodes_sg) == sorted([(5432, "", nodes_sg.id), (5432, ADMIN_CIDR, "")])
+    # pgBackRest's TLS server (backups from the standby): only from the peer nodes.
+    assert ingress(nodes_sg) == sorted([(5432, "", nodes_sg.id), (5432, ADMIN_CIDR, ""),
+                                        (8432, "", nodes_sg.id)])
 
     # The volume in the node's zone, tagged; the server in that zone, in the group.
     vol_req = fake_openstack.requests("POST", r"/volumes$")[-1].body["volume"]

@@ -30,6 +30,11 @@ make root write and chown any file:
    primary, its stanza first (before the archiver pushes anything); a primary
    restored from another instance's backups (`restore_from`) is made by `pgbackrest
    restore` instead of initdb and waits here until its recovery reached the target.
+6. A node of an HA instance (`backup_peers`) with TLS files runs pgBackRest's TLS server
+   (`pgbackrest server`) on its management address, supervised (restarted when it
+   exits), as the PostgreSQL user: the instance's other node takes backups from this
+   one through it when this one is the standby. Peers authenticate with their node
+   certificate (the instance's CA, their CN admitted for the instance's stanza only).
 Every file is written whole beside its target and renamed over it, so a link in its
 place is replaced, never followed.
 
@@ -50,6 +55,7 @@ import pwd
 import re
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -144,6 +150,10 @@ class GuestConfig:
     # or "" for the end of its archive, "set": the backup to start from, and the
     # repository's options}.
     restore_from: dict[str, str] = field(default_factory=dict)
+    # HA: the instance's other nodes (ids), whose node certificates may reach this
+    # node's pgBackRest TLS server; the broker keeps the list current afterwards.
+    backup_peers: tuple[str, ...] = ()
+    backup_server: bool = False        # run that server (an instance with a standby)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -153,7 +163,7 @@ class GuestConfig:
         raw: dict[str, Any] = json.loads(text)
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in raw.items() if k in known}
-        for key in ("admin_cidrs", "peer_addresses", "app_cidrs"):
+        for key in ("admin_cidrs", "peer_addresses", "app_cidrs", "backup_peers"):
             if key in values:
                 values[key] = tuple(values[key])
         return cls(**values)
@@ -352,6 +362,134 @@ def write_backup_conf(config: GuestConfig) -> None:
     _replace_file(base / BACKUP_CONF, render_backup_conf(config))
     _replace_file(base / BACKUP_PASSFILE, ":".join(
         ["*", "*", "*", ADMIN_USER, _pgpass_escape(config.admin_password)]) + "\n")
+
+
+# --- pgBackRest's TLS server: backups taken from this node while it is the standby ---------
+
+BACKUP_SERVER_CONF = "server.conf"
+BACKUP_SERVER_PID = "server.pid"          # the running `pgbackrest server`
+BACKUP_SUPERVISOR_PID = "supervisor.pid"  # what restarts it
+BACKUP_SERVER_PORT = 8432                 # pgBackRest's default
+SERVER_RESTART_DELAY = 1.0
+
+
+def node_common_name(node_id: str) -> str:
+    """The CN of a node's certificate (broker/pg/tls.py issues it): what a peer's
+    pgBackRest TLS server admits."""
+    return f"pgha node {node_id}"[:64]
+
+
+def render_server_conf(*, base: Path, tls: Path, address: str, stanza: str,
+                       peers: list[str] | tuple[str, ...]) -> str:
+    """pgBackRest's TLS server: on the management address only, the node's certificate,
+    and only the peers' certificates (the instance's CA, their CN) for the stanza."""
+    if not address or not re.fullmatch(r"[A-Za-z0-9._-]+", stanza):
+        raise BootstrapError("pgBackRest's server needs the management address and a stanza")
+    lines = ["# Written by pgha (guest bootstrap / broker). Changes here are overwritten.",
+             "[global]", f"log-path={base / 'log'}", f"lock-path={base / 'lock'}",
+             "log-level-console=off", "log-level-file=info",
+             f"tls-server-address={_cidr(address).split('/')[0]}",
+             f"tls-server-port={BACKUP_SERVER_PORT}",
+             f"tls-server-ca-file={tls / TLS_CA_FILE}",
+             f"tls-server-cert-file={tls / TLS_CERT_FILE}",
+             f"tls-server-key-file={tls / TLS_KEY_FILE}"]
+    for peer in dict.fromkeys(peers):
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", peer):
+            raise BootstrapError(f"unsupported node id {peer!r}")
+        lines.append(f"tls-server-auth={node_common_name(peer)}={stanza}")
+    if not peers:
+        # pgBackRest requires the option; the broker's CA never issues this CN.
+        lines.append(f"tls-server-auth=pgha no peer={stanza}")
+    return "\n".join(lines) + "\n"
+
+
+def _live_pid(path: Path, *, marker: str = "", cwd: Path | None = None) -> int | None:
+    """The pid in `path` when that process runs, its command line holds `marker` and it
+    works in `cwd` (pids are shared by every namespace of a host, and recycled)."""
+    try:
+        pid = int(_read_file(path).strip())
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        where = os.readlink(f"/proc/{pid}/cwd")
+    except (OSError, ValueError):
+        return None
+    if marker not in argv or (cwd is not None and where != str(cwd)):
+        return None
+    return pid
+
+
+def start_backup_server(config: GuestConfig, tls: Path | None) -> None:
+    """Write the server's configuration and make sure its supervisor runs (a reboot
+    starts it again; a supervisor still running reloads the server's configuration)."""
+    if not (config.backup_server and archives(config) and tls is not None):
+        return
+    base = backup_dir(config)
+    _replace_file(base / BACKUP_SERVER_CONF, render_server_conf(
+        base=base, tls=tls, address=config.management_address,
+        stanza=config.backup_stanza, peers=config.backup_peers))
+    if _live_pid(base / BACKUP_SUPERVISOR_PID, cwd=base) is not None:
+        server = _live_pid(base / BACKUP_SERVER_PID, marker=str(base / BACKUP_SERVER_CONF))
+        if server is not None:
+            os.kill(server, signal.SIGHUP)  # pgBackRest reloads its configuration
+        return
+    say("starting pgBackRest's TLS server")
+    daemonize(base, lambda: supervise_backup_server(base))
+
+
+def daemonize(workdir: Path, work: Callable[[], int]) -> None:
+    """Run `work` in a detached grandchild (its own session, working in `workdir`, no
+    descriptor of ours: a boot's output pipe or lock held open would block whoever
+    waits on it), its pid in `workdir`/supervisor.pid. Forked, not executed: the
+    PostgreSQL user may not be able to read this script or its interpreter's path."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child:
+        os.waitpid(child, 0)
+        return
+    code = 1  # pragma: no cover - both children leave through os._exit
+    try:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        os.chdir(workdir)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        for name in os.listdir("/proc/self/fd"):
+            if int(name) > 2:
+                with contextlib.suppress(OSError):
+                    os.close(int(name))
+        _replace_file(workdir / BACKUP_SUPERVISOR_PID, f"{os.getpid()}\n")
+        code = work()
+    finally:
+        os._exit(code)
+
+
+def supervise_backup_server(base: Path) -> int:
+    """Run `pgbackrest server` and start it again whenever it exits, until SIGTERM.
+    Its connections' remotes reach PostgreSQL through the socket with the superuser's
+    password file."""
+    stopping = False
+    child: subprocess.Popen[bytes] | None = None
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "PGPASSFILE": str(base / BACKUP_PASSFILE),
+           "HOME": pwd.getpwuid(os.getuid()).pw_dir}
+    while not stopping:
+        child = subprocess.Popen([PGBACKREST, f"--config={base / BACKUP_SERVER_CONF}", "server"],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, cwd="/", env=env)
+        _replace_file(base / BACKUP_SERVER_PID, f"{child.pid}\n")
+        child.wait()
+        if not stopping:
+            time.sleep(SERVER_RESTART_DELAY)
+    return 0
 
 
 # Written by pgBackRest's restore into postgresql.auto.conf: they name the source's
@@ -881,6 +1019,7 @@ def node_steps(config: GuestConfig) -> None:
     start(config, runner)
     if config.restore_from:
         finish_restore(config, runner)
+    start_backup_server(config, tls)
     say("ready")
 
 

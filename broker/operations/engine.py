@@ -130,6 +130,7 @@ class Workflow:
     steps: Callable[[Context], list[Step]]  # must be the same list every time for one op
     cleanup: Callable[[Context, str], None] | None = None  # after a permanent failure
     done: str = "done"                      # description once succeeded
+    done_from: Callable[[Context], str] | None = None  # or this, when the outcome varies
     params: type[Params] = Params           # what the operation's `params` column holds
     deprovision_preempts: bool = False      # a deprovision request cancels it between steps
 
@@ -299,7 +300,8 @@ class Engine:
                 op.step_index = index + 1
                 op.attempts = 0
             ctx.attempt = 0
-        self.queue.finish(ctx.operation_id, SUCCEEDED, workflow.done)
+        self.queue.finish(ctx.operation_id, SUCCEEDED,
+                          workflow.done_from(ctx) if workflow.done_from else workflow.done)
         log.info("operation %s (%s) succeeded", ctx.operation_id, ctx.kind)
         return SUCCEEDED
 

@@ -11,6 +11,8 @@ from typing import Any
 
 from psycopg2.extensions import connection as Connection
 
+from broker.backup import names as backup_names
+from broker.backup import standby as backup_standby
 from broker.catalog import Plan
 from broker.operations.engine import Context, StepFailed
 from broker.operations.rows import primary_node, target_plan, update_instance
@@ -90,9 +92,15 @@ def peer_addresses(inst: Instance, node_id: str) -> tuple[str, ...]:
                  if n.id != node_id and n.management_address)
 
 
+def backup_peers(inst: Instance, node_id: str) -> tuple[str, ...]:
+    """The nodes whose certificates may reach this node's pgBackRest TLS server."""
+    return tuple(n.id for n in replication_peers(inst) if n.id != node_id)
+
+
 def refresh_hba(ctx: Context, node_id: str, *, timeout: float = 5.0) -> None:
     """Rewrite one running node's pg_hba for the instance's current nodes (a peer came
-    or went). Replication is allowed only between the instance's own nodes."""
+    or went), and the peers its pgBackRest TLS server admits. Replication and backups
+    are allowed only between the instance's own nodes."""
     inst = ctx.instance()
     node = next((n for n in inst.live_nodes() if n.id == node_id), None)
     if node is None:
@@ -107,6 +115,9 @@ def refresh_hba(ctx: Context, node_id: str, *, timeout: float = 5.0) -> None:
             # new pg_hba admits before that file replaces the one naming the old group.
             tenants.ensure_tenant_model(conn)
         hba.set_hba(conn, lines)
+        backup_standby.refresh_server(conn, address=node.management_address or "",
+                                      stanza=backup_names.stanza(inst.id),
+                                      peers=list(backup_peers(inst, node_id)))
 
 
 def refresh_peers_hba(ctx: Context) -> None:

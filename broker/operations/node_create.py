@@ -38,6 +38,7 @@ from broker.operations.node_access import (
     access_cidrs,
     admin_connection,
     admin_password,
+    backup_peers,
     node_ca,
     peer_addresses,
     refresh_hba,
@@ -209,6 +210,8 @@ def guest_config(ctx: Context, node_id: str, *, volume_is_new: bool = True) -> G
         backup_repo_ca=storage.ca_pem if storage else "",
         archive_timeout_s=plan.cloud.backups.archive_timeout_s,
         restore_from=restore.guest_restore(ctx) if node.role == PRIMARY else {},
+        backup_peers=backup_peers(inst, node.id),
+        backup_server=plan.cloud.is_ha,
     )
 
 

@@ -5,6 +5,12 @@ node's own management address: apps verify the host (`sslmode=verify-full`) thro
 the service address, which a failover moves to another node, and the broker and the
 standby's replication connection verify the management address. Keys are EC P-256.
 
+The same certificate is the node's identity towards pgBackRest's TLS server of a peer
+(a backup taken from the standby): pgBackRest 2.45 matches the host it connects to
+only against DNS SANs (IP SANs are ignored), so each address is also a DNS SAN of its
+own text, and the certificate may authenticate a client (clientAuth) as well as a
+server. libpq matches either SAN.
+
 The CA's private key is stored encrypted (the Vault), like the passwords; the public
 PEMs are plain columns so that `instances show` prints expiries without a connection.
 
@@ -30,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker import config
+from broker.guest import bootstrap
 
 CA_DAYS = 3650
 # Certificates start a little in the past: a node's clock may lag the broker's.
@@ -101,14 +108,16 @@ def issue_node_cert(ca_cert_pem: str, ca_key_pem: str, *, node_id: str,
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
-                                                    f"pgha node {node_id}"[:64])]))
+                                                    bootstrap.node_common_name(node_id))]))
         .issuer_name(ca_cert.subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - CLOCK_SKEW).not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ip) for ip in ips]),
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ip) for ip in ips] + [x509.DNSName(str(ip)) for ip in ips]),
                        critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
             ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())

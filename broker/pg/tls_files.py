@@ -33,7 +33,7 @@ def install_tls(conn: Connection, *, ca_pem: str, cert_pem: str, key_pem: str,
     texts = {bootstrap.TLS_CA_FILE: ca_pem, bootstrap.TLS_CERT_FILE: cert_pem,
              bootstrap.TLS_KEY_FILE: key_pem, bootstrap.TLS_ISSUED_FILE: str(issued_at)}
     for name, text in texts.items():  # the issue number last: it vouches for the others
-        _write_private_server_file(conn, posixpath.join(directory, prefix + name),
+        write_private_server_file(conn, posixpath.join(directory, prefix + name),
                                    text.strip("\n").split("\n"))
     for name, value in bootstrap.tls_settings(directory, prefix).items():
         if fetch_one(conn, "SELECT setting FROM pg_settings WHERE name = %s", (name,)) != value:
@@ -58,7 +58,7 @@ def verify_replication(conn: Connection, ca_path: str) -> None:
     wait_setting(conn, "primary_conninfo", wanted)
 
 
-def _write_private_server_file(conn: Connection, path: str, lines: list[str]) -> None:
+def write_private_server_file(conn: Connection, path: str, lines: list[str]) -> None:
     """Written like pg_hba.conf (`broker.pg.hba`), but 0600 and replaced atomically:
     COPY TO a file creates it world-readable (PostgreSQL then refuses a key file), so
     the server's own user writes it through a shell with a private umask and renames

@@ -24,8 +24,10 @@ from broker.cloud.openstack.resources import (
     to_neutron_tags,
 )
 from broker.cloud.openstack.session import Session
+from broker.guest import bootstrap
 
 PG_PORT = 5432
+BACKUP_SERVER_PORT = bootstrap.BACKUP_SERVER_PORT  # pgBackRest's TLS server on every node
 
 
 @dataclass(frozen=True)
@@ -120,9 +122,9 @@ class Networks(Session):
     # --- security groups ---------------------------------------------------------------------
     def _group_rules(self, purpose: str, group_id: str, app_cidrs: tuple[str, ...]
                      ) -> list[dict[str, Any]]:
-        def tcp(**extra: Any) -> dict[str, Any]:
-            return {"direction": "ingress", "protocol": "tcp", "port_range_min": PG_PORT,
-                    "port_range_max": PG_PORT, "remote_ip_prefix": None,
+        def tcp(port: int = PG_PORT, **extra: Any) -> dict[str, Any]:
+            return {"direction": "ingress", "protocol": "tcp", "port_range_min": port,
+                    "port_range_max": port, "remote_ip_prefix": None,
                     "remote_group_id": None, "ether_type": "IPv4", **extra}
 
         def cidr(value: str) -> dict[str, Any]:
@@ -132,8 +134,10 @@ class Networks(Session):
 
         rules = []
         if purpose == "management":
-            # Replication and base backups: only between the instance's own nodes.
+            # Replication, base backups and backups from the standby (pgBackRest's TLS
+            # server): only between the instance's own nodes.
             rules.append(tcp(remote_group_id=group_id))
+            rules.append(tcp(BACKUP_SERVER_PORT, remote_group_id=group_id))
         else:
             rules += [cidr(c) for c in app_cidrs]
         if self.admin_cidr:

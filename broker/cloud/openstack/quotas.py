@@ -16,8 +16,8 @@ if TYPE_CHECKING:
     from broker.cloud.openstack.driver import OpenStackCloud
 
 # Default egress rules Neutron puts in every new group, plus "nodes reach each other"
-# and "the broker reaches PostgreSQL".
-_NODES_GROUP_RULES = 4
+# (PostgreSQL and pgBackRest's TLS server) and "the broker reaches PostgreSQL".
+_NODES_GROUP_RULES = 5
 
 
 def plan_cost(plan: Plan, vcpus: int, ram_mb: int) -> dict[str, int]:
