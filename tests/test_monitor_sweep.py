@@ -1,9 +1,11 @@
-"""The monitor's sweep: persistent probe sessions, and a closed session noticed at once.
+"""The monitor's sweep: persistent probe sessions, a closed session noticed at once, a
+node that never answers decided on by its probes' deadline, leases between workers.
 
 The e2e tests run the monitor with a 60 s check interval against a real PostgreSQL
-server that answers as a standalone instance's node: anything the monitor does
-within seconds of the fault cannot come from its next sweep. The unit tests cover
-schedule.py, which sends a check's decision to the sweep or to a watcher.
+server that answers as a standalone instance's node, or against a black hole (a
+loopback address whose SYNs are dropped): anything the monitor does within seconds of
+the fault cannot come from its next sweep. The unit tests cover schedule.py, which
+sends a check's decision to the sweep or to a watcher.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import pwd
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 
 import psycopg2
 import pytest
@@ -34,8 +38,11 @@ from broker.monitor.decide import (
     Snapshot,
     Watch,
 )
+from broker.monitor.leases import monitor_lease_name
 from broker.monitor.loop import Monitor
+from broker.monitor.sweep import ProbeLoop
 from broker.operations.resurrect import KIND as RESURRECT
+from broker.pg.probe import Probe
 from broker.runtime import Runtime, build_runtime
 from broker.store.models import (
     DEGRADED,
@@ -43,8 +50,10 @@ from broker.store.models import (
     PRIMARY,
     READY,
     Instance,
+    Lease,
     Node,
     Operation,
+    aware,
 )
 from harness.machine import pg_bin_dir, release_interlock, world_traversable_tmpdir
 from harness.waiting import eventually
@@ -173,14 +182,13 @@ def node_server() -> Iterator[NodeServer]:
         server.stop()
 
 
-@pytest.fixture
-def runtime(pg_state_url: str) -> Iterator[Runtime]:
+@contextlib.contextmanager
+def _runtime(pg_state_url: str, **env: str) -> Iterator[Runtime]:
     state_dir = world_traversable_tmpdir("pgha-sweep-state-")
     settings = load_settings({
         "BROKER_USERNAME": "u", "BROKER_PASSWORD": "p", "BROKER_STATE_DIR": str(state_dir),
         "DATABASE_URL": pg_state_url, "BROKER_ENCRYPTION_KEY": Fernet.generate_key().decode(),
-        "BROKER_MONITOR_INTERVAL": str(INTERVAL),
-        "BROKER_MONITOR_LEASE_SECONDS": str(INTERVAL * 3)})
+        **env})
     rt = build_runtime(settings)
     try:
         yield rt
@@ -189,7 +197,42 @@ def runtime(pg_state_url: str) -> Iterator[Runtime]:
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
-def _standalone(runtime: Runtime, server: NodeServer) -> str:
+@pytest.fixture
+def runtime(pg_state_url: str) -> Iterator[Runtime]:
+    with _runtime(pg_state_url, BROKER_MONITOR_INTERVAL=str(INTERVAL),
+                  BROKER_MONITOR_LEASE_SECONDS=str(INTERVAL * 3)) as rt:
+        yield rt
+
+
+class BlackHole:
+    """A loopback address whose port 5432 drops every SYN: a listener with a backlog of
+    one, filled by a connection it never accepts. A probe's connect gets no answer at
+    all (no refusal, no event on its socket), as from a host whose links are down."""
+
+    def __init__(self) -> None:
+        self.address = f"127.{random.randint(100, 199)}.{random.randint(1, 254)}." \
+                       f"{random.randint(1, 254)}"
+        self.password = uuid.uuid4().hex
+        self.listener = socket.socket()
+        self.listener.bind((self.address, 5432))
+        self.listener.listen(0)
+        self.filler = socket.create_connection((self.address, 5432), timeout=5)
+
+    def close(self) -> None:
+        self.filler.close()
+        self.listener.close()
+
+
+@pytest.fixture
+def black_hole() -> Iterator[BlackHole]:
+    hole = BlackHole()
+    try:
+        yield hole
+    finally:
+        hole.close()
+
+
+def _standalone(runtime: Runtime, server: NodeServer | BlackHole) -> str:
     plan = runtime.catalog.plan_by_name("standalone")
     secret = runtime.vault.encrypt(server.password)
     instance_id = str(uuid.uuid4())
@@ -260,3 +303,111 @@ def test_one_closed_session_is_not_enough_to_fail_over(
     assert time.monotonic() - started < INTERVAL / 2  # not by the next sweep either
     time.sleep(1.0)  # the confirmations' time, with margin: still nothing queued
     assert _queued(runtime, instance_id) == []
+
+
+def test_a_black_hole_gets_no_answer_at_all(black_hole: BlackHole) -> None:
+    """The fixture is what it claims: a connect there neither succeeds nor fails."""
+    probe = socket.socket()
+    probe.settimeout(1.5)
+    try:
+        with pytest.raises(TimeoutError):
+            probe.connect((black_hole.address, 5432))
+    finally:
+        probe.close()
+
+
+def test_a_new_session_to_a_node_that_never_answers_ends_at_its_deadline(
+        black_hole: BlackHole) -> None:
+    """The first probe of a link connects: its socket is new to the selector and gets
+    no event, ever. Its deadline alone ends it, as a failed probe."""
+    results: list[tuple[tuple[str, str], Probe]] = []
+    loop = ProbeLoop(1.0, lambda key, result: results.append((key, result)))
+    key = ("instance", PRIMARY)
+    try:
+        loop.link(key, black_hole.address, black_hole.password, None)
+        loop.submit([key])
+        stop = threading.Event()
+        guard = time.monotonic() + 45
+        while not results and time.monotonic() < guard:
+            loop.run(until=time.monotonic() + 0.5, stop=stop)
+    finally:
+        loop.close_all()
+    [(seen_key, result)] = results
+    assert seen_key == key
+    assert result.outcome == "down" and result.error == "no answer within 1 s", result
+    assert loop.in_flight == 0
+
+
+@pytest.mark.e2e
+def test_a_node_black_holed_from_the_first_sweep_is_failed_over(
+        runtime: Runtime, black_hole: BlackHole) -> None:
+    """The first sweep's probes of a fresh monitor stay pending (no answer, no refusal):
+    the instance is still decided on, by their deadline and the watcher's
+    confirmations, not left out of every later sweep."""
+    instance_id = _standalone(runtime, black_hole)
+    monitor = Monitor(runtime, None, drive_queued=False)
+    stop = threading.Event()
+    started = time.monotonic()
+    thread = threading.Thread(target=monitor.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        eventually(lambda: _queued(runtime, instance_id) == [RESURRECT],
+                   "the failover (resurrect) queued", 45)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    # The next sweep is due INTERVAL after the start: the deadline decided, not a sweep.
+    assert time.monotonic() - started < INTERVAL / 2
+
+
+def _lease(runtime: Runtime, instance_id: str) -> tuple[str, datetime] | None:
+    """The owner of the instance's monitor lease and when it expires."""
+    with runtime.store.session() as s:
+        row = s.execute(select(Lease.owner, Lease.expires_at)
+                        .where(Lease.name == monitor_lease_name(instance_id))).first()
+    if row is None:
+        return None
+    expires = aware(row[1])
+    assert expires is not None
+    return str(row[0]), expires
+
+
+LEASE_SECONDS = 4.0
+
+
+@pytest.mark.e2e
+def test_a_dead_worker_on_another_host_is_taken_over_when_its_lease_expires(
+        pg_state_url: str, node_server: NodeServer) -> None:
+    """A worker of another host took the instance and died (its pid is dead here too,
+    which must not matter: that host's pids are not this one's). Another worker takes
+    it over only once the lease expired, then fails the instance over when it crashes."""
+    with _runtime(pg_state_url, BROKER_MONITOR_LEASE_SECONDS=str(LEASE_SECONDS)) as rt:
+        instance_id = _standalone(rt, node_server)
+        dead = Monitor(rt, None, owner="other-host:999999:monitor-dead00",
+                       drive_queued=False)
+        dead.tick(threading.Event())   # its heartbeat and the instance's lease; then "dies"
+        dead.probes.close_all()
+        held = _lease(rt, instance_id)
+        assert held is not None and held[0] == dead.owner
+        expiry = held[1]
+
+        heir = Monitor(rt, None, drive_queued=False)
+        stop = threading.Event()
+        thread = threading.Thread(target=heir.run, args=(stop,), daemon=True)
+        thread.start()
+        try:
+            taken = eventually(lambda: (lambda h: h if h and h[0] == heir.owner else None)(
+                _lease(rt, instance_id)), "the heir holding the lease", 45)
+            # A lease runs LEASE_SECONDS from its taking or renewal, so it was taken
+            # (or renewed) at taken - LEASE_SECONDS: after the dead one's expired.
+            assert taken[1] - timedelta(seconds=LEASE_SECONDS) >= expiry, (taken, expiry)
+            eventually(lambda: node_server.monitor_sessions() == ["idle"],
+                       "the heir's idle probe session on the server", 45)
+            node_server.kill()
+            eventually(lambda: _queued(rt, instance_id) == [RESURRECT],
+                       "the heir's failover (resurrect) queued", 45)
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+        assert not thread.is_alive()

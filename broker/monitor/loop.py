@@ -130,6 +130,7 @@ class Monitor:
         # The sweep's probes in flight (instance id → what was read, the answers so far)
         # and the routine records of this interval, written at the next one.
         self._pending: dict[str, tuple[Prepared, dict[str, Probe]]] = {}
+        self._pending_since: dict[str, float] = {}  # instance id → when its probes started
         self._records: dict[str, int | None] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=32,
                                                            thread_name_prefix="probe")
@@ -226,6 +227,7 @@ class Monitor:
         self._watch.pop(instance_id, None)
         self.observer.forget(instance_id)
         self._pending.pop(instance_id, None)
+        self._pending_since.pop(instance_id, None)
         self.probes.close((instance_id, PRIMARY))
         self.probes.close((instance_id, STANDBY))
         instruments.check_clock.forget(instance_id)
@@ -255,6 +257,7 @@ class Monitor:
         started = time.monotonic()
         records, self._records = self._records, {}
         self.executor.record_many(records)
+        self._escalate_overdue(started)
         ids = sorted(i for i in list(self._held)
                      if i not in self._full and i not in self._pending and self.holds(i))
         self.probes.keep_only({*ids, *self._pending})
@@ -288,12 +291,23 @@ class Monitor:
                 self._conclude(p.snap)
                 continue
             self._pending[instance_id] = (p, {})
+            self._pending_since[instance_id] = time.monotonic()
             for role, target in ((PRIMARY, p.primary), (STANDBY, p.standby)):
                 if target is not None:
                     self.probes.link((instance_id, role), target.address, p.password,
                                      target.ca_pem)
                     jobs.append((instance_id, role))
         self.probes.submit(jobs)
+
+    def _escalate_overdue(self, now: float) -> None:
+        """Every probe ends by its deadline; should one ever be lost, the instance would
+        sit in `_pending`, out of every sweep, with nobody deciding on it. Past its
+        deadline and a whole interval more, its own watcher checks it afresh."""
+        overdue = now - self.settings.connect_timeout - self.settings.check_interval
+        for instance_id in [i for i in self._pending if self._pending_since.get(i, now) < overdue]:
+            log.warning("instance %s: its probes never ended: checking it on its own",
+                        instance_id)
+            self._escalate(instance_id)
 
     def _on_probe(self, key: Key, result: Probe) -> None:
         instance_id, role = key
@@ -305,6 +319,7 @@ class Monitor:
         seen[role] = result
         if PRIMARY in seen and (STANDBY in seen or prepared.standby is None):
             del self._pending[instance_id]
+            self._pending_since.pop(instance_id, None)
             self._conclude(self.observer.with_probes(prepared.snap, seen[PRIMARY],
                                                      seen.get(STANDBY)))
 
@@ -360,6 +375,7 @@ class Monitor:
                 return
             self._full.add(instance_id)
             self._pending.pop(instance_id, None)
+            self._pending_since.pop(instance_id, None)
             self.probes.close((instance_id, PRIMARY))
             self.probes.close((instance_id, STANDBY))
         # Starting a thread waits for it to run: not in the probe loop's thread.
@@ -428,7 +444,9 @@ class Monitor:
         watch.counters = decision.watch
         outcome = self.executor.carry_out(snap, decision)
         if outcome.lease_lost:
-            self._drop(instance_id, release=False)
+            # Held no more: the watcher stops; the sweep's thread drops it at its next
+            # renewal (the probe loop is that thread's alone).
+            self._held[instance_id] = 0.0
         watch.decided = outcome.logged
         watch.pending_ops = outcome.queued
         watch.settled = schedule.settled(decision)

@@ -57,7 +57,8 @@ class ProbeLoop:
         return link
 
     def close(self, key: Key) -> None:
-        self._unregister(key)
+        self._busy.discard(key)
+        self._unwatch(key)
         link = self.links.pop(key, None)
         if link is not None:
             link.close()
@@ -75,8 +76,9 @@ class ProbeLoop:
             self.close(key)
         self.selector.close()
 
-    def _unregister(self, key: Key) -> None:
-        self._busy.discard(key)
+    def _unwatch(self, key: Key) -> None:
+        """Take the key's socket out of the selector (only that: a probe running on a
+        new socket stays in `_busy`, where its deadline is enforced)."""
         known = self._registered.pop(key, None)
         if known is not None:
             # The fd may be closed already (the kernel forgot it).
@@ -84,23 +86,35 @@ class ProbeLoop:
                 self.selector.unregister(known[0])
 
     def _sync(self, key: Key, link: Link) -> None:
-        """Register the link's socket for what it waits for (read while idle)."""
+        """Register the link's socket for what it waits for (read while idle), and keep
+        `_busy` (the probes whose deadline `run` enforces) in step with the link."""
+        self._watch_socket(key, link)
         if link.busy:
             self._busy.add(key)
         else:
             self._busy.discard(key)
+
+    def _watch_socket(self, key: Key, link: Link) -> None:
         if link.conn is None:
-            self._unregister(key)
+            self._unwatch(key)
             return
         fd = link.fileno()
         known = self._registered.get(key)
         if known == (fd, link.events):
             return
         if known is not None and known[0] == fd:
-            self.selector.modify(fd, link.events, key)
-        else:
-            self._unregister(key)
-            self.selector.register(fd, link.events, key)
+            try:
+                self.selector.modify(fd, link.events, key)
+                self._registered[key] = (fd, link.events)
+                return
+            except (KeyError, OSError):
+                pass  # libpq closed that socket and a new one got its number
+        self._unwatch(key)
+        with contextlib.suppress(KeyError):
+            # The number was another link's, whose socket libpq closed meanwhile: that
+            # link registers its new socket at its next step.
+            self._unwatch(self.selector.get_key(fd).data)
+        self.selector.register(fd, link.events, key)
         self._registered[key] = (fd, link.events)
 
     # --- the loop ------------------------------------------------------------------------
@@ -152,7 +166,9 @@ class ProbeLoop:
             now = time.monotonic()
             for key in [k for k in self._busy if self.links[k].deadline <= now]:
                 # An answer that arrived while this thread was busy elsewhere counts.
-                link = self.links[key]
+                link = self.links.get(key)
+                if link is None or not link.busy:
+                    continue  # closed or answered meanwhile, by another key's result
                 result = link.advance() or link.expire()
                 self._sync(key, link)
                 self.on_result(key, result)
