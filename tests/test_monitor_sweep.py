@@ -361,6 +361,29 @@ def test_a_node_black_holed_from_the_first_sweep_is_failed_over(
     assert time.monotonic() - started < INTERVAL / 2
 
 
+@pytest.mark.e2e
+def test_an_instance_whose_probe_was_lost_is_still_decided_on(
+        runtime: Runtime, black_hole: BlackHole) -> None:
+    """Should the probe loop ever lose a probe (here: its submissions are dropped), the
+    instance waits for nothing that runs: its own watcher checks it with fresh probes
+    and fails the black-holed node over, long before the next sweep."""
+    instance_id = _standalone(runtime, black_hole)
+    monitor = Monitor(runtime, None, drive_queued=False)
+    monitor.probes.submit = lambda jobs: None  # type: ignore[method-assign]
+    stop = threading.Event()
+    started = time.monotonic()
+    thread = threading.Thread(target=monitor.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        eventually(lambda: _queued(runtime, instance_id) == [RESURRECT],
+                   "the failover (resurrect) queued", 45)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert time.monotonic() - started < INTERVAL / 2
+
+
 def _lease(runtime: Runtime, instance_id: str) -> tuple[str, datetime] | None:
     """The owner of the instance's monitor lease and when it expires."""
     with runtime.store.session() as s:

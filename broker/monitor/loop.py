@@ -130,7 +130,6 @@ class Monitor:
         # The sweep's probes in flight (instance id → what was read, the answers so far)
         # and the routine records of this interval, written at the next one.
         self._pending: dict[str, tuple[Prepared, dict[str, Probe]]] = {}
-        self._pending_since: dict[str, float] = {}  # instance id → when its probes started
         self._records: dict[str, int | None] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=32,
                                                            thread_name_prefix="probe")
@@ -227,7 +226,6 @@ class Monitor:
         self._watch.pop(instance_id, None)
         self.observer.forget(instance_id)
         self._pending.pop(instance_id, None)
-        self._pending_since.pop(instance_id, None)
         self.probes.close((instance_id, PRIMARY))
         self.probes.close((instance_id, STANDBY))
         instruments.check_clock.forget(instance_id)
@@ -257,7 +255,7 @@ class Monitor:
         started = time.monotonic()
         records, self._records = self._records, {}
         self.executor.record_many(records)
-        self._escalate_overdue(started)
+        self._escalate_lost()
         ids = sorted(i for i in list(self._held)
                      if i not in self._full and i not in self._pending and self.holds(i))
         self.probes.keep_only({*ids, *self._pending})
@@ -274,6 +272,7 @@ class Monitor:
                   time.monotonic() - started)
         while time.monotonic() < until and not stop.is_set():
             self.probes.run(until=min(until, time.monotonic() + RETURN_POLL), stop=stop)
+            self._escalate_lost()
             with self._lock:
                 returning, self._returning = self._returning, []
             if returning:  # settled again: a session now, not at the next interval
@@ -291,7 +290,6 @@ class Monitor:
                 self._conclude(p.snap)
                 continue
             self._pending[instance_id] = (p, {})
-            self._pending_since[instance_id] = time.monotonic()
             for role, target in ((PRIMARY, p.primary), (STANDBY, p.standby)):
                 if target is not None:
                     self.probes.link((instance_id, role), target.address, p.password,
@@ -299,15 +297,18 @@ class Monitor:
                     jobs.append((instance_id, role))
         self.probes.submit(jobs)
 
-    def _escalate_overdue(self, now: float) -> None:
-        """Every probe ends by its deadline; should one ever be lost, the instance would
-        sit in `_pending`, out of every sweep, with nobody deciding on it. Past its
-        deadline and a whole interval more, its own watcher checks it afresh."""
-        overdue = now - self.settings.connect_timeout - self.settings.check_interval
-        for instance_id in [i for i in self._pending if self._pending_since.get(i, now) < overdue]:
-            log.warning("instance %s: its probes never ended: checking it on its own",
-                        instance_id)
-            self._escalate(instance_id)
+    def _escalate_lost(self) -> None:
+        """A pending instance waits for probes that run (each ends by its deadline) or
+        wait for a connecting slot. Should one ever be lost, the instance would sit in
+        `_pending`, out of every sweep, with nobody deciding on it: its own watcher
+        checks it afresh instead."""
+        tracked = self.probes.tracked()
+        for instance_id, (prepared, seen) in list(self._pending.items()):
+            roles = [PRIMARY] if prepared.standby is None else [PRIMARY, STANDBY]
+            if not all((instance_id, r) in tracked for r in roles if r not in seen):
+                log.warning("instance %s: its probes were lost: checking it on its own",
+                            instance_id)
+                self._escalate(instance_id)
 
     def _on_probe(self, key: Key, result: Probe) -> None:
         instance_id, role = key
@@ -319,7 +320,6 @@ class Monitor:
         seen[role] = result
         if PRIMARY in seen and (STANDBY in seen or prepared.standby is None):
             del self._pending[instance_id]
-            self._pending_since.pop(instance_id, None)
             self._conclude(self.observer.with_probes(prepared.snap, seen[PRIMARY],
                                                      seen.get(STANDBY)))
 
@@ -375,7 +375,6 @@ class Monitor:
                 return
             self._full.add(instance_id)
             self._pending.pop(instance_id, None)
-            self._pending_since.pop(instance_id, None)
             self.probes.close((instance_id, PRIMARY))
             self.probes.close((instance_id, STANDBY))
         # Starting a thread waits for it to run: not in the probe loop's thread.

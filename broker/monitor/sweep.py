@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from broker.pg.probe import Link, Probe
 
 # Sessions being set up at once (each costs a handshake on both ends).
-MAX_CONNECTING = 64
+MAX_CONNECTING = 16
 # The longest the loop sleeps without looking at `stop`.
 STOP_POLL = 0.25
 
@@ -133,6 +133,10 @@ class ProbeLoop:
                 self._waiting.append(key)
             elif not link.busy:
                 self._start(key, link)
+
+    def tracked(self) -> set[Key]:
+        """The keys whose probe runs (with its deadline) or waits for a connecting slot."""
+        return self._busy | set(self._waiting)
 
     @property
     def in_flight(self) -> int:
