@@ -90,6 +90,8 @@ WATCHED_STATES = (READY, DEGRADED, UPDATING)
 SLICES = 10
 # How often the sweep looks for instances back from their watcher.
 RETURN_POLL = 0.25
+# How long the sweep drives the sessions between two looks at a store read it waits for.
+READ_POLL = 0.005
 
 
 @dataclass
@@ -133,6 +135,8 @@ class Monitor:
         self._records: dict[str, int | None] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=32,
                                                            thread_name_prefix="probe")
+        self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                             thread_name_prefix="sweep-read")
         self.driver = Driver(runtime, engine)
         self.observer = Observer(runtime, self._pool, self.recheck)
         self.executor = Executor(runtime, self.leases, lambda: self.driver.runner().owner)
@@ -173,6 +177,7 @@ class Monitor:
         except Exception:
             log.warning("monitor: could not release the worker heartbeat")
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._reader.shutdown(wait=False, cancel_futures=True)
         self.probes.close_all()
         log.info("monitor %s stopped", self.owner)
 
@@ -265,7 +270,7 @@ class Monitor:
             self.probes.run(until=started + span * k / count, stop=stop)
             if stop.is_set():
                 return
-            self._start_slice(ids[k::count])
+            self._start_slice(ids[k::count], stop)
         log.debug("sweep: %d instances, %d probes in flight, started %.3f s late, slices "
                   "started in %.3f s", len(ids), self.probes.in_flight,
                   max(0.0, started - (until - self.settings.check_interval)),
@@ -276,15 +281,23 @@ class Monitor:
             with self._lock:
                 returning, self._returning = self._returning, []
             if returning:  # settled again: a session now, not at the next interval
-                self._start_slice([i for i in returning if self.holds(i)])
+                self._start_slice([i for i in returning if self.holds(i)], stop)
 
-    def _start_slice(self, ids: list[str]) -> None:
+    def _start_slice(self, ids: list[str], stop: threading.Event) -> None:
         """Read the slice's instances from the store in one session and start the probes
-        of those past the rungs that need none."""
+        of those past the rungs that need none. The read runs in its own thread while
+        this one keeps driving the sessions: a session being set up takes several round
+        trips, each of which would otherwise wait for the read (its deadline counts)."""
         watches = {i: self._watch.setdefault(i, _Watch()) for i in ids}
+        read = self._reader.submit(self.observer.prepare_many,
+                                   {i: w.counters for i, w in watches.items()})
+        while not read.done() and not stop.is_set():
+            self.probes.run(until=time.monotonic() + READ_POLL, stop=stop)
         jobs: list[Key] = []
-        for p in self.observer.prepare_many({i: w.counters for i, w in watches.items()}):
+        for p in read.result():
             instance_id = p.snap.instance_id
+            if instance_id in self._full or not self.holds(instance_id):
+                continue  # a session failed during the read: its watcher has it
             instruments.check_clock.watch(instance_id)
             if p.primary is None:
                 self._conclude(p.snap)
