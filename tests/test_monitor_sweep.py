@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import psycopg2
 import pytest
@@ -50,10 +50,8 @@ from broker.store.models import (
     PRIMARY,
     READY,
     Instance,
-    Lease,
     Node,
     Operation,
-    aware,
 )
 from harness.machine import pg_bin_dir, release_interlock, world_traversable_tmpdir
 from harness.waiting import eventually
@@ -338,14 +336,10 @@ def test_a_new_session_to_a_node_that_never_answers_ends_at_its_deadline(
     assert loop.in_flight == 0
 
 
-@pytest.mark.e2e
-def test_a_node_black_holed_from_the_first_sweep_is_failed_over(
-        runtime: Runtime, black_hole: BlackHole) -> None:
-    """The first sweep's probes of a fresh monitor stay pending (no answer, no refusal):
-    the instance is still decided on, by their deadline and the watcher's
-    confirmations, not left out of every later sweep."""
-    instance_id = _standalone(runtime, black_hole)
-    monitor = Monitor(runtime, None, drive_queued=False)
+def _failed_over_before_the_next_sweep(runtime: Runtime, monitor: Monitor,
+                                       instance_id: str) -> None:
+    """Run `monitor` until it queued the instance's failover (resurrect), which must come
+    before its next sweep, due INTERVAL after the start."""
     stop = threading.Event()
     started = time.monotonic()
     thread = threading.Thread(target=monitor.run, args=(stop,), daemon=True)
@@ -357,8 +351,18 @@ def test_a_node_black_holed_from_the_first_sweep_is_failed_over(
         stop.set()
         thread.join(timeout=30)
     assert not thread.is_alive()
-    # The next sweep is due INTERVAL after the start: the deadline decided, not a sweep.
     assert time.monotonic() - started < INTERVAL / 2
+
+
+@pytest.mark.e2e
+def test_a_node_black_holed_from_the_first_sweep_is_failed_over(
+        runtime: Runtime, black_hole: BlackHole) -> None:
+    """The first sweep's probes of a fresh monitor stay pending (no answer, no refusal):
+    the instance is still decided on, by their deadline and the watcher's
+    confirmations, not left out of every later sweep."""
+    instance_id = _standalone(runtime, black_hole)
+    _failed_over_before_the_next_sweep(runtime, Monitor(runtime, None, drive_queued=False),
+                                       instance_id)
 
 
 @pytest.mark.e2e
@@ -370,30 +374,7 @@ def test_an_instance_whose_probe_was_lost_is_still_decided_on(
     instance_id = _standalone(runtime, black_hole)
     monitor = Monitor(runtime, None, drive_queued=False)
     monitor.probes.submit = lambda jobs: None  # type: ignore[method-assign]
-    stop = threading.Event()
-    started = time.monotonic()
-    thread = threading.Thread(target=monitor.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        eventually(lambda: _queued(runtime, instance_id) == [RESURRECT],
-                   "the failover (resurrect) queued", 45)
-    finally:
-        stop.set()
-        thread.join(timeout=30)
-    assert not thread.is_alive()
-    assert time.monotonic() - started < INTERVAL / 2
-
-
-def _lease(runtime: Runtime, instance_id: str) -> tuple[str, datetime] | None:
-    """The owner of the instance's monitor lease and when it expires."""
-    with runtime.store.session() as s:
-        row = s.execute(select(Lease.owner, Lease.expires_at)
-                        .where(Lease.name == monitor_lease_name(instance_id))).first()
-    if row is None:
-        return None
-    expires = aware(row[1])
-    assert expires is not None
-    return str(row[0]), expires
+    _failed_over_before_the_next_sweep(runtime, monitor, instance_id)
 
 
 LEASE_SECONDS = 4.0
@@ -411,7 +392,7 @@ def test_a_dead_worker_on_another_host_is_taken_over_when_its_lease_expires(
                        drive_queued=False)
         dead.tick(threading.Event())   # its heartbeat and the instance's lease; then "dies"
         dead.probes.close_all()
-        held = _lease(rt, instance_id)
+        held = dead.leases.term(monitor_lease_name(instance_id))
         assert held is not None and held[0] == dead.owner
         expiry = held[1]
 
@@ -421,7 +402,8 @@ def test_a_dead_worker_on_another_host_is_taken_over_when_its_lease_expires(
         thread.start()
         try:
             taken = eventually(lambda: (lambda h: h if h and h[0] == heir.owner else None)(
-                _lease(rt, instance_id)), "the heir holding the lease", 45)
+                heir.leases.term(monitor_lease_name(instance_id))),
+                "the heir holding the lease", 45)
             # A lease runs LEASE_SECONDS from its taking or renewal, so it was taken
             # (or renewed) at taken - LEASE_SECONDS: after the dead one's expired.
             assert taken[1] - timedelta(seconds=LEASE_SECONDS) >= expiry, (taken, expiry)

@@ -153,15 +153,17 @@ class Leases:
                 .execution_options(synchronize_session=False)
             )
 
-    def holder(self, name: str) -> str | None:
-        """The live holder of a lease (None when free or expired)."""
-        now = utcnow()
+    def term(self, name: str) -> tuple[str, datetime] | None:
+        """Who holds a lease and until when, expired or not (None when there is none)."""
         with self.store.session() as s:
             row = s.execute(select(Lease.owner, Lease.expires_at).where(Lease.name == name)).first()
-        if row is None:
-            return None
-        expires = aware(row[1])
-        return str(row[0]) if expires is not None and expires >= now else None
+        expires = aware(row[1]) if row is not None else None
+        return (str(row[0]), expires) if row is not None and expires is not None else None
+
+    def holder(self, name: str) -> str | None:
+        """The live holder of a lease (None when free or expired)."""
+        term = self.term(name)
+        return term[0] if term is not None and term[1] >= utcnow() else None
 
     def live(self, prefix: str) -> dict[str, str]:
         """name → owner of every unexpired lease whose name starts with `prefix`."""
