@@ -88,6 +88,7 @@ benchmark: setup
 	$(PY) benchmarks/mass_failover.py --instances 20 --json --write BENCHMARKS.md
 	$(PY) benchmarks/metrics_scrape.py --instances 1000 --failovers 500 --scrapes 30 --write BENCHMARKS.md --json benchmarks/results/metrics_scrape.json
 	$(PY) benchmarks/openstack_failover.py --runs 3 --write BENCHMARKS.md --json benchmarks/results/openstack_failover.json
+	$(PY) benchmarks/monitor_scale.py --instances 1000 --seconds 60 --crashed 20 --frozen 20 --write BENCHMARKS.md --json benchmarks/results/monitor_scale.json
 	$(PY) benchmarks/backup.py --size-mb 1024 --seconds 60 --write BENCHMARKS.md --json benchmarks/results/backup.json
 
 # Remove every namespace, interface and data directory of the dev broker's local cloud.

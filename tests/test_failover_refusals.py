@@ -117,7 +117,7 @@ def test_ha_sync_refuses_an_unrecorded_standby_and_a_silent_cloud() -> None:
 
         # The cloud works again: after the anti-flapping gap, the same monitor fails over.
         env.runtime.cloud = env.cloud
-        monitor._runner = None
+        monitor.driver.reset()
         status = _decide(monitor, instance_id)
         assert "last failover" in status and "waiting" in status, status
         with env.runtime.store.session() as s:  # as if the gap had passed

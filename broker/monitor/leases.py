@@ -8,7 +8,10 @@ row the winner wrote, so exactly one of two racing workers gets rowcount 1):
 - acquire: UPDATE ... WHERE name = :n AND (owner = me OR expires_at < now), else
   INSERT (a primary-key clash means someone else was first);
 - renew: UPDATE ... WHERE name = :n AND owner = me;
-- release: DELETE ... WHERE name = :n AND owner = me.
+- release: DELETE ... WHERE name = :n AND owner = me;
+- acquire_many / renew_many: the same statements over a list of names, with
+  RETURNING (INSERT ... ON CONFLICT DO NOTHING for the new ones): a monitor holding
+  1,000 instances renews them in one statement per interval.
 
 A lease whose owner is a dead process on this host is taken over at once (the same
 rule as the operation queue, queue.owner_is_dead); elsewhere it expires after `ttl`
@@ -22,6 +25,8 @@ import logging
 from datetime import datetime, timedelta
 
 from sqlalchemy import ColumnElement, delete, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
 from broker.operations.queue import host_identity, owner_is_dead
@@ -81,6 +86,38 @@ class Leases:
                                          Lease.expires_at == expires, now=now)
         return False
 
+    def acquire_many(self, names: list[str]) -> set[str]:
+        """`acquire` for many leases at once (a worker taking over 1,000 instances):
+        the free, expired and own ones in three statements, those of a dead process on
+        this host one by one; returns the names now ours."""
+        if not names:
+            return set()
+        now = utcnow()
+        with self.store.session() as s:
+            taken = {str(n) for (n,) in s.execute(
+                update(Lease)
+                .where(Lease.name.in_(names),
+                       (Lease.owner == self.owner) | (Lease.expires_at < now))
+                .values(owner=self.owner, expires_at=self._expiry(now))
+                .returning(Lease.name)
+                .execution_options(synchronize_session=False))}
+            holders = {str(n): str(o) for n, o in s.execute(
+                select(Lease.name, Lease.owner).where(Lease.name.in_(names)))}
+        missing = [n for n in names if n not in holders]
+        if missing:
+            insert = pg_insert if self.store.engine.dialect.name == "postgresql" else sqlite_insert
+            with self.store.session() as s:
+                taken |= {str(n) for (n,) in s.execute(
+                    insert(Lease)
+                    .values([{"name": n, "owner": self.owner, "expires_at": self._expiry(now)}
+                             for n in missing])
+                    .on_conflict_do_nothing(index_elements=["name"])
+                    .returning(Lease.name))}
+        for name, owner in holders.items():
+            if name not in taken and owner_is_dead(owner, self.host) and self.acquire(name):
+                taken.add(name)
+        return taken
+
     def _insert(self, name: str, now: datetime) -> bool:
         try:
             with self.store.session() as s:
@@ -93,6 +130,20 @@ class Leases:
         """Extend a lease we hold; False if it is no longer ours (then stop acting)."""
         return self._compare_and_set(name, Lease.owner == self.owner, now=utcnow())
 
+    def renew_many(self, names: list[str]) -> set[str]:
+        """`renew` for many leases in one statement; the names still ours."""
+        if not names:
+            return set()
+        with self.store.session() as s:
+            rows = s.execute(
+                update(Lease)
+                .where(Lease.name.in_(names), Lease.owner == self.owner)
+                .values(expires_at=self._expiry(utcnow()))
+                .returning(Lease.name)
+                .execution_options(synchronize_session=False)
+            )
+            return {str(name) for (name,) in rows}
+
     def release(self, name: str) -> None:
         with self.store.session() as s:
             s.execute(
@@ -102,15 +153,17 @@ class Leases:
                 .execution_options(synchronize_session=False)
             )
 
-    def holder(self, name: str) -> str | None:
-        """The live holder of a lease (None when free or expired)."""
-        now = utcnow()
+    def term(self, name: str) -> tuple[str, datetime] | None:
+        """Who holds a lease and until when, expired or not (None when there is none)."""
         with self.store.session() as s:
             row = s.execute(select(Lease.owner, Lease.expires_at).where(Lease.name == name)).first()
-        if row is None:
-            return None
-        expires = aware(row[1])
-        return str(row[0]) if expires is not None and expires >= now else None
+        expires = aware(row[1]) if row is not None else None
+        return (str(row[0]), expires) if row is not None and expires is not None else None
+
+    def holder(self, name: str) -> str | None:
+        """The live holder of a lease (None when free or expired)."""
+        term = self.term(name)
+        return term[0] if term is not None and term[1] >= utcnow() else None
 
     def live(self, prefix: str) -> dict[str, str]:
         """name → owner of every unexpired lease whose name starts with `prefix`."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 
 from sqlalchemy import select
+from sqlalchemy.orm import selectinload
 
 from broker.config import MonitorSettings
 from broker.metrics import instruments
@@ -25,6 +26,7 @@ from broker.pg import probe, tls
 from broker.runtime import Runtime
 from broker.store.models import (
     OP_FAILED,
+    UNFINISHED,
     Failover,
     Instance,
     Node,
@@ -35,12 +37,22 @@ from broker.store.models import (
 
 
 @dataclass(frozen=True)
-class _Target:
+class Target:
     """How to reach one node."""
 
     address: str
     ca_pem: str | None
     server_id: str | None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A snapshot before the probes, and what to probe (no primary: nothing to)."""
+
+    snap: Snapshot
+    password: str = ""
+    primary: Target | None = None
+    standby: Target | None = None
 
 
 class Observer:
@@ -51,6 +63,7 @@ class Observer:
         self.pool = pool
         self.recheck = recheck
         self.last_probe_start: dict[str, float] = {}   # instance id → monotonic
+        self._passwords: dict[str, tuple[str, str]] = {}  # id → (ciphertext, password)
 
     def snapshot(self, instance_id: str, watch: Watch, *, held: bool) -> Snapshot:
         snap = Snapshot(instance_id, watch, time.monotonic(), held=held)
@@ -62,6 +75,26 @@ class Observer:
                 return replace(snap, exists=False)
             _ = list(inst.nodes)
             busy = queue.busy_with(s, instance_id, except_kinds=queue.BACKGROUND_KINDS)
+        prepared = self._prepare(snap, inst, f"{busy.kind} ({busy.description})"
+                                 if busy is not None else None)
+        snap = prepared.snap
+        if prepared.primary is None:
+            return snap
+        primary = prepared.primary
+        snap = self._probe(snap, prepared.password, primary, prepared.standby)
+        seen = snap.primary_seen
+        assert seen is not None
+        if seen.outcome == "down" and snap.watch.primary_failures >= \
+                self.settings.failures_before_acting:
+            cloud = snap.cloud or probe.cloud_state(self.runtime.cloud, primary.server_id)
+            snap = replace(snap, cloud=cloud, last_failover_age=self._last_failover_age(inst))
+        elif seen.ok and snap.plan_ha:
+            snap = replace(snap, rebuild_failed=self._last_rebuild_failure(inst))
+        return snap
+
+    def _prepare(self, snap: Snapshot, inst: Instance, busy: str | None) -> Prepared:
+        """The snapshot before the probes, and the nodes to probe (none when a rung before
+        the probes applies)."""
         plan = self.runtime.catalog.plan(inst.plan_id)
         primary = inst.primary()
         if primary is not None and not primary.management_address:
@@ -73,26 +106,68 @@ class Observer:
             plan_ha=plan.cloud.is_ha if plan is not None else None,
             primary=_view(primary), standby=_view(standby),
             sync_standby_id=inst.sync_standby_node_id, last_lag_bytes=inst.last_lag_bytes,
-            busy=f"{busy.kind} ({busy.description})" if busy is not None else None)
+            busy=busy)
         if before_probe(snap) is not None:
-            return snap
-        assert primary is not None and primary.management_address
-        password = self.runtime.vault.decrypt(inst.admin_password_enc)
-        snap = self._probe(snap, password, _Target(primary.management_address,
-                                                   inst.ca_for(primary), primary.server_id),
-                           _target(inst, standby))
-        seen = snap.primary_seen
-        assert seen is not None
-        if seen.outcome == "down" and snap.watch.primary_failures >= \
-                self.settings.failures_before_acting:
-            cloud = snap.cloud or probe.cloud_state(self.runtime.cloud, primary.server_id)
-            snap = replace(snap, cloud=cloud, last_failover_age=self._last_failover_age(inst))
-        elif seen.ok and snap.plan_ha:
-            snap = replace(snap, rebuild_failed=self._last_rebuild_failure(inst))
-        return replace(snap, certificates=self._certificates(inst))
+            return Prepared(snap)
+        assert primary is not None
+        snap = replace(snap, certificates=self._certificates(inst))
+        return Prepared(snap, self._password(inst), _target(inst, primary),
+                        _target(inst, standby))
 
-    def _probe(self, snap: Snapshot, password: str, primary: _Target,
-               standby: _Target | None) -> Snapshot:
+    def _password(self, inst: Instance) -> str:
+        """The admin password, decrypted once per ciphertext (a sweep reads them all)."""
+        cached = self._passwords.get(inst.id)
+        if cached is None or cached[0] != inst.admin_password_enc:
+            cached = (inst.admin_password_enc,
+                      self.runtime.vault.decrypt(inst.admin_password_enc))
+            self._passwords[inst.id] = cached
+        return cached[1]
+
+    def forget(self, instance_id: str) -> None:
+        self.last_probe_start.pop(instance_id, None)
+        self._passwords.pop(instance_id, None)
+
+    def prepare_many(self, watches: dict[str, Watch]) -> list[Prepared]:
+        """`_prepare` for many held instances, reading the store in one session."""
+        ids = list(watches)
+        now = time.monotonic()
+        with self.runtime.store.session() as s:
+            rows = {inst.id: inst for inst in s.scalars(
+                select(Instance).where(Instance.id.in_(ids))
+                .options(selectinload(Instance.nodes)))}
+            busy: dict[str, str] = {}
+            for instance_id, kind, description in s.execute(
+                    select(Operation.instance_id, Operation.kind, Operation.description)
+                    .where(Operation.instance_id.in_(ids))
+                    .where(Operation.state.in_(UNFINISHED))
+                    .where(Operation.kind.not_in(queue.BACKGROUND_KINDS))
+                    .order_by(Operation.created_at.desc())):
+                busy[instance_id] = f"{kind} ({description})"   # the oldest wins
+            prepared = []
+            for instance_id in ids:
+                snap = Snapshot(instance_id, watches[instance_id], now)
+                inst = rows.get(instance_id)
+                if inst is None or inst.deleted_at is not None:
+                    prepared.append(Prepared(replace(snap, exists=False)))
+                else:
+                    prepared.append(self._prepare(snap, inst, busy.get(instance_id)))
+        return prepared
+
+    def with_probes(self, snap: Snapshot, primary: probe.Probe,
+                    standby: probe.Probe | None) -> Snapshot:
+        """A sweep's snapshot once its probes answered: one probe of each node."""
+        for role, result in (("primary", primary), ("standby", standby)):
+            if result is not None:
+                instruments.observe_probe(role, result.outcome, result.elapsed)
+        down = primary.outcome == "down"
+        failures = snap.watch.primary_failures + 1 if down else 0
+        instruments.detection.probed(snap.instance_id, down=down,
+                                     first_started=time.monotonic() - primary.elapsed)
+        return replace(snap, watch=replace(snap.watch, primary_failures=failures),
+                       primary_seen=primary, standby_seen=standby)
+
+    def _probe(self, snap: Snapshot, password: str, primary: Target,
+               standby: Target | None) -> Snapshot:
         """Probe the primary (the remaining confirmations after a failure, `recheck`
         apart and overlapping) and the standby, concurrently; ask the cloud when failing."""
         timeout = self.settings.connect_timeout
@@ -185,7 +260,7 @@ def _view(node: Node | None) -> NodeView | None:
     return NodeView(node.id, node.application_name) if node is not None else None
 
 
-def _target(inst: Instance, node: Node | None) -> _Target | None:
+def _target(inst: Instance, node: Node | None) -> Target | None:
     if node is None or not node.management_address:
         return None
-    return _Target(node.management_address, inst.ca_for(node), node.server_id)
+    return Target(node.management_address, inst.ca_for(node), node.server_id)

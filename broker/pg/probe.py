@@ -24,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import select
+import selectors
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -178,9 +179,13 @@ def probe(address: str, password: str, *, timeout: float, port: int = 5432,
         if conn is not None:
             with contextlib.suppress(psycopg2.Error):
                 conn.close()
+    return _answered(address, row, time.monotonic() - start)
+
+
+def _answered(address: str, row: Any, elapsed: float) -> Probe:
     in_recovery, lsn, receive_lsn, sync_names, replicas = row
     return Probe(
-        address, "ok", time.monotonic() - start,
+        address, "ok", elapsed,
         in_recovery=bool(in_recovery),
         lsn=int(lsn) if lsn is not None else None,
         receive_lsn=int(receive_lsn) if receive_lsn is not None else None,
@@ -196,6 +201,100 @@ def probe(address: str, password: str, *, timeout: float, port: int = 5432,
             for r in (replicas or [])
         ),
     )
+
+
+class Link:
+    """A persistent probe connection to one node, driven by the caller's event loop.
+
+    It connects once (TLS verified as `probe` does) and then runs the health query on
+    the same session at every check: no handshake per check. Between checks the socket
+    is idle; when it turns readable the server has closed it or said goodbye (crash,
+    shutdown, a terminated backend): the caller then probes at once (`start`), which
+    fails at once on a dead session, instead of waiting for the next check."""
+
+    def __init__(self, address: str, password: str, *, ca_pem: str | None = None,
+                 port: int = 5432) -> None:
+        self.address, self.port = address, port
+        self.password, self.ca_pem = password, ca_pem
+        self.conn: Any = None
+        self.busy = False           # a probe is running (connect or query)
+        self.started = 0.0
+        self.deadline = 0.0
+        self.events = selectors.EVENT_READ
+        self._cursor: Any = None
+
+    def same_target(self, address: str, password: str, ca_pem: str | None) -> bool:
+        return (self.address, self.password, self.ca_pem) == (address, password, ca_pem)
+
+    def fileno(self) -> int:
+        return int(self.conn.fileno())
+
+    @property
+    def connecting(self) -> bool:
+        """A probe is setting up the session (handshake, authentication)."""
+        return self.busy and self._cursor is None
+
+    def start(self, timeout: float) -> Probe | None:
+        """Begin a probe (connect first if needed); a result only when it failed at once."""
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout
+        self.busy = True
+        try:
+            if self.conn is None:
+                self.conn = psycopg2.connect(
+                    host=self.address, port=self.port, user="postgres",
+                    password=self.password, dbname="postgres",
+                    application_name=APPLICATION_NAME, async_=True,
+                    **ssl_params(self.ca_pem), options=SESSION_OPTIONS)
+                self._cursor = None
+            else:
+                self._send()
+        except psycopg2.Error as exc:
+            return self._failed(*_classify(str(exc)))
+        except OSError as exc:
+            return self._failed("down", exc.strerror or str(exc))
+        return self.advance()
+
+    def _send(self) -> None:
+        self._cursor = self.conn.cursor()
+        self._cursor.execute(_QUERY)
+
+    def advance(self) -> Probe | None:
+        """Drive the running probe on a socket event; its result once it is known."""
+        try:
+            state = self.conn.poll()
+            if state == ext.POLL_OK:
+                if self._cursor is None:   # connected: now the query
+                    self._send()
+                    return self.advance()
+                row = self._cursor.fetchone()
+                self.busy = False
+                self.events = selectors.EVENT_READ
+                return _answered(self.address, row, time.monotonic() - self.started)
+        except psycopg2.Error as exc:
+            return self._failed(*_classify(str(exc)))
+        except OSError as exc:
+            return self._failed("down", exc.strerror or str(exc))
+        self.events = selectors.EVENT_WRITE if state == ext.POLL_WRITE else selectors.EVENT_READ
+        return None
+
+    def expire(self) -> Probe:
+        """The deadline passed: the probe failed; the session is dropped (its state is
+        unknown) and the next probe connects afresh."""
+        return self._failed("down", f"no answer within {self.deadline - self.started:g} s")
+
+    def _failed(self, outcome: Outcome, error: str) -> Probe:
+        elapsed = time.monotonic() - self.started
+        self.close()
+        return Probe(self.address, outcome, elapsed, error=error)
+
+    def close(self) -> None:
+        self.busy = False
+        self._cursor = None
+        if self.conn is not None:
+            with contextlib.suppress(psycopg2.Error):
+                self.conn.close()
+        self.conn = None
 
 
 @dataclass(frozen=True)
