@@ -84,14 +84,21 @@ class Server:
         pwfile = self.root / "pw"
         pwfile.write_text(password)  # read by initdb, never on a command line
         os.chown(pwfile, user.pw_uid, user.pw_gid)
-        self._run(f"{self.bin}/initdb", "-D", str(self.data), "-U", "postgres", "-N",
-                  "-A", "scram-sha-256", f"--pwfile={pwfile}")
-        pwfile.unlink()
-        self._run(f"{self.bin}/pg_ctl", "-D", str(self.data), "-w", "-l",
-                  str(self.root / "log"), "-o",
-                  f"-c listen_addresses={address} -c port=5432 "
-                  f"-c unix_socket_directories={self.root} -c fsync=off "
-                  f"-c max_connections={max_connections}", "start")
+        try:
+            self._run(f"{self.bin}/initdb", "-D", str(self.data), "-U", "postgres", "-N",
+                      "-A", "scram-sha-256", f"--pwfile={pwfile}")
+            pwfile.unlink()
+            self._run(f"{self.bin}/pg_ctl", "-D", str(self.data), "-w", "-l",
+                      str(self.root / "log"), "-o",
+                      f"-c listen_addresses={address} -c port=5432 "
+                      f"-c unix_socket_directories={self.root} -c fsync=off "
+                      f"-c max_connections={max_connections}", "start")
+        except subprocess.CalledProcessError as exc:
+            # Say why (the address taken by another run, most often), leave nothing.
+            log = self.root / "log"
+            why = log.read_text()[-800:] if log.exists() else exc.stderr.decode()[-800:]
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise SystemExit(f"PostgreSQL on {address}:5432 did not start:\n{why}") from exc
 
     def _run(self, *cmd: str) -> None:
         user = pwd.getpwnam(PG_USER)

@@ -8,18 +8,35 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import uuid
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography.fernet import Fernet
 from sqlalchemy import select
 
-from broker.backup import records
+from broker.backup import records, report
+from broker.backup import schedule as backup_schedule
 from broker.backup.schedule import FIRST_BACKUP_DELAY, Scheduler
+from broker.config import load_settings
 from broker.operations import backup, queue, restore
 from broker.operations.params import BackupParams
 from broker.operations.refusals import InvalidRequest
+from broker.runtime import build_runtime
 from broker.store.db import Store
-from broker.store.models import BackupRepository, Operation, aware, utcnow
+from broker.store.models import (
+    NODE_RUNNING,
+    PRIMARY,
+    READY,
+    BackupRepository,
+    Instance,
+    Node,
+    Operation,
+    aware,
+    utcnow,
+)
 from harness.backups import repository, switch_and_wait_archived
 from harness.env import ROOT, failover_env
 from harness.workflows import deprovision, finish, make_engine, make_runtime, provision
@@ -163,3 +180,52 @@ def test_nothing_waits_behind_a_backup_and_the_monitor_acts_during_one() -> None
         with env.runtime.store.session() as s:
             s.add(backup.new_backup(instance_id, "full", cause="test"))
             assert queue.busy_with(s, instance_id, except_kinds=queue.BACKGROUND_KINDS) is None
+
+
+def test_the_archiving_check_connects_to_a_few_primaries_at_a_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1,000 instances must not cost their nodes 1,000 new sessions in a burst: each call
+    reads the archiving of at most ARCHIVING_BATCH primaries, a round covers every
+    instance once, and the next round waits for ARCHIVING_CHECK_SECONDS."""
+    rt = build_runtime(load_settings({
+        "BROKER_USERNAME": "u", "BROKER_PASSWORD": "p", "BROKER_STATE_DIR": str(tmp_path),
+        "BROKER_ENCRYPTION_KEY": Fernet.generate_key().decode()}))
+    count = backup_schedule.ARCHIVING_BATCH * 2 + 3
+    plan = rt.catalog.plan_by_name("standalone")
+    secret = rt.vault.encrypt("pw")
+    with rt.store.session() as s:
+        for k in range(count):
+            instance_id = str(uuid.uuid4())
+            s.add(Instance(id=instance_id, service_id=plan.service_id, plan_id=plan.id,
+                           organization_guid="o", space_guid="s", state=READY,
+                           replication="async", admin_password_enc=secret,
+                           replication_password_enc=secret))
+            # Nothing listens there: a refused connection, as fast as it gets.
+            s.add(Node(id=uuid.uuid4().hex[:8], instance_id=instance_id, role=PRIMARY,
+                       state=NODE_RUNNING, availability_zone="az1",
+                       management_address=f"127.0.9.{k % 250 + 1}"))
+    checked: list[str] = []
+    real = report.archiving
+
+    def counting(runtime: Any, inst: Instance) -> dict[str, Any]:
+        checked.append(inst.id)
+        return real(runtime, inst)
+
+    monkeypatch.setattr(report, "archiving", counting)
+    try:
+        scheduler = Scheduler(rt)
+        calls = 0
+        while True:
+            before = len(checked)
+            scheduler.check_archiving(lambda _: True)
+            calls += 1
+            assert len(checked) - before <= backup_schedule.ARCHIVING_BATCH
+            if len(checked) == before:
+                break
+        assert sorted(checked) == sorted(set(checked)) and len(checked) == count
+        assert calls == 4   # three batches, then a round that has not come yet
+        monkeypatch.setattr(backup_schedule, "ARCHIVING_CHECK_SECONDS", 0.0)
+        scheduler.check_archiving(lambda _: True)
+        assert len(checked) == count + backup_schedule.ARCHIVING_BATCH  # the next round
+    finally:
+        rt.store.dispose()

@@ -11,6 +11,7 @@ sends a check's decision to the sweep or to a watcher.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pwd
 import random
@@ -129,13 +130,20 @@ class NodeServer:
 
     def monitor_sessions(self) -> list[str]:
         """The states of the monitor's sessions, as the server sees them."""
+        return [str(state) for state, _pid, _query in self._monitor_activity()]
+
+    def monitor_session_queries(self) -> list[tuple[int, str]]:
+        """(backend pid, last statement) of each of the monitor's sessions."""
+        return [(int(str(pid)), str(query)) for _state, pid, query in self._monitor_activity()]
+
+    def _monitor_activity(self) -> list[tuple[object, ...]]:
         conn = psycopg2.connect(host=self.address, user="postgres", password=self.password,
                                 dbname="postgres", connect_timeout=5)
         try:
             with conn.cursor() as cur:
-                cur.execute("SELECT state FROM pg_stat_activity "
+                cur.execute("SELECT state, pid, query FROM pg_stat_activity "
                             "WHERE application_name = 'pgha-monitor'")
-                return [row[0] for row in cur.fetchall()]
+                return [tuple(row) for row in cur.fetchall()]
         finally:
             conn.close()
 
@@ -152,14 +160,29 @@ class NodeServer:
 
     def kill(self) -> None:
         """kill -9 the postmaster and every backend: a crash."""
+        self._signal_all(signal.SIGKILL)
+
+    def freeze(self) -> None:
+        """SIGSTOP every process: the kernel still accepts connections, nothing answers."""
+        self.frozen = True
+        self._signal_all(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self._signal_all(signal.SIGCONT)
+        self.frozen = False
+
+    def _signal_all(self, signum: int) -> None:
         postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
         children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True,
                                   text=True).stdout.split()
         for pid in [postmaster, *map(int, children)]:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signum)
 
     def stop(self) -> None:
+        if getattr(self, "frozen", False):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                self.thaw()   # else the stop below would wait for it
         try:
             if (self.data / "postmaster.pid").exists():
                 self._as_postgres(f"{self.bin_dir}/pg_ctl", "-D", str(self.data), "-m",
@@ -416,3 +439,125 @@ def test_a_dead_worker_on_another_host_is_taken_over_when_its_lease_expires(
             stop.set()
             thread.join(timeout=30)
         assert not thread.is_alive()
+
+
+def _probe_once(loop: ProbeLoop, key: tuple[str, str],
+                results: list[tuple[tuple[str, str], Probe]]) -> Probe:
+    """One probe of `key` driven to its result."""
+    before = len(results)
+    loop.submit([key])
+    stop = threading.Event()
+    guard = time.monotonic() + 45
+    while len(results) == before and time.monotonic() < guard:
+        loop.run(until=time.monotonic() + 0.2, stop=stop)
+    assert len(results) == before + 1, "no result within 45 s"
+    return results[-1][1]
+
+
+def test_a_persistent_session_prepares_the_probe_once(node_server: NodeServer) -> None:
+    """The node parses and plans the health query once per session: later probes on it
+    only execute it, and a new session (after the old one was terminated) prepares it
+    again and answers."""
+    results: list[tuple[tuple[str, str], Probe]] = []
+    loop = ProbeLoop(5.0, lambda key, result: results.append((key, result)))
+    key = ("instance", PRIMARY)
+    try:
+        loop.link(key, node_server.address, node_server.password, None)
+        first = _probe_once(loop, key, results)
+        assert first.ok and first.in_recovery is False and first.replicas == (), first
+        [(pid, query)] = node_server.monitor_session_queries()
+        assert query.startswith("PREPARE pgha_probe AS"), query
+        for _ in range(2):
+            again = _probe_once(loop, key, results)
+            assert again.ok and again.lsn is not None and again.lsn >= (first.lsn or 0)
+            assert node_server.monitor_session_queries() == [(pid, "EXECUTE pgha_probe")]
+        node_server.terminate_monitor_sessions()
+        eventually(lambda: node_server.monitor_session_queries() == [],
+                   "the monitor's session gone", 20)
+        lost = _probe_once(loop, key, results)
+        assert lost.outcome == "down", lost    # the session was closed under it
+        fresh = _probe_once(loop, key, results)
+        assert fresh.ok, fresh
+        [(new_pid, query)] = node_server.monitor_session_queries()
+        assert new_pid != pid and query.startswith("PREPARE pgha_probe AS"), query
+    finally:
+        loop.close_all()
+
+
+SUSPECT_ENV = {"BROKER_MONITOR_INTERVAL": "1", "BROKER_MONITOR_CONNECT_TIMEOUT": "3"}
+
+
+@contextlib.contextmanager
+def _monitoring(rt: Runtime, server: NodeServer) -> Iterator[str]:
+    """A standalone instance on `server`, watched by a running monitor whose probe
+    session on the server is idle."""
+    instance_id = _standalone(rt, server)
+    monitor = Monitor(rt, None, drive_queued=False)
+    stop = threading.Event()
+    thread = threading.Thread(target=monitor.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        eventually(lambda: server.monitor_sessions() == ["idle"],
+                   "the monitor's idle probe session", 45)
+        yield instance_id
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+@pytest.mark.e2e
+def test_the_sweep_follows_a_node_moved_in_the_store(pg_state_url: str) -> None:
+    """The sweep reuses a routine instance's store read for a few seconds, never for
+    good: once the store says the instance's node is another server (a rebuild, an
+    operator's repair), the monitor's session moves there, with no failover queued."""
+    old, new = NodeServer(), NodeServer()
+    try:
+        with _runtime(pg_state_url, BROKER_MONITOR_INTERVAL="1") as rt:
+            with _monitoring(rt, old) as instance_id:
+                with rt.store.session() as s:
+                    inst = s.get(Instance, instance_id)
+                    assert inst is not None
+                    inst.admin_password_enc = rt.vault.encrypt(new.password)
+                    inst.nodes[0].management_address = new.address
+                eventually(lambda: new.monitor_sessions() == ["idle"]
+                           and old.monitor_sessions() == [],
+                           "the monitor's session moved to the second server", 45)
+            assert _queued(rt, instance_id) == []
+    finally:
+        old.stop()
+        new.stop()
+
+@pytest.mark.e2e
+def test_a_frozen_primary_is_confirmed_without_waiting_out_the_hung_probe(
+        pg_state_url: str, node_server: NodeServer, caplog: pytest.LogCaptureFixture) -> None:
+    """A sweep probe that hangs on its open session (a frozen or black-holed node) sets
+    off every confirmation at once, after a third of the deadline: the failover comes
+    from those three failed probes."""
+    with _runtime(pg_state_url, **SUSPECT_ENV) as rt, \
+            caplog.at_level(logging.INFO, logger="broker.monitor"), \
+            _monitoring(rt, node_server) as instance_id:
+        node_server.freeze()
+        eventually(lambda: _queued(rt, instance_id) == [RESURRECT],
+                   "the failover (resurrect) queued", 45)
+    assert f"instance {instance_id}: the primary has not answered its probe in 1.00 s: " \
+           "confirming now" in caplog.text
+    assert "unreachable (no answer within 3 s)" in caplog.text
+
+
+@pytest.mark.e2e
+def test_a_primary_that_pauses_is_suspected_but_not_failed_over(
+        pg_state_url: str, node_server: NodeServer, caplog: pytest.LogCaptureFixture) -> None:
+    """A primary that stops answering for a moment (a long fsync, a migration's lock on
+    the catalog) is suspected, and the confirmations, with their full deadline, find it
+    answering again: nothing is queued, the sweep has its session back."""
+    with _runtime(pg_state_url, **SUSPECT_ENV) as rt, \
+            caplog.at_level(logging.INFO, logger="broker.monitor"), \
+            _monitoring(rt, node_server) as instance_id:
+        node_server.freeze()
+        eventually(lambda: "confirming now" in caplog.text, "the primary suspected", 45)
+        node_server.thaw()   # well within the confirmations' 3 s deadline
+        eventually(lambda: node_server.monitor_sessions() == ["idle"],
+                   "the sweep's probe session back", 45)
+        time.sleep(2)        # a check or two more: still nothing queued
+        assert _queued(rt, instance_id) == []

@@ -40,6 +40,14 @@ def recheck_delay(settings: MonitorSettings) -> float:
     return max(0.05, min(0.2, settings.check_interval / 5))
 
 
+def suspect_delay(settings: MonitorSettings) -> float:
+    """How long the sweep waits for a primary's answer on its open session before it
+    starts the confirmations: a healthy node answers a prepared query in milliseconds;
+    a frozen or black-holed one never does, and waiting out the whole deadline first
+    would put a second deadline on top of the first."""
+    return max(recheck_delay(settings), settings.connect_timeout / 3)
+
+
 # --- what the monitor remembers between two checks -----------------------------------
 @dataclass(frozen=True)
 class Watch:
@@ -49,6 +57,7 @@ class Watch:
     last_primary_lsn: int | None = None
     sync_mark: rules.SyncMark | None = None
     urgent: bool = False                          # re-check after `recheck`, not the interval
+    suspect: bool = False                         # the sweep's probe hangs: confirm at once
 
     def primary_reset(self) -> Watch:
         return replace(self, primary_failures=0, urgent=False)

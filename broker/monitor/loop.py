@@ -13,11 +13,11 @@ at most one action) → act (act.py). Two paths run it (schedule.py says which):
 
 - the sweep, one thread for every held instance: each `check_interval` it reads
   them from the store (one session per slice, `SLICES` slices spread over the
-  interval), probes their nodes over persistent sessions driven by one event loop
-  (sweep.py), decides, and writes the routine records of the interval in one
-  transaction. Idle sessions stay watched: one the server closes (a crash, a
-  shutdown) is probed at once, so a dead primary counts its first failure within
-  milliseconds, not at its next check;
+  interval; a routine instance at most every STORE_READ_SECONDS), probes their
+  nodes over persistent sessions driven by one event loop (sweep.py), decides, and
+  writes the routine records of the interval in one transaction. Idle sessions stay
+  watched: one the server closes (a crash, a shutdown) is probed at once, so a dead
+  primary counts its first failure within milliseconds, not at its next check;
 - a watcher thread per instance that is not settled (a failed probe to confirm, an
   action to take): the full check with fresh probes, until it is settled again.
   It runs at once whatever it queued.
@@ -36,10 +36,14 @@ Settings (MonitorSettings, from the environment) and their defaults:
 Detection timing with the defaults: after a first failed probe the remaining probes
 follow `recheck` (interval / 5, at most 0.2 s) apart, each with the full
 connect_timeout, overlapping when they hang: no fewer confirmations than before, a
-closed session counts as one failed probe only. A crashed primary (its sessions
-closed, then connection refused) is acted on ~0.4 s after the crash, whatever the
-phase of the sweep; a frozen or black-holed one ~2.2 s after the start of the
-first probe that hung (~2.7 s after the fault on average).
+closed session counts as one failed probe only. A sweep probe of a primary that hangs
+on its open session for `suspect_delay` (connect_timeout / 3) is not waited out: its
+watcher starts all `failures_before_acting` probes at once, `recheck` apart, each
+with the full deadline. A crashed primary (its sessions closed, then connection
+refused) is acted on ~0.4 s after the crash, whatever the phase of the sweep; a
+frozen or black-holed one ~1.8 s after the start of the first probe that hung
+(0.33 s of suspicion, three probes 0.2 s apart of 1 s each), ~2.3 s after the fault
+on average.
 
 The monitor runs the operations it queues itself, at once (drive.py).
 """
@@ -63,7 +67,7 @@ from broker.config import MonitorSettings
 from broker.metrics import instruments
 from broker.monitor import schedule
 from broker.monitor.act import Executor
-from broker.monitor.decide import Snapshot, Watch, decide, recheck_delay
+from broker.monitor.decide import Snapshot, Watch, decide, recheck_delay, suspect_delay
 from broker.monitor.drive import Driver
 from broker.monitor.leases import WORKER_PREFIX, Leases, monitor_lease_name
 from broker.monitor.observe import Observer, Prepared
@@ -92,6 +96,11 @@ SLICES = 10
 RETURN_POLL = 0.25
 # How long the sweep drives the sessions between two looks at a store read it waits for.
 READ_POLL = 0.005
+# A routine instance is read from the store at most this often by the sweep (its nodes
+# are probed every interval regardless): reading 1,000 instances with their nodes every
+# second costs more CPU than probing them. Anything but a routine check hands the
+# instance to its watcher, which reads afresh, so a stale read never decides an action.
+STORE_READ_SECONDS = 5.0
 
 
 @dataclass
@@ -128,7 +137,9 @@ class Monitor:
         self._to_launch: SimpleQueue[str] = SimpleQueue()   # instances for a watcher
         # False (benchmarks): queue what the ladder decides and leave it queued.
         self.drive_queued = drive_queued
-        self.probes = ProbeLoop(self.settings.connect_timeout, self._on_probe)
+        self.probes = ProbeLoop(self.settings.connect_timeout, self._on_probe,
+                                suspect_after=suspect_delay(self.settings),
+                                on_slow=self._on_slow)
         # The sweep's probes in flight (instance id → what was read, the answers so far)
         # and the routine records of this interval, written at the next one.
         self._pending: dict[str, tuple[Prepared, dict[str, Probe]]] = {}
@@ -290,7 +301,8 @@ class Monitor:
         trips, each of which would otherwise wait for the read (its deadline counts)."""
         watches = {i: self._watch.setdefault(i, _Watch()) for i in ids}
         read = self._reader.submit(self.observer.prepare_many,
-                                   {i: w.counters for i, w in watches.items()})
+                                   {i: w.counters for i, w in watches.items()},
+                                   STORE_READ_SECONDS)
         while not read.done() and not stop.is_set():
             self.probes.run(until=time.monotonic() + READ_POLL, stop=stop)
         jobs: list[Key] = []
@@ -358,6 +370,7 @@ class Monitor:
             self._records[instance_id] = decision.record.lag
             status = decision.status
         else:
+            self.observer.reread(instance_id)   # it changes the instance's row
             outcome = self.executor.carry_out(snap, decision)
             watch.decided = outcome.logged
             status = outcome.status
@@ -381,6 +394,19 @@ class Monitor:
                  instance_id, role, result.error)
         self._escalate(instance_id)
 
+    def _on_slow(self, key: Key) -> None:
+        """The sweep's probe of a primary, on its open session, has had no answer for
+        `suspect_delay`: its watcher starts every confirmation now (each with the full
+        deadline) instead of after this probe's deadline."""
+        instance_id, role = key
+        watch = self._watch.get(instance_id)
+        if role != PRIMARY or watch is None or instance_id not in self._pending:
+            return
+        watch.counters = replace(watch.counters, suspect=True)
+        log.info("instance %s: the primary has not answered its probe in %.2f s: "
+                 "confirming now", instance_id, suspect_delay(self.settings))
+        self._escalate(instance_id)
+
     def _escalate(self, instance_id: str) -> None:
         """Hand the instance to its own watcher thread (the full check) until settled."""
         with self._lock:
@@ -388,6 +414,7 @@ class Monitor:
                 return
             self._full.add(instance_id)
             self._pending.pop(instance_id, None)
+            self.observer.reread(instance_id)
             self.probes.close((instance_id, PRIMARY))
             self.probes.close((instance_id, STANDBY))
         # Starting a thread waits for it to run: not in the probe loop's thread.
@@ -444,6 +471,7 @@ class Monitor:
             with self._lock:
                 self._full.discard(instance_id)
                 self._threads.pop(instance_id, None)
+                self.observer.reread(instance_id)
                 self._returning.append(instance_id)
 
     # --- one check ----------------------------------------------------------------------

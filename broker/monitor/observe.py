@@ -64,6 +64,8 @@ class Observer:
         self.recheck = recheck
         self.last_probe_start: dict[str, float] = {}   # instance id → monotonic
         self._passwords: dict[str, tuple[str, str]] = {}  # id → (ciphertext, password)
+        # The sweep's last store read of each routine instance: (monotonic, Prepared).
+        self._reads: dict[str, tuple[float, Prepared]] = {}
 
     def snapshot(self, instance_id: str, watch: Watch, *, held: bool) -> Snapshot:
         snap = Snapshot(instance_id, watch, time.monotonic(), held=held)
@@ -126,11 +128,29 @@ class Observer:
     def forget(self, instance_id: str) -> None:
         self.last_probe_start.pop(instance_id, None)
         self._passwords.pop(instance_id, None)
+        self.reread(instance_id)
 
-    def prepare_many(self, watches: dict[str, Watch]) -> list[Prepared]:
-        """`_prepare` for many held instances, reading the store in one session."""
-        ids = list(watches)
+    def reread(self, instance_id: str) -> None:
+        """The next sweep reads the instance from the store afresh."""
+        self._reads.pop(instance_id, None)
+
+    def prepare_many(self, watches: dict[str, Watch], max_age: float = 0.0) -> list[Prepared]:
+        """`_prepare` for many held instances, reading the store in one session; an
+        instance read less than `max_age` seconds ago, idle and with a primary to probe,
+        is taken from that read. Stale is safe here: the sweep keeps only what it finds
+        settled, and every other instance goes to its watcher, which reads afresh."""
         now = time.monotonic()
+        prepared: list[Prepared] = []
+        ids = []
+        for instance_id, watch in watches.items():
+            last = self._reads.get(instance_id)
+            if last is not None and now - last[0] < max_age:
+                cached = last[1]
+                prepared.append(replace(cached, snap=replace(cached.snap, watch=watch, now=now)))
+            else:
+                ids.append(instance_id)
+        if not ids:
+            return prepared
         with self.runtime.store.session() as s:
             rows = {inst.id: inst for inst in s.scalars(
                 select(Instance).where(Instance.id.in_(ids))
@@ -143,14 +163,18 @@ class Observer:
                     .where(Operation.kind.not_in(queue.BACKGROUND_KINDS))
                     .order_by(Operation.created_at.desc())):
                 busy[instance_id] = f"{kind} ({description})"   # the oldest wins
-            prepared = []
             for instance_id in ids:
                 snap = Snapshot(instance_id, watches[instance_id], now)
                 inst = rows.get(instance_id)
                 if inst is None or inst.deleted_at is not None:
                     prepared.append(Prepared(replace(snap, exists=False)))
+                    continue
+                read = self._prepare(snap, inst, busy.get(instance_id))
+                prepared.append(read)
+                if read.primary is not None and read.snap.busy is None:
+                    self._reads[instance_id] = (now, read)
                 else:
-                    prepared.append(self._prepare(snap, inst, busy.get(instance_id)))
+                    self._reads.pop(instance_id, None)
         return prepared
 
     def with_probes(self, snap: Snapshot, primary: probe.Probe,
@@ -173,7 +197,9 @@ class Observer:
         timeout = self.settings.connect_timeout
         failures = snap.watch.primary_failures
         needed = max(1, self.settings.failures_before_acting - failures)
-        rounds = needed if failures > 0 else 1
+        # After a failure, or a sweep probe left hanging (suspect), every confirmation
+        # at once, `recheck` apart; else one probe.
+        rounds = needed if failures > 0 or snap.watch.suspect else 1
         now = time.monotonic()
         last = self.last_probe_start.get(snap.instance_id, 0.0)
         first = max(now, last + self.recheck) if failures else now
@@ -212,7 +238,8 @@ class Observer:
                                      first_started=first if snap.watch.primary_failures == 0
                                      else None)
         return replace(
-            snap, watch=replace(snap.watch, primary_failures=failures), primary_seen=seen,
+            snap, watch=replace(snap.watch, primary_failures=failures, suspect=False),
+            primary_seen=seen,
             standby_seen=standby_seen,
             cloud=cloud_future.result() if cloud_future is not None else None)
 

@@ -33,12 +33,20 @@ STOP_POLL = 0.25
 
 Key = tuple[str, str]                       # (instance id, "primary" | "standby")
 OnResult = Callable[[Key, Probe], None]
+OnSlow = Callable[[Key], None]
 
 
 class ProbeLoop:
-    def __init__(self, timeout: float, on_result: OnResult) -> None:
+    def __init__(self, timeout: float, on_result: OnResult, *,
+                 suspect_after: float | None = None, on_slow: OnSlow | None = None) -> None:
         self.timeout = timeout
         self.on_result = on_result
+        # A query on an open session unanswered for `suspect_after` is reported once to
+        # `on_slow` (the probe runs on to its deadline). Not a new session's setup: a
+        # handshake may be slow without anything being wrong.
+        self.suspect_after = suspect_after
+        self.on_slow = on_slow
+        self._reported_slow: set[Key] = set()
         self.links: dict[Key, Link] = {}
         self.selector = selectors.DefaultSelector()
         self._registered: dict[Key, tuple[int, int]] = {}   # key → (fd, events)
@@ -58,6 +66,7 @@ class ProbeLoop:
 
     def close(self, key: Key) -> None:
         self._busy.discard(key)
+        self._reported_slow.discard(key)
         self._unwatch(key)
         link = self.links.pop(key, None)
         if link is not None:
@@ -119,6 +128,7 @@ class ProbeLoop:
 
     # --- the loop ------------------------------------------------------------------------
     def _start(self, key: Key, link: Link) -> None:
+        self._reported_slow.discard(key)
         result = link.start(self.timeout)
         if result is not None:
             self.on_result(key, result)
@@ -133,6 +143,13 @@ class ProbeLoop:
                 self._waiting.append(key)
             elif not link.busy:
                 self._start(key, link)
+
+    def _suspect_times(self) -> dict[Key, float]:
+        """When each running query on an open session turns suspect (not yet reported)."""
+        if self.on_slow is None or self.suspect_after is None:
+            return {}
+        return {k: self.links[k].started + self.suspect_after for k in self._busy
+                if k not in self._reported_slow and not self.links[k].connecting}
 
     def tracked(self) -> set[Key]:
         """The keys whose probe runs (with its deadline) or waits for a connecting slot."""
@@ -156,7 +173,8 @@ class ProbeLoop:
                         connecting += 1
             # At least one look at the sockets, even when called late.
             now = time.monotonic()
-            wake = min([until, *(self.links[k].deadline for k in self._busy)])
+            wake = min([until, *(self.links[k].deadline for k in self._busy),
+                        *self._suspect_times().values()])
             events = self.selector.select(max(0.0, min(wake - now, STOP_POLL)))
             for selector_key, _mask in events:
                 key = selector_key.data
@@ -176,5 +194,10 @@ class ProbeLoop:
                 result = link.advance() or link.expire()
                 self._sync(key, link)
                 self.on_result(key, result)
+            for key, at in self._suspect_times().items():
+                if at <= now and key in self._busy:   # not closed by an earlier callback
+                    self._reported_slow.add(key)
+                    assert self.on_slow is not None
+                    self.on_slow(key)
             if now >= until or stop.is_set():
                 return

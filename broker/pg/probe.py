@@ -45,14 +45,26 @@ SELECT pg_catalog.pg_is_in_recovery(),
               ELSE pg_catalog.pg_current_wal_lsn() END) - '0/0'::pg_catalog.pg_lsn)::bigint,
        (pg_catalog.pg_last_wal_receive_lsn() - '0/0'::pg_catalog.pg_lsn)::bigint,
        pg_catalog.current_setting('synchronous_standby_names'),
-       COALESCE((SELECT pg_catalog.json_agg(pg_catalog.json_build_object(
+       CASE WHEN NOT EXISTS (SELECT FROM pg_catalog.pg_stat_get_wal_senders())
+            THEN '[]'::pg_catalog.json
+            ELSE COALESCE((SELECT pg_catalog.json_agg(pg_catalog.json_build_object(
                     'application_name', application_name,
                     'state', state,
                     'sync_state', sync_state,
                     'flush_lsn', (flush_lsn - '0/0'::pg_catalog.pg_lsn)::bigint,
                     'replay_lsn', (replay_lsn - '0/0'::pg_catalog.pg_lsn)::bigint))
-                 FROM pg_catalog.pg_stat_replication), '[]'::pg_catalog.json)
+                 FROM pg_catalog.pg_stat_replication), '[]'::pg_catalog.json) END
 """
+# pg_stat_replication joins every backend's status (pg_stat_get_activity copies them
+# all, once per transaction): on a node with hundreds of app connections that is most
+# of the probe's cost on the server. The WAL senders' own list is cheap, and without a
+# sender the view is empty anyway, so a standalone node or a standby never pays for it.
+
+# A persistent probe session prepares the query once (its first probe) and then only
+# executes it: no parse and plan on the node at every check.
+_PREPARED = "pgha_probe"
+_PREPARE_AND_EXECUTE = f"PREPARE {_PREPARED} AS {_QUERY}; EXECUTE {_PREPARED}"
+_EXECUTE = f"EXECUTE {_PREPARED}"
 
 # PostgreSQL answers, but is not serving: as good as down for the apps.
 _NOT_SERVING = (
@@ -222,6 +234,7 @@ class Link:
         self.deadline = 0.0
         self.events = selectors.EVENT_READ
         self._cursor: Any = None
+        self._prepared = False      # this session has the probe query prepared
 
     def same_target(self, address: str, password: str, ca_pem: str | None) -> bool:
         return (self.address, self.password, self.ca_pem) == (address, password, ca_pem)
@@ -257,7 +270,8 @@ class Link:
 
     def _send(self) -> None:
         self._cursor = self.conn.cursor()
-        self._cursor.execute(_QUERY)
+        # Several statements in one simple query: the cursor holds the last one's rows.
+        self._cursor.execute(_EXECUTE if self._prepared else _PREPARE_AND_EXECUTE)
 
     def advance(self) -> Probe | None:
         """Drive the running probe on a socket event; its result once it is known."""
@@ -269,6 +283,7 @@ class Link:
                     return self.advance()
                 row = self._cursor.fetchone()
                 self.busy = False
+                self._prepared = True
                 self.events = selectors.EVENT_READ
                 return _answered(self.address, row, time.monotonic() - self.started)
         except psycopg2.Error as exc:
@@ -291,6 +306,7 @@ class Link:
     def close(self) -> None:
         self.busy = False
         self._cursor = None
+        self._prepared = False
         if self.conn is not None:
             with contextlib.suppress(psycopg2.Error):
                 self.conn.close()
