@@ -8,6 +8,7 @@ import ipaddress
 import os
 import pwd
 import subprocess
+import threading
 from pathlib import Path
 
 import psycopg2
@@ -267,3 +268,29 @@ def test_a_volume_from_before_users_per_volume_boots_as_its_own_user(
     for path in (volume_dir, data, data / "PG_VERSION", data / "pg_hba.conf"):
         assert os.lstat(path).st_uid == owner.pw_uid, path
     assert oct(volume_dir.stat().st_mode & 0o777) == oct(0o700)
+
+
+def test_engines_starting_together_all_get_the_bridge(local_cloud: LocalCloud) -> None:
+    """A worker's engines start their first operations at once, each making sure of the
+    bridge: one makes it again (here: after it was removed), none fails on `File exists`."""
+    cloud = local_cloud
+    subprocess.run(["ip", "link", "del", cloud.bridge], check=True)
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def ensure() -> None:
+        barrier.wait(timeout=45)
+        try:
+            cloud.plumbing.ensure_bridge()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ensure) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    shown = subprocess.run(["ip", "-4", "-o", "addr", "show", "dev", cloud.bridge],
+                           capture_output=True, text=True, check=True).stdout
+    assert f" {cloud.broker_address}/" in shown
