@@ -4,6 +4,7 @@ servers, fencing and deletion."""
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import os
 import pwd
@@ -15,7 +16,7 @@ import psycopg2
 import pytest
 
 from broker.cloud.base import CloudError, Port, ServerSpec, ServerStatus
-from broker.cloud.local import LocalCloud, LocalCloudUnavailable
+from broker.cloud.local import LocalCloud, LocalCloudUnavailable, boot
 from broker.guest.bootstrap import GuestConfig
 from broker.pg import connection, replication, tenants
 from harness.machine import list_interfaces, list_namespaces, pg_bin_dir, world_traversable_tmpdir
@@ -294,3 +295,36 @@ def test_engines_starting_together_all_get_the_bridge(local_cloud: LocalCloud) -
     shown = subprocess.run(["ip", "-4", "-o", "addr", "show", "dev", cloud.bridge],
                            capture_output=True, text=True, check=True).stdout
     assert f" {cloud.broker_address}/" in shown
+
+
+@pytest.mark.e2e
+def test_the_guest_agent_configures_a_plugged_port_with_the_records_free(
+        local_cloud: LocalCloud, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead host's failovers move many service ports at once: the guest's NIC agent
+    (a Python start and a few `ip` runs each) must not hold the cloud's records lock,
+    or the ports move one at a time while every other call to the cloud waits."""
+    cloud = local_cloud
+    tags = {"pgha-instance": INSTANCE}
+    mgmt = cloud.create_port("pgha-inst1-a", "management", tags)
+    service = cloud.create_port("pgha-inst1-service", "service", tags)
+    volume = cloud.create_volume("pgha-inst1-a", 1, "az1", None, tags)
+    server = cloud.create_server(spec("pgha-inst1-a", "az1", mgmt.id, volume.id, guest(
+        cloud, "a", "primary", (mgmt.address,), service=service, address=mgmt.address)))
+    records_free: list[bool] = []
+    real_agent = boot.run_nic_agent
+
+    def agent_seeing_the_records(server_dir: Path, server_id: str) -> None:
+        fd = os.open(cloud.records.lock_path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            records_free.append(True)
+        except BlockingIOError:
+            records_free.append(False)
+        finally:
+            os.close(fd)  # releases the flock, if taken
+        real_agent(server_dir, server_id)
+
+    monkeypatch.setattr(boot, "run_nic_agent", agent_seeing_the_records)
+    cloud.attach_port(service.id, server.id)
+    assert records_free == [True]
+    assert in_recovery_via(service.address) is False  # the agent did configure it

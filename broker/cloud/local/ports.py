@@ -104,8 +104,11 @@ class LocalPorts:
             if live_status(server) != ServerStatus.ACTIVE:
                 return False
             self._guest_knows_nics(st, server)
-            boot.run_nic_agent(boot.server_dir(self.root, server_id), server_id)
-            return True
+        # The agent runs in the guest, as udev's would, outside the records' lock: it
+        # takes a Python start and a few `ip` runs (0.1-0.5 s on a loaded machine), and
+        # under the lock a dead host's failovers moved their addresses one at a time.
+        boot.run_nic_agent(boot.server_dir(self.root, server_id), server_id)
+        return True
 
     def detach_port(self, port_id: str, server_id: str) -> None:
         with self.records.locked() as st:
