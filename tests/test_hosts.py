@@ -31,7 +31,7 @@ def test_the_host_map_and_the_bounds_come_from_the_environment() -> None:
     assert settings.operations == OperationSettings(max_failovers=3, max_rebuilds=1)
     defaults = load_settings(ENV)
     assert dict(defaults.local_hosts) == DEFAULT_HOSTS
-    assert defaults.operations == OperationSettings(max_failovers=8, max_rebuilds=2)
+    assert defaults.operations == OperationSettings(max_failovers=16, max_rebuilds=2)
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [

@@ -10,6 +10,7 @@ import os
 import pwd
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg2
@@ -298,11 +299,12 @@ def test_engines_starting_together_all_get_the_bridge(local_cloud: LocalCloud) -
 
 
 @pytest.mark.e2e
-def test_the_guest_agent_configures_a_plugged_port_with_the_records_free(
+def test_a_service_port_moves_with_the_records_free(
         local_cloud: LocalCloud, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A dead host's failovers move many service ports at once: the guest's NIC agent
-    (a Python start and a few `ip` runs each) must not hold the cloud's records lock,
-    or the ports move one at a time while every other call to the cloud waits."""
+    """A dead host's failovers move many service ports at once: the moves (`ip` runs)
+    and the guest's NIC agent (a Python start and more `ip` runs) must not hold the
+    cloud's records lock, or the ports move one at a time while every other call to
+    the cloud waits."""
     cloud = local_cloud
     tags = {"pgha-instance": INSTANCE}
     mgmt = cloud.create_port("pgha-inst1-a", "management", tags)
@@ -310,21 +312,27 @@ def test_the_guest_agent_configures_a_plugged_port_with_the_records_free(
     volume = cloud.create_volume("pgha-inst1-a", 1, "az1", None, tags)
     server = cloud.create_server(spec("pgha-inst1-a", "az1", mgmt.id, volume.id, guest(
         cloud, "a", "primary", (mgmt.address,), service=service, address=mgmt.address)))
-    records_free: list[bool] = []
-    real_agent = boot.run_nic_agent
+    records_free: list[tuple[str, bool]] = []
 
-    def agent_seeing_the_records(server_dir: Path, server_id: str) -> None:
-        fd = os.open(cloud.records.lock_path, os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            records_free.append(True)
-        except BlockingIOError:
-            records_free.append(False)
-        finally:
-            os.close(fd)  # releases the flock, if taken
-        real_agent(server_dir, server_id)
+    def seeing_the_records(what: str, real: Callable[..., None]) -> Callable[..., None]:
+        def run(*args: object) -> None:
+            fd = os.open(cloud.records.lock_path, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                records_free.append((what, True))
+            except BlockingIOError:
+                records_free.append((what, False))
+            finally:
+                os.close(fd)  # releases the flock, if taken
+            real(*args)
+        return run
 
-    monkeypatch.setattr(boot, "run_nic_agent", agent_seeing_the_records)
+    monkeypatch.setattr(boot, "run_nic_agent", seeing_the_records("agent", boot.run_nic_agent))
+    for name in ("move_in", "move_out"):
+        monkeypatch.setattr(cloud.plumbing, name,
+                            seeing_the_records(name, getattr(cloud.plumbing, name)))
     cloud.attach_port(service.id, server.id)
-    assert records_free == [True]
     assert in_recovery_via(service.address) is False  # the agent did configure it
+    cloud.detach_port(service.id, server.id)
+    assert cloud.get_port(service.id).device_id is None  # type: ignore[union-attr]
+    assert records_free == [("move_in", True), ("agent", True), ("move_out", True)]
