@@ -9,7 +9,6 @@ import ipaddress
 import os
 import pwd
 import subprocess
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from broker.cloud.local import LocalCloud, LocalCloudUnavailable, boot
 from broker.guest.bootstrap import GuestConfig
 from broker.pg import connection, replication, tenants
 from harness.machine import list_interfaces, list_namespaces, pg_bin_dir, world_traversable_tmpdir
+from harness.waiting import at_once
 from tests.support.pg import PG_USER
 
 ADMIN_PW = "adm'in:pw\\1"  # quotes, colons, backslashes: every file format is exercised
@@ -277,22 +277,8 @@ def test_engines_starting_together_all_get_the_bridge(local_cloud: LocalCloud) -
     bridge: one makes it again (here: after it was removed), none fails on `File exists`."""
     cloud = local_cloud
     subprocess.run(["ip", "link", "del", cloud.bridge], check=True)
-    barrier = threading.Barrier(8)
-    errors: list[BaseException] = []
-
-    def ensure() -> None:
-        barrier.wait(timeout=45)
-        try:
-            cloud.plumbing.ensure_bridge()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=ensure) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert errors == []
+    results = at_once(cloud.plumbing.ensure_bridge, 8)
+    assert results == [None] * 8  # none raised
     shown = subprocess.run(["ip", "-4", "-o", "addr", "show", "dev", cloud.bridge],
                            capture_output=True, text=True, check=True).stdout
     assert f" {cloud.broker_address}/" in shown

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 from cryptography.fernet import Fernet
@@ -10,6 +9,7 @@ from cryptography.fernet import Fernet
 from broker.cloud.local import LocalCloud
 from broker.monitor.drive import Driver
 from broker.operations.engine import Engine
+from harness.waiting import at_once
 from harness.workflows import make_runtime
 
 
@@ -22,22 +22,8 @@ def test_watchers_queueing_together_share_one_runner(tmp_path: Path,
                            Fernet.generate_key().decode(), local_cloud)
     try:
         driver = Driver(runtime, None)
-        start = threading.Barrier(16)
-        runners: list[Engine] = []
-        lock = threading.Lock()
-
-        def first_use() -> None:
-            start.wait(timeout=45)
-            runner = driver.runner()
-            with lock:
-                runners.append(runner)
-
-        threads = [threading.Thread(target=first_use) for _ in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-        assert len(runners) == 16
+        runners = at_once(driver.runner, 16)
+        assert len(runners) == 16 and all(isinstance(r, Engine) for r in runners)
         assert len({r.owner for r in runners}) == 1
     finally:
         runtime.store.dispose()
