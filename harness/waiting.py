@@ -1,9 +1,10 @@
 """What a user checks, and waiting for it: `eventually`, the instance's operations (a
 rebuild waiting for its zone) and failovers, whether it settled with a streaming
-standby, who holds its monitor lease."""
+standby, who holds its monitor lease; `at_once`, many threads released together."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +32,30 @@ def eventually(check: Callable[[], Any], what: str, timeout: float = 60.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"never saw {what}" + (f" (last error: {last})" if last else ""))
         time.sleep(interval)
+
+
+def at_once(task: Callable[[], Any], count: int) -> list[Any]:
+    """Run `task` in `count` threads released together (a barrier); what each returned,
+    or the exception it raised."""
+    barrier = threading.Barrier(count)
+    results: list[Any] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        barrier.wait(timeout=45)
+        try:
+            result: Any = task()
+        except BaseException as exc:
+            result = exc
+        with lock:
+            results.append(result)
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return results
 
 
 def unfinished(env: HasRuntime, instance_id: str) -> list[Operation]:

@@ -8,6 +8,7 @@ import copy
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ def test_the_host_map_and_the_bounds_come_from_the_environment() -> None:
     assert settings.operations == OperationSettings(max_failovers=3, max_rebuilds=1)
     defaults = load_settings(ENV)
     assert dict(defaults.local_hosts) == DEFAULT_HOSTS
-    assert defaults.operations == OperationSettings(max_failovers=8, max_rebuilds=2)
+    assert defaults.operations == OperationSettings(max_failovers=16, max_rebuilds=2)
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [
@@ -121,9 +122,15 @@ def test_failovers_beyond_the_bound_wait_for_a_slot_and_rebuilds_do_not_hold_the
     threads = [threading.Thread(target=run, args=(kind, name), daemon=True)
                for kind, name in (("rebuild", "r1"), ("failover", "f1"),
                                   ("switchover", "f2"), ("failover", "f3"))]
-    for t in threads:
-        t.start()
     deadline = threading.Event()
+    threads[0].start()
+    for _ in range(300):  # the rebuild first: one queued after a failover would wait
+        with lock:
+            if inside:
+                break
+        deadline.wait(0.1)
+    for t in threads[1:]:
+        t.start()
     for _ in range(300):  # until the three that fit are in and the fourth waits
         with lock:
             if len(inside) == 3 and waiting:
@@ -138,3 +145,63 @@ def test_failovers_beyond_the_bound_wait_for_a_slot_and_rebuilds_do_not_hold_the
     assert sorted(inside) == ["f1", "f2", "f3", "r1"]
     # Not bounded: provisions and the platform's other operations.
     assert slots.slot_class("provision") is None and slots.slot_class("deprovision") is None
+
+
+def test_a_rebuild_waits_for_the_failovers_of_its_worker() -> None:
+    """A dead host's failovers are not slowed by the base backups of the first ones'
+    rebuilds: a rebuild starts once no failover of the worker runs or waits."""
+    settings = OperationSettings(max_failovers=1, max_rebuilds=2)
+    release = {name: threading.Event() for name in ("f1", "f2")}
+    order: list[str] = []
+    waiting: list[str] = []
+    lock = threading.Lock()
+
+    def run(kind: str, name: str) -> None:
+        with slots.slot(settings, kind, lambda text: waiting.append(f"{name}: {text}")):
+            with lock:
+                order.append(name)
+            if name in release:
+                release[name].wait(30)
+
+    def until(what: Callable[[], bool]) -> None:
+        pause = threading.Event()
+        for _ in range(450):
+            with lock:
+                if what():
+                    return
+            pause.wait(0.1)
+        raise AssertionError("never happened")
+
+    f1 = threading.Thread(target=run, args=("failover", "f1"), daemon=True)
+    f1.start()
+    until(lambda: order == ["f1"])
+    f2 = threading.Thread(target=run, args=("failover", "f2"), daemon=True)
+    r1 = threading.Thread(target=run, args=("rebuild", "r1"), daemon=True)
+    f2.start()
+    r1.start()
+    until(lambda: len(waiting) == 2)
+    assert sorted(waiting) == [
+        "f2: queued: waiting for a free failover slot (1 run at once per worker)",
+        "r1: queued: waiting for this worker's failovers to finish first"]
+    release["f1"].set()
+    until(lambda: order == ["f1", "f2"])  # the waiting failover goes first
+    assert "r1" not in order
+    release["f2"].set()
+    for t in (f1, f2, r1):
+        t.join(30)
+    assert order == ["f1", "f2", "r1"]
+    # A rebuild already running goes on while failovers come.
+    r2_in, r2_out = threading.Event(), threading.Event()
+
+    def long_rebuild() -> None:
+        with slots.slot(settings, "rebuild", waiting.append):
+            r2_in.set()
+            r2_out.wait(30)
+
+    r2 = threading.Thread(target=long_rebuild, daemon=True)
+    r2.start()
+    assert r2_in.wait(45)
+    run("failover", "f3")
+    assert order[-1] == "f3"
+    r2_out.set()
+    r2.join(30)

@@ -4,20 +4,23 @@ servers, fencing and deletion."""
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import os
 import pwd
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg2
 import pytest
 
 from broker.cloud.base import CloudError, Port, ServerSpec, ServerStatus
-from broker.cloud.local import LocalCloud, LocalCloudUnavailable
+from broker.cloud.local import LocalCloud, LocalCloudUnavailable, boot
 from broker.guest.bootstrap import GuestConfig
 from broker.pg import connection, replication, tenants
 from harness.machine import list_interfaces, list_namespaces, pg_bin_dir, world_traversable_tmpdir
+from harness.waiting import at_once
 from tests.support.pg import PG_USER
 
 ADMIN_PW = "adm'in:pw\\1"  # quotes, colons, backslashes: every file format is exercised
@@ -267,3 +270,55 @@ def test_a_volume_from_before_users_per_volume_boots_as_its_own_user(
     for path in (volume_dir, data, data / "PG_VERSION", data / "pg_hba.conf"):
         assert os.lstat(path).st_uid == owner.pw_uid, path
     assert oct(volume_dir.stat().st_mode & 0o777) == oct(0o700)
+
+
+def test_engines_starting_together_all_get_the_bridge(local_cloud: LocalCloud) -> None:
+    """A worker's engines start their first operations at once, each making sure of the
+    bridge: one makes it again (here: after it was removed), none fails on `File exists`."""
+    cloud = local_cloud
+    subprocess.run(["ip", "link", "del", cloud.bridge], check=True)
+    results = at_once(cloud.plumbing.ensure_bridge, 8)
+    assert results == [None] * 8  # none raised
+    shown = subprocess.run(["ip", "-4", "-o", "addr", "show", "dev", cloud.bridge],
+                           capture_output=True, text=True, check=True).stdout
+    assert f" {cloud.broker_address}/" in shown
+
+
+@pytest.mark.e2e
+def test_a_service_port_moves_with_the_records_free(
+        local_cloud: LocalCloud, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead host's failovers move many service ports at once: the moves (`ip` runs)
+    and the guest's NIC agent (a Python start and more `ip` runs) must not hold the
+    cloud's records lock, or the ports move one at a time while every other call to
+    the cloud waits."""
+    cloud = local_cloud
+    tags = {"pgha-instance": INSTANCE}
+    mgmt = cloud.create_port("pgha-inst1-a", "management", tags)
+    service = cloud.create_port("pgha-inst1-service", "service", tags)
+    volume = cloud.create_volume("pgha-inst1-a", 1, "az1", None, tags)
+    server = cloud.create_server(spec("pgha-inst1-a", "az1", mgmt.id, volume.id, guest(
+        cloud, "a", "primary", (mgmt.address,), service=service, address=mgmt.address)))
+    records_free: list[tuple[str, bool]] = []
+
+    def seeing_the_records(what: str, real: Callable[..., None]) -> Callable[..., None]:
+        def run(*args: object) -> None:
+            fd = os.open(cloud.records.lock_path, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                records_free.append((what, True))
+            except BlockingIOError:
+                records_free.append((what, False))
+            finally:
+                os.close(fd)  # releases the flock, if taken
+            real(*args)
+        return run
+
+    monkeypatch.setattr(boot, "run_nic_agent", seeing_the_records("agent", boot.run_nic_agent))
+    for name in ("move_in", "move_out"):
+        monkeypatch.setattr(cloud.plumbing, name,
+                            seeing_the_records(name, getattr(cloud.plumbing, name)))
+    cloud.attach_port(service.id, server.id)
+    assert in_recovery_via(service.address) is False  # the agent did configure it
+    cloud.detach_port(service.id, server.id)
+    assert cloud.get_port(service.id).device_id is None  # type: ignore[union-attr]
+    assert records_free == [("move_in", True), ("agent", True), ("move_out", True)]

@@ -161,3 +161,30 @@ def test_web_and_worker_starting_together_upgrade_sqlite_once(tmp_path: Path) ->
     store = Store(f"sqlite:///{tmp_path / 'broker.sqlite3'}")
     assert "operations" in inspect(store.engine).get_table_names()
     store.dispose()
+
+
+def test_sqlite_commits_skip_the_fsync_and_survive_the_broker_killed(tmp_path: Path) -> None:
+    """WAL with synchronous=NORMAL: a commit does not wait for the disk (a dead host's
+    failovers commit a few dozen times each), yet what was acknowledged survives the
+    broker's SIGKILL right after the commit."""
+    url = f"sqlite:///{tmp_path / 'state.sqlite3'}"
+    Store(url).upgrade()
+    script = (
+        "import os, sys\n"
+        "from broker.store import Store\n"
+        "from broker.store.models import Instance\n"
+        f"store = Store({url!r})\n"
+        "with store.session() as s:\n"
+        "    s.add(Instance(id='i-kept', service_id='svc', plan_id='plan',\n"
+        "                   organization_guid='org', space_guid='space', replication='sync',\n"
+        "                   admin_password_enc='x', replication_password_enc='y'))\n"
+        "os.kill(os.getpid(), 9)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=120, check=False)
+    assert done.returncode == -9
+    store = Store(url)
+    with store.session() as s:
+        assert s.get(Instance, "i-kept") is not None
+        connection = s.connection()
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    store.dispose()

@@ -25,22 +25,28 @@ class Driver:
         self.runtime = runtime
         self.engine = engine
         self._runner: Engine | None = None
+        # Watchers queue at once when a host dies: one runner for them all, or one
+        # watcher's pre-claimed operation belongs to another's runner and waits out the
+        # claim's lease (15 s) until the worker's engine takes it.
+        self._runner_lock = threading.Lock()
 
     def reset(self) -> None:
         """A new engine for the next operation (the runtime's cloud was replaced)."""
-        self._runner = None
+        with self._runner_lock:
+            self._runner = None
 
     def _op_state(self, op_id: str) -> str | None:
         return queue.state_of(self.runtime.store, op_id)
 
     def runner(self) -> Engine:
         """This monitor's own engine: runs what the monitor queued, at once."""
-        if self._runner is None:
-            rt = self.runtime
-            workflows.install()
-            self._runner = Engine(rt.store, rt.cloud, rt.vault, rt.catalog, rt.settings,
-                                  owner=queue.new_owner_id(queue.RUNNER_ROLE))
-        return self._runner
+        with self._runner_lock:
+            if self._runner is None:
+                rt = self.runtime
+                workflows.install()
+                self._runner = Engine(rt.store, rt.cloud, rt.vault, rt.catalog, rt.settings,
+                                      owner=queue.new_owner_id(queue.RUNNER_ROLE))
+            return self._runner
 
     def drive(self, op_id: str, stop: threading.Event | None = None) -> str | None:
         """Run an operation this monitor queued to its end, here and now (then the

@@ -15,6 +15,7 @@ import hashlib
 import ipaddress
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 from broker.cloud.base import CloudError
@@ -47,6 +48,7 @@ class Plumbing:
         self.network = network
         self.bridge = bridge
         self._bridge_ready = False
+        self._bridge_lock = threading.Lock()
 
     @property
     def broker_address(self) -> str:
@@ -57,20 +59,26 @@ class Plumbing:
         return f"{address}/{self.network.prefixlen}"
 
     def ensure_bridge(self) -> None:
-        if self._bridge_ready and link_exists(self.bridge):
-            return
-        if not link_exists(self.bridge):
-            self._check_network_free()
-            ip("link", "add", "name", self.bridge, "type", "bridge", "stp_state", "0",
-               "forward_delay", "0")
-            # A bridge takes the lowest MAC of its ports unless given one, so the
-            # host's MAC would change whenever a new server joins (a rebuild right
-            # after a failover) and nodes' replies would go to the old MAC for 1-3 s.
-            mac = Path(f"/sys/class/net/{self.bridge}/address").read_text().strip()
-            ip("link", "set", "dev", self.bridge, "address", mac)
-        ip("addr", "replace", self.prefixed(self.broker_address), "dev", self.bridge)
-        ip("link", "set", self.bridge, "up")
-        self._bridge_ready = True
+        """The bridge, made once. Engines start their first operations together (a
+        worker's threads, or another process): one makes it, the others find it."""
+        with self._bridge_lock:
+            if self._bridge_ready and link_exists(self.bridge):
+                return
+            if not link_exists(self.bridge):
+                self._check_network_free()
+                made = ip("link", "add", "name", self.bridge, "type", "bridge", "stp_state",
+                          "0", "forward_delay", "0", check=False)
+                if made.returncode != 0 and not link_exists(self.bridge):
+                    raise CloudError(f"the bridge {self.bridge} could not be made: "
+                                     f"{made.stderr.strip()}")
+                # A bridge takes the lowest MAC of its ports unless given one, so the
+                # host's MAC would change whenever a new server joins (a rebuild right
+                # after a failover) and nodes' replies would go to the old MAC for 1-3 s.
+                mac = Path(f"/sys/class/net/{self.bridge}/address").read_text().strip()
+                ip("link", "set", "dev", self.bridge, "address", mac)
+            ip("addr", "replace", self.prefixed(self.broker_address), "dev", self.bridge)
+            ip("link", "set", self.bridge, "up")
+            self._bridge_ready = True
 
     def _check_network_free(self) -> None:
         out = ip("-4", "-o", "addr", "show").stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from pathlib import Path
 from typing import Literal
@@ -99,23 +100,35 @@ class LocalPorts:
                 raise CloudError(f"server {server.name} has no namespace (deleted?)")
             # Record the binding first: a crash mid-move is then finished by a retry.
             port.device_id = server_id
-            self.records.save(st)
-            self.plumbing.move_in(port, server_id)
-            if live_status(server) != ServerStatus.ACTIVE:
-                return False
-            self._guest_knows_nics(st, server)
-            boot.run_nic_agent(boot.server_dir(self.root, server_id), server_id)
-            return True
+            running = live_status(server) == ServerStatus.ACTIVE
+            if running:
+                self._guest_knows_nics(st, server)
+            moving = dataclasses.replace(port)
+        # The move (a few `ip` runs) and the guest's agent (a Python start and more `ip`
+        # runs, as udev's would be in a VM) happen outside the records' lock: they take
+        # 0.1-0.5 s on a loaded machine, and under the lock a dead host's failovers moved
+        # their addresses one at a time. The binding is recorded, so no other call
+        # plugs this port elsewhere meanwhile.
+        self.plumbing.move_in(moving, server_id)
+        if not running:
+            return False
+        boot.run_nic_agent(boot.server_dir(self.root, server_id), server_id)
+        return True
 
     def detach_port(self, port_id: str, server_id: str) -> None:
-        with self.records.locked() as st:
+        with self.records.locked(write=False) as st:
             port = st.ports.get(port_id)
             if port is None or port.device_id not in (None, server_id):
                 return
             if port.purpose == "management":
                 raise CloudError("a management port stays with its server until deleted")
-            self.plumbing.move_out(port, server_id)
-            port.device_id = None
+        # Outside the lock, like plug_port's move: the port stays bound to `server_id`
+        # until it is out, so nobody plugs it elsewhere meanwhile.
+        self.plumbing.move_out(port, server_id)
+        with self.records.locked() as st:
+            port = st.ports.get(port_id)
+            if port is not None and port.device_id == server_id:
+                port.device_id = None
 
     def delete_port(self, port_id: str) -> None:
         with self.records.locked() as st:
