@@ -11,11 +11,10 @@ import shlex
 from typing import Any
 
 import psycopg2
-from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
 from broker.guest import bootstrap
-from broker.pg.connection import execute, fetch_one
+from broker.pg.connection import execute, fetch_one, run_program
 
 OUTPUT_FILE = "broker-command.out"
 # pgBackRest's error 050: another pgBackRest process holds the stanza's lock.
@@ -45,7 +44,7 @@ def run(conn: Connection, stanza: str, *args: str) -> str:
         f"--stanza={stanza}", *args]) + f" > {shlex.quote(output)} 2>&1"
     execute(conn, "SET statement_timeout = 0")
     try:
-        execute(conn, sql.SQL("COPY (SELECT 1) TO PROGRAM {}").format(sql.Literal(command)))
+        run_program(conn, command)
     except psycopg2.Error as exc:
         conn.rollback()
         raise PgBackRestFailed(_tail(conn, output) or " ".join(str(exc).split())) from None

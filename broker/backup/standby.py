@@ -14,11 +14,10 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
 from broker.guest import bootstrap
-from broker.pg.connection import execute, fetch_one
+from broker.pg.connection import fetch_one, run_program
 from broker.pg.tls_files import write_private_server_file
 
 
@@ -45,7 +44,7 @@ def refresh_server(conn: Connection, *, address: str, stanza: str,
     # The pid must still be this node's server (pids are recycled).
     reload = (f"pid=$(cat {shlex.quote(pidfile)}) && "
               f"grep -qF {shlex.quote(path)} /proc/$pid/cmdline && kill -HUP $pid || true")
-    execute(conn, sql.SQL("COPY (SELECT 1) TO PROGRAM {}").format(sql.Literal(reload)))
+    run_program(conn, reload)
     return True
 
 

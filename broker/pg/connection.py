@@ -108,6 +108,14 @@ def execute(conn: Connection, query: sql.Composable | str, args: Any = None) -> 
         cur.execute(query, args)
 
 
+def run_program(conn: Connection, command: str) -> None:
+    """Run a shell command on the node, as its server's OS user (superuser COPY TO
+    PROGRAM). No row is copied: with nothing for the server to write into the pipe, a
+    command that never reads its input and exits first is no 'Broken pipe' error."""
+    execute(conn, sql.SQL("COPY (SELECT 1 WHERE false) TO PROGRAM {}").format(
+        sql.Literal(command)))
+
+
 def fetch_column(conn: Connection, query: sql.Composable | str, args: Any = None) -> list[Any]:
     """The first column of every row."""
     with conn.cursor() as cur:
