@@ -40,7 +40,7 @@ from broker.monitor.decide import (
     Watch,
 )
 from broker.monitor.leases import monitor_lease_name
-from broker.monitor.loop import Monitor
+from broker.monitor.loop import MAX_SUSPECTED, Monitor
 from broker.monitor.sweep import ProbeLoop
 from broker.operations.resurrect import KIND as RESURRECT
 from broker.pg.probe import Probe
@@ -561,3 +561,31 @@ def test_a_primary_that_pauses_is_suspected_but_not_failed_over(
                    "the sweep's probe session back", 45)
         time.sleep(2)        # a check or two more: still nothing queued
         assert _queued(rt, instance_id) == []
+
+
+@pytest.mark.e2e
+def test_a_hung_server_carrying_many_primaries_is_suspected_a_few_at_a_time(
+        pg_state_url: str, node_server: NodeServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Every watcher a hung probe sets off opens new sessions: on a saturated host that
+    must not snowball. At most MAX_SUSPECTED instances are confirming early at once; the
+    others' probes run to their deadline, and every primary is still failed over."""
+    count = MAX_SUSPECTED + 3
+    with _runtime(pg_state_url, **SUSPECT_ENV) as rt, \
+            caplog.at_level(logging.INFO, logger="broker.monitor"):
+        ids = [_standalone(rt, node_server) for _ in range(count)]
+        monitor = Monitor(rt, None, drive_queued=False)
+        stop = threading.Event()
+        thread = threading.Thread(target=monitor.run, args=(stop,), daemon=True)
+        thread.start()
+        try:
+            eventually(lambda: node_server.monitor_sessions() == ["idle"] * count,
+                       "the monitor's idle probe sessions", 45)
+            node_server.freeze()
+            eventually(lambda: all(_queued(rt, i) == [RESURRECT] for i in ids),
+                       "every instance's failover (resurrect) queued", 60)
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+        assert not thread.is_alive()
+    suspected = caplog.text.count("has not answered its probe in 1.00 s: confirming now")
+    assert 1 <= suspected <= MAX_SUSPECTED, suspected

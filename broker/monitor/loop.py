@@ -96,6 +96,10 @@ SLICES = 10
 RETURN_POLL = 0.25
 # How long the sweep drives the sessions between two looks at a store read it waits for.
 READ_POLL = 0.005
+# At most this many instances at once go to their watcher because a probe hung (each
+# watcher opens new sessions: on a saturated host, slow answers must not snowball into
+# more load). Beyond it a hung probe simply runs to its deadline.
+MAX_SUSPECTED = 8
 # A routine instance is read from the store at most this often by the sweep (its nodes
 # are probed every interval regardless): reading 1,000 instances with their nodes every
 # second costs more CPU than probing them. Anything but a routine check hands the
@@ -132,6 +136,7 @@ class Monitor:
         self._watch: dict[str, _Watch] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._full: set[str] = set()              # instances their own watcher checks
+        self._suspected: set[str] = set()         # in `_full` for a hung probe
         self._returning: list[str] = []           # back from their watcher: probe now
         self._lock = threading.Lock()
         self._to_launch: SimpleQueue[str] = SimpleQueue()   # instances for a watcher
@@ -239,6 +244,7 @@ class Monitor:
 
     def _drop(self, instance_id: str, *, release: bool) -> None:
         self._held.pop(instance_id, None)
+        self._suspected.discard(instance_id)
         self._watch.pop(instance_id, None)
         self.observer.forget(instance_id)
         self._pending.pop(instance_id, None)
@@ -402,6 +408,11 @@ class Monitor:
         watch = self._watch.get(instance_id)
         if role != PRIMARY or watch is None or instance_id not in self._pending:
             return
+        with self._lock:
+            if (len(self._suspected) >= MAX_SUSPECTED or instance_id in self._full
+                    or instance_id not in self._held):
+                return   # a watcher of its own will not start: nothing to count
+            self._suspected.add(instance_id)
         watch.counters = replace(watch.counters, suspect=True)
         log.info("instance %s: the primary has not answered its probe in %.2f s: "
                  "confirming now", instance_id, suspect_delay(self.settings))
@@ -471,6 +482,7 @@ class Monitor:
             with self._lock:
                 self._full.discard(instance_id)
                 self._threads.pop(instance_id, None)
+                self._suspected.discard(instance_id)
                 self.observer.reread(instance_id)
                 self._returning.append(instance_id)
 

@@ -195,9 +195,18 @@ class ProbeLoop:
                 self._sync(key, link)
                 self.on_result(key, result)
             for key, at in self._suspect_times().items():
-                if at <= now and key in self._busy:   # not closed by an earlier callback
-                    self._reported_slow.add(key)
-                    assert self.on_slow is not None
-                    self.on_slow(key)
+                if at > now or key not in self._busy:   # closed by an earlier callback
+                    continue
+                link = self.links[key]
+                # An answer that arrived while this thread was busy elsewhere (a store
+                # write, another slice) is no hang.
+                result = link.advance()
+                if result is not None:
+                    self._sync(key, link)
+                    self.on_result(key, result)
+                    continue
+                self._reported_slow.add(key)
+                assert self.on_slow is not None
+                self.on_slow(key)
             if now >= until or stop.is_set():
                 return
