@@ -51,7 +51,8 @@ BROKER_CALLS = (
     "json_agg", "json_build_object", "pg_backend_pid", "pg_create_physical_replication_slot",
     "pg_current_wal_lsn", "pg_drop_replication_slot", "pg_get_userbyid", "pg_is_in_recovery",
     "pg_last_wal_receive_lsn", "pg_last_wal_replay_lsn", "pg_promote", "pg_read_file",
-    "pg_reload_conf", "pg_terminate_backend", "pg_wal_lsn_diff", "split_part", "unnest",
+    "pg_reload_conf", "pg_stat_get_wal_senders", "pg_terminate_backend", "pg_wal_lsn_diff",
+    "split_part", "unnest",
 )
 TYPICAL_CALLS = ("format", "quote_ident", "quote_literal", "now", "lower",
                  "array_agg", "string_agg", "set_config", "version")
