@@ -5,7 +5,9 @@ Run as root:  .venv/bin/python benchmarks/mass_failover.py --instances N [--json
 
 N `ha-sync` instances on the local cloud (two hosts per zone: the primaries spread
 over az1's two hosts, so half of them share one), each with a client writing through
-its service address the whole time (harness/writer.py: connect 0.5 s, statement 1 s).
+its service address the whole time (harness/writer.py: connect 0.5 s, statement 1 s;
+a write every 50 ms, a retry 5 ms after a failure; the clients run in a process of
+their own, harness/apps.py, as apps do).
 One worker's engine and monitor run in this process with their defaults (interval
 1 s, connect_timeout 1 s, 3 failures; at most BROKER_MAX_FAILOVERS failovers and
 BROKER_MAX_REBUILDS rebuilds at once). Once every client writes, the host carrying
@@ -57,13 +59,21 @@ from report import markers, percentile, write_section  # benchmarks/report.py
 from broker.config import OperationSettings
 from broker.metrics import instruments
 from broker.store.models import READY, Failover, aware
+from harness.apps import Apps
 from harness.env import FailoverEnv, background, failover_env
 from harness.faults import host_of, kill_host
+from harness.state_server import StateServer
 from harness.waiting import eventually, failovers, settled
 from harness.workflows import deprovision, finish, instance, make_engine, queue_provision
-from harness.writer import Writer, app_credentials, stored_ids
+from harness.writer import WriteLog, app_credentials, stored_ids
 
 MARK_START, MARK_END = markers("mass_failover.py")
+# Each client writes every 50 ms while its writes succeed and retries 5 ms after a
+# failure: the return of writes is timed to 5 ms, as with the single-instance
+# benchmark's client, without twenty clients writing flat out on the two cores that
+# also run the forty servers and the broker (at 5 ms they kept the load average at 4-7
+# before the fault).
+WRITE_PAUSE, RETRY_PAUSE = 0.05, 0.005
 RESULTS = Path(__file__).resolve().parent / "results" / "mass_failover.json"
 log = logging.getLogger("bench")
 
@@ -119,24 +129,34 @@ def ready_and_sync(env: FailoverEnv, instance_id: str) -> bool:
         inst.sync_standby_node_id == standby.id
 
 
-def run(count: int, parallel: int, operations: OperationSettings | None) -> dict[str, Any]:
-    with failover_env() as env, contextlib.ExitStack() as stack:
+def run(count: int, parallel: int, operations: OperationSettings | None,
+        state: str) -> dict[str, Any]:
+    server = StateServer() if state == "postgresql" else None
+    try:
+        result = _run(count, parallel, operations,
+                      server.create_database() if server is not None else None)
+    finally:
+        if server is not None:
+            server.stop()
+    return {**result, "state_store": state}
+
+
+def _run(count: int, parallel: int, operations: OperationSettings | None,
+         state_url: str | None) -> dict[str, Any]:
+    with failover_env(state_url) as env, contextlib.ExitStack() as stack:
         if operations is not None:
             env.runtime.settings = dataclasses.replace(env.runtime.settings,
                                                        operations=operations)
         ids = provision_all(env, count, parallel)
         log.info("%d instances provisioned", len(ids))
         creds = {i: app_credentials(env, i, f"app-{i}") for i in ids}
-        writers = {i: Writer(creds[i]) for i in ids}
-        for w in writers.values():
-            w.start()
-            stack.callback(w.stop)
+        apps = Apps(creds, pause=WRITE_PAUSE, retry_pause=RETRY_PAUSE)
+        stack.callback(apps.close)
         checks = stack.enter_context(CheckTimes())
         stack.enter_context(background(env))
         eventually(lambda: all(ready_and_sync(env, i) for i in ids),
                    "every instance ready with a synchronous standby", 300)
-        for w in writers.values():
-            w.wait_acks(20, after=time.monotonic(), timeout=120)
+        apps.wait_acks(20, after=time.monotonic(), timeout=120)
         primaries = {i: instance(env.runtime, i).primary() for i in ids}
         on_host: dict[str, list[str]] = defaultdict(list)
         for i, node in primaries.items():
@@ -150,28 +170,29 @@ def run(count: int, parallel: int, operations: OperationSettings | None) -> dict
         kill_host(env.cloud, host)
         killed_in = time.monotonic() - kill_at
         log.info("host %s killed with %d primaries in %.2f s", host, len(hit), killed_in)
-        first = {i: writers[i].wait_recovery(kill_at, timeout=300) - kill_at for i in hit}
+        first = {i: t - kill_at for i, t in apps.wait_recovery(hit, kill_at).items()}
 
         def back(i: str) -> bool:
             inst, old = instance(env.runtime, i), primaries[i]
             primary = inst.primary()
             return inst.state == READY and primary is not None and old is not None \
                 and primary.id != old.id and ready_and_sync(env, i)
+        # Polled every 0.5 s: each look connects to the nodes, in the broker's process.
         eventually(lambda: all(back(i) for i in hit), "every standby back", 600,
-                   interval=0.1)
+                   interval=0.5)
         back_at = time.monotonic()
         load_back = os.getloadavg()[0]
-        for w in writers.values():
-            w.wait_acks(5, after=back_at, timeout=120)
-        stack.close()  # the monitor, the check clock and the writers stop
+        apps.wait_acks(5, after=back_at, timeout=120)
+        logs = apps.stop()
+        stack.close()  # the monitor and the check clock stop
         gaps = checks.intervals(spared, kill_at, back_at)
         old_ids = {i: node.id for i, node in primaries.items() if node is not None}
         events = {i: next((e for e in failovers(env, i) if e.outcome == "succeeded"
                            and e.old_primary_node_id == old_ids[i]), None) for i in hit}
         failed_over = sum(1 for e in events.values() if e is not None)
-        phases = [_phases(events[i], kill_wall, first[i], writers[i], kill_at) for i in hit]
-        lost = sum(len({n for n, _ in writers[i].acked} - stored_ids(creds[i])) for i in ids)
-        acked = sum(len(w.acked) for w in writers.values())
+        phases = [_phases(events[i], kill_wall, first[i], logs[i], kill_at) for i in hit]
+        lost = sum(len({n for n, _ in logs[i].acked} - stored_ids(creds[i])) for i in ids)
+        acked = sum(len(w.acked) for w in logs.values())
         for i in ids:
             deprovision(env.runtime, env.engine, i)
         settings = env.runtime.settings
@@ -197,7 +218,7 @@ def run(count: int, parallel: int, operations: OperationSettings | None) -> dict
 PHASES = ("decided", "fenced", "port_moved", "promoted", "first_write")
 
 
-def _phases(event: Failover | None, kill_wall: float, first: float, writer: Writer,
+def _phases(event: Failover | None, kill_wall: float, first: float, writer: WriteLog,
             kill_at: float) -> dict[str, Any]:
     """Seconds from the fault to each step of one instance's failover (its row)."""
     def since(moment: dt.datetime | None) -> float | None:
@@ -250,9 +271,11 @@ def markdown(result: dict[str, Any], when: str) -> str:
         "",
         f"{when}; {machine()}. {r['instances']} `ha-sync` instances ({2 * r['instances']} "
         "PostgreSQL servers) on the local cloud, two hosts per zone, a client writing "
-        "through each service address; one worker (engine and monitor in one process, "
-        f"monitor defaults; at most {r['max_failovers']} failovers and "
-        f"{r['max_rebuilds']} rebuilds at once). The host carrying the most primaries "
+        "through each service address (every 50 ms, a retry 5 ms after a failure; the "
+        "clients in a process of their own, as apps run apart from the broker); one worker "
+        "(engine and monitor in one process, monitor defaults; at most "
+        f"{r['max_failovers']} failovers and {r['max_rebuilds']} rebuilds at once), its "
+        f"state store {_store(r)}. The host carrying the most primaries "
         "dies (links down, processes killed) at a random phase of the monitor's tick.",
         "",
         "| primaries on the dead host | failed over | first write p50 / p95 / max "
@@ -286,6 +309,12 @@ def markdown(result: dict[str, Any], when: str) -> str:
     ]) + "\n"
 
 
+def _store(r: dict[str, Any]) -> str:
+    if r.get("state_store", "sqlite") == "postgresql":
+        return "PostgreSQL on loopback (as a production deployment keeps it)"
+    return "the embedded default's SQLite"
+
+
 def _pair(r: dict[str, Any], phase: str) -> str:
     low, high = r.get("phases_p50_s", {}).get(phase), r.get("phases_p95_s", {}).get(phase)
     return "n/a" if low is None or high is None else f"{low:.2f} / {high:.2f}"
@@ -303,6 +332,9 @@ def main() -> int:
                         help="provisions run at once while setting up")
     parser.add_argument("--max-failovers", type=int, help="BROKER_MAX_FAILOVERS for the run")
     parser.add_argument("--max-rebuilds", type=int, help="BROKER_MAX_REBUILDS for the run")
+    parser.add_argument("--state", choices=("postgresql", "sqlite"), default="postgresql",
+                        help="the broker's state store: PostgreSQL on loopback (as a "
+                        "production deployment keeps it), or the embedded default's SQLite")
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--write", type=Path, help="put the figures into this markdown file")
     parser.add_argument("--json-file", type=Path, help="keep the JSON object there "
@@ -329,7 +361,7 @@ def main() -> int:
         default = OperationSettings()
         bounds = OperationSettings(max_failovers=args.max_failovers or default.max_failovers,
                                    max_rebuilds=args.max_rebuilds or default.max_rebuilds)
-    result = with_targets(run(args.instances, args.parallel, bounds))
+    result = with_targets(run(args.instances, args.parallel, bounds, args.state))
     result["when"] = when
     print(json.dumps(result, indent=None if args.json else 1))
     if args.write:

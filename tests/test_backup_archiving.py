@@ -55,6 +55,16 @@ def test_the_new_primary_archives_its_timeline_after_a_failover() -> None:
         inst = instance(env.runtime, load.instance_id)
         primary, standby = inst.primary(), inst.standby()
         assert primary is not None and standby is not None
+        # The promotion ran without restore_command (fast, see replication.promote) and
+        # put it back: a restore or a demotion of this node fetches WAL again.
+        assert primary.management_address is not None
+        conn = connect_as_admin(env.runtime, inst, primary.management_address, "postgres")
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SHOW restore_command")
+                assert "archive-get" in cur.fetchone()[0]
+        finally:
+            conn.close()
         verify = pgbackrest(env.cloud, primary, load.instance_id, "verify")
         assert verify.returncode == 0, verify.stderr + verify.stdout
         # The rebuilt standby catches up from the repository: it can read it.

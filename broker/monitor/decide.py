@@ -37,7 +37,7 @@ RENEWAL_RETRY = 3600.0
 
 def recheck_delay(settings: MonitorSettings) -> float:
     """The pause between the confirmations of a first failure."""
-    return max(0.05, min(0.2, settings.check_interval / 5))
+    return max(0.05, min(0.1, settings.check_interval / 10))
 
 
 def suspect_delay(settings: MonitorSettings) -> float:

@@ -97,8 +97,9 @@ class Context:
             inst = s.get(Instance, self.instance_id)
             if inst is None:
                 raise StepFailed(f"instance {self.instance_id} is not in the state store")
-            # Load relationships before the session closes.
-            _ = list(inst.nodes), list(inst.bindings)
+            # Load the nodes before the session closes (steps read them; none reads the
+            # bindings, which were a query more at each call).
+            _ = list(inst.nodes)
             return inst
 
     def plan(self, plan_id: str | None = None) -> Plan:

@@ -52,7 +52,11 @@ def make_engine(url: str) -> Engine:
     if url.startswith("postgresql://"):
         # SQLAlchemy 2.1 defaults to psycopg 3; the broker ships psycopg2.
         url = "postgresql+psycopg2://" + url[len("postgresql://"):]
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    # A worker runs up to BROKER_MAX_FAILOVERS (16) failovers at once beside its monitor
+    # and engine threads, each holding a session while it runs a query: with 10
+    # connections at most, a dead host's failovers queued for the pool. Beyond
+    # pool_size the extra connections close again once returned.
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=25)
 
 
 class Store:
