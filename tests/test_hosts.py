@@ -18,7 +18,13 @@ from broker.catalog import parse_catalog
 from broker.cloud.base import NoValidHost, ServerStatus
 from broker.cloud.local.hosts import DEFAULT_HOSTS, place
 from broker.cloud.local.records import Records, ServerRecord
-from broker.config import DEFAULT_CATALOG, ConfigError, OperationSettings, load_settings
+from broker.config import (
+    DEFAULT_CATALOG,
+    ConfigError,
+    OperationSettings,
+    default_max_failovers,
+    load_settings,
+)
 from broker.operations import slots
 
 ENV = {"BROKER_USERNAME": "u", "BROKER_PASSWORD": "p", "BROKER_STATE_DIR": "/tmp/x"}
@@ -31,7 +37,9 @@ def test_the_host_map_and_the_bounds_come_from_the_environment() -> None:
     assert settings.operations == OperationSettings(max_failovers=3, max_rebuilds=1)
     defaults = load_settings(ENV)
     assert dict(defaults.local_hosts) == DEFAULT_HOSTS
-    assert defaults.operations == OperationSettings(max_failovers=16, max_rebuilds=2)
+    # The local cloud's failovers share this machine's CPU: fewer at once by default.
+    assert defaults.operations == OperationSettings(max_failovers=4, max_rebuilds=2)
+    assert default_max_failovers("openstack") == 16
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [

@@ -146,9 +146,10 @@ def promote(conn: Connection, *, timeout: float = 30.0) -> None:
     - restore_command is switched off: at promotion PostgreSQL 15 calls it for the
       segment it was waiting for and for each timeline history file it probes, and
       each pgBackRest call costs ~0.1 s (measured here: pg_promote took 0.41 s with
-      it, the writes waited for that). What the standby lacks is not in the archive
-      anyway: archiving trails streaming (only whole segments are pushed), and the
-      failover's check has bounded how far behind the standby may be.
+      it, the writes waited for that). Nothing the plan promises is in the archive
+      alone: ha-sync promotes only the synchronous standby (every acknowledged commit
+      is on it), ha only one within maximum_lag_on_failover, and archiving trails
+      streaming (only whole segments are pushed).
     pg_promote is asked not to wait (its own wait polls every 100 ms); this polls
     every 10 ms instead. Once out of recovery, synchronous_standby_names is left as
     it is, so a retried promote never undoes a synchronous standby configured after

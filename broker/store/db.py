@@ -52,10 +52,10 @@ def make_engine(url: str) -> Engine:
     if url.startswith("postgresql://"):
         # SQLAlchemy 2.1 defaults to psycopg 3; the broker ships psycopg2.
         url = "postgresql+psycopg2://" + url[len("postgresql://"):]
-    # A worker runs up to BROKER_MAX_FAILOVERS (16) failovers at once beside its monitor
-    # and engine threads, each holding a session while it runs a query: with 10
-    # connections at most, a dead host's failovers queued for the pool. Beyond
-    # pool_size the extra connections close again once returned.
+    # A worker runs up to BROKER_MAX_FAILOVERS (16 on OpenStack) failovers at once
+    # beside its monitor and engine threads, each holding a session while it runs a
+    # query: with 10 connections at most, a dead host's failovers queued for the pool.
+    # Beyond pool_size the extra connections close again once returned.
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=25)
 
 
