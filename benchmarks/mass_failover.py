@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from failover import machine  # benchmarks/failover.py, beside this script
 from report import markers, percentile, write_section  # benchmarks/report.py
 
-from broker.config import OperationSettings
+from broker.config import OperationSettings, default_max_failovers
 from broker.metrics import instruments
 from broker.store.models import READY, Failover, aware
 from harness.apps import Apps
@@ -358,7 +358,8 @@ def main() -> int:
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     bounds = None
     if args.max_failovers or args.max_rebuilds:
-        default = OperationSettings()
+        # What the worker would run without the flags: the local cloud's defaults.
+        default = OperationSettings(max_failovers=default_max_failovers("local"))
         bounds = OperationSettings(max_failovers=args.max_failovers or default.max_failovers,
                                    max_rebuilds=args.max_rebuilds or default.max_rebuilds)
     result = with_targets(run(args.instances, args.parallel, bounds, args.state))

@@ -7,8 +7,9 @@ failovers they measure, which no deployment does (measured with 20 instances and
 
 The parent (`Apps`) speaks to the child (`python -m harness.apps`) in JSON lines:
 the credentials first, then `wait_acks` and `wait_recovery` requests, then `stop`,
-answered with every writer's log. Times are CLOCK_MONOTONIC, the same in both processes. The child
-stops its writers when its stdin closes, so a parent that dies leaves nothing.
+answered with every writer's log. Times are CLOCK_MONOTONIC, the same in both
+processes. The child stops its writers when its stdin closes, so a parent that dies
+leaves nothing.
 """
 
 from __future__ import annotations
