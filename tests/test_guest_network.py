@@ -6,6 +6,7 @@ namespaces with `ip -n`, as one would inside a VM."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import pytest
 from broker.cloud.base import CloudError, Port, ServerSpec
 from broker.cloud.local import LocalCloud
 from broker.guest.bootstrap import NETWORK_FIELDS, GuestConfig
-from broker.guest.nic_agent import MANAGEMENT_TABLE, SERVICE_TABLE
+from broker.guest.nic_agent import MANAGEMENT_TABLE, SERVICE_TABLE, network_of
 from broker.operations.failover import start_switchover
 from broker.pg import connection, replication
 from harness.env import HasEngine, failover_env
@@ -292,3 +293,13 @@ def test_through_openstack_a_rebuilt_primary_rebooted_streams_again(
             eventually(lambda: status_is(server_id, "ACTIVE"), "the primary started", 60)
 
         rebuilt_primary_rebooted(env, reboot)
+
+
+@pytest.mark.parametrize("interface", ["10.1.2.3/24", "192.168.77.130/25", "172.16.5.4/12",
+                                       "10.0.0.1/32", "100.64.9.9/10"])
+def test_the_agent_routes_the_network_its_address_is_in(interface: str) -> None:
+    # The agent computes the network itself (`ipaddress` costs more to import than the
+    # rest of it, on the failover's path): the same answer as `ipaddress`.
+    address, prefix_length = interface.split("/")
+    assert network_of(address, int(prefix_length)) == str(
+        ipaddress.ip_interface(interface).network)

@@ -284,7 +284,7 @@ def test_user_data_runs_the_real_bootstrap_and_nic_agent_with_the_data_volume(
     # udev runs the agent when the NIC with the service port's MAC appears.
     rule = files["/etc/udev/rules.d/90-pgha-service-nic.rules"]["content"]
     assert f'ATTR{{address}}=="{nic.mac}"' in rule
-    assert "/usr/bin/python3 -I /opt/pgha/nic_agent.py /etc/pgha/guest.json" in rule
+    assert "/usr/bin/python3 -I -S /opt/pgha/nic_agent.py /etc/pgha/guest.json" in rule
     assert "arp_ignore = 1" in files["/etc/sysctl.d/90-pgha.conf"]["content"]
     cleanup(cloud)
 

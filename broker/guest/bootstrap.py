@@ -763,7 +763,7 @@ def configure_network(config: GuestConfig) -> None:
     if not (config.management_address or config.service_mac):
         return
     agent = Path(__file__).resolve().with_name(NIC_AGENT)
-    result = subprocess.run([sys.executable, "-I", str(agent), "-"],
+    result = subprocess.run([sys.executable, "-I", "-S", str(agent), "-"],
                             input=json.dumps({f: getattr(config, f) for f in NETWORK_FIELDS}),
                             capture_output=True, text=True, check=False, timeout=60)
     print(result.stdout, end="", flush=True)

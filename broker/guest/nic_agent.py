@@ -21,43 +21,54 @@ What it does, idempotently:
    the kernel repeats it at every later link up): switches and peers learn at once
    where the address lives now.
 
-Usage: python3 nic_agent.py CONFIG.json   (or `-`: the config on stdin)
+Usage: python3 -I -S nic_agent.py CONFIG.json   (or `-`: the config on stdin)
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 MANAGEMENT_TABLE = 104
 SERVICE_TABLE = 105
 MANAGEMENT_RULE_PRIORITY = 1000
 SERVICE_RULE_PRIORITY = 1001
 LINK_UP_TIMEOUT = 2.0  # a link's queue is live a moment after `ip link set up`
-SYS_NET = Path("/sys/class/net")
+SYS_NET = "/sys/class/net"
 
 
 class AgentError(Exception):
     """The NIC could not be configured; the message is plain."""
 
 
-@dataclass(frozen=True)
 class NicPlan:
-    """The network part of the guest config (the bootstrap's GuestConfig fields)."""
+    """The network part of the guest config (the bootstrap's GuestConfig fields).
 
-    service_mac: str = ""
-    service_address: str = ""
-    service_prefix_length: int = 0
-    service_gateway: str = ""
-    service_mtu: int = 0
-    management_address: str = ""
+    A plain class, not a dataclass: `dataclasses` imports `inspect`, and the agent's
+    start is on the failover's path (it runs with `-I -S` for the same reason)."""
+
+    __slots__ = (
+        "management_address",
+        "service_address",
+        "service_gateway",
+        "service_mac",
+        "service_mtu",
+        "service_prefix_length",
+    )
+
+    def __init__(self, *, service_mac: str = "", service_address: str = "",
+                 service_prefix_length: int = 0, service_gateway: str = "",
+                 service_mtu: int = 0, management_address: str = "") -> None:
+        self.service_mac = service_mac
+        self.service_address = service_address
+        self.service_prefix_length = service_prefix_length
+        self.service_gateway = service_gateway
+        self.service_mtu = service_mtu
+        self.management_address = management_address
 
     @classmethod
     def from_json(cls, text: str) -> NicPlan:
@@ -68,6 +79,19 @@ class NicPlan:
                    service_gateway=str(raw.get("service_gateway") or ""),
                    service_mtu=int(raw.get("service_mtu") or 0),
                    management_address=str(raw.get("management_address") or ""))
+
+
+def read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def network_of(address: str, prefix_length: int) -> str:
+    """`10.1.2.0/24` for 10.1.2.3 and 24 (IPv4; not `ipaddress`, whose import costs
+    more than the rest of this)."""
+    mask = (0xFFFFFFFF << (32 - prefix_length)) & 0xFFFFFFFF
+    bits = int.from_bytes(socket.inet_aton(address), "big") & mask
+    return f"{socket.inet_ntoa(bits.to_bytes(4, 'big'))}/{prefix_length}"
 
 
 def say(message: str) -> None:
@@ -93,7 +117,7 @@ def ip_batch(commands: list[str]) -> None:
 def nic_with_mac(mac: str) -> str | None:
     for dev in sorted(os.listdir(SYS_NET)):
         try:
-            if (SYS_NET / dev / "address").read_text().strip().lower() == mac:
+            if read(f"{SYS_NET}/{dev}/address").strip().lower() == mac:
                 return dev
         except OSError:
             continue  # gone meanwhile
@@ -117,10 +141,10 @@ def missing_rule(rules: str, address: str, table: int, priority: int) -> list[st
 
 
 def configure_service(plan: NicPlan, dev: str, rules: str) -> None:
-    network = ipaddress.ip_interface(
-        f"{plan.service_address}/{plan.service_prefix_length}").network
+    network = network_of(plan.service_address, plan.service_prefix_length)
     # Before the link goes up: the kernel then announces the address itself too.
-    Path(f"/proc/sys/net/ipv4/conf/{dev}/arp_notify").write_text("1\n")
+    with open(f"/proc/sys/net/ipv4/conf/{dev}/arp_notify", "w") as f:
+        f.write("1\n")
     commands = [*([f"link set dev {dev} mtu {plan.service_mtu}"] if plan.service_mtu else []),
                 f"addr replace {plan.service_address}/{plan.service_prefix_length} "
                 f"dev {dev} noprefixroute",
@@ -147,7 +171,7 @@ def configure_management(plan: NicPlan, rules: str) -> None:
         raise AgentError(f"no interface holds the management address "
                          f"{plan.management_address}")
     dev, prefix_length = found
-    network = ipaddress.ip_interface(f"{plan.management_address}/{prefix_length}").network
+    network = network_of(plan.management_address, prefix_length)
     commands = [f"route replace {network} dev {dev} src {plan.management_address} "
                 f"table {MANAGEMENT_TABLE}"]
     for route in ip("-4", "route", "show", "default", "dev", dev).splitlines():
@@ -165,12 +189,12 @@ def announce(dev: str, address: str) -> None:
     """One gratuitous ARP request (like `arping -U`), sent once the link's queue is
     live (a frame sent before that is dropped)."""
     deadline = time.monotonic() + LINK_UP_TIMEOUT
-    while (SYS_NET / dev / "operstate").read_text().strip() not in ("up", "unknown"):
+    while read(f"{SYS_NET}/{dev}/operstate").strip() not in ("up", "unknown"):
         if time.monotonic() > deadline:
             say(f"{dev} is not up after {LINK_UP_TIMEOUT:.0f} s: no gratuitous ARP")
             return
         time.sleep(0.005)
-    mac = bytes.fromhex((SYS_NET / dev / "address").read_text().strip().replace(":", ""))
+    mac = bytes.fromhex(read(f"{SYS_NET}/{dev}/address").strip().replace(":", ""))
     ipv4 = socket.inet_aton(address)
     arp = (b"\x00\x01\x08\x00\x06\x04\x00\x01"  # Ethernet, IPv4, request
            + mac + ipv4 + b"\x00" * 6 + ipv4)
@@ -197,7 +221,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         plan = NicPlan.from_json(sys.stdin.read() if argv[0] == "-"
-                                 else Path(argv[0]).read_text())
+                                 else read(argv[0]))
     except (OSError, ValueError, TypeError) as exc:
         print(f"pgha-nic-agent: cannot read config {argv[0]}: {type(exc).__name__}",
               file=sys.stderr)

@@ -265,9 +265,15 @@ class Engine:
         crash_at = os.environ.get(CRASH_AFTER_STEP_ENV)
         for index in range(start_index, len(steps)):
             step = steps[index]
+            # One session per step boundary: it records the step just done (step_index,
+            # see below) and starts this one. Steps are idempotent, so a crash before
+            # this commit runs the step just done again, as it would have anyway.
             with self.store.session() as s:
                 op = s.get(Operation, ctx.operation_id)
                 assert op is not None
+                if index > start_index:
+                    op.step_index = index
+                    op.attempts = 0
                 if self._preempted(s, workflow, op):
                     cancelled = StepFailed("cancelled: the instance is being deprovisioned")
                 else:
@@ -295,14 +301,10 @@ class Engine:
             if crash_at == f"{ctx.kind}:{step.name}":
                 log.warning("test hook %s: killing this process", CRASH_AFTER_STEP_ENV)
                 os.kill(os.getpid(), 9)
-            with self.store.session() as s:
-                op = s.get(Operation, ctx.operation_id)
-                assert op is not None
-                op.step_index = index + 1
-                op.attempts = 0
             ctx.attempt = 0
         self.queue.finish(ctx.operation_id, SUCCEEDED,
-                          workflow.done_from(ctx) if workflow.done_from else workflow.done)
+                          workflow.done_from(ctx) if workflow.done_from else workflow.done,
+                          step_index=len(steps))
         log.info("operation %s (%s) succeeded", ctx.operation_id, ctx.kind)
         return SUCCEEDED
 

@@ -45,23 +45,27 @@ def admin_password(ctx: Context, inst: Instance | None = None) -> str:
 
 @contextmanager
 def admin_connection(ctx: Context, node: Node, *, dbname: str = "postgres",
-                     timeout: float = 5.0) -> Iterator[Connection]:
+                     timeout: float = 5.0, inst: Instance | None = None
+                     ) -> Iterator[Connection]:
     """The broker's superuser connection to one node, over its management address,
-    verifying the node's certificate once it has one."""
+    verifying the node's certificate once it has one (`inst`: the caller's fresh read
+    of the instance, to spare one)."""
     if not node.management_address:
         raise StepFailed(f"node {node.id} has no management address yet")
-    conn = connection.connect(node.management_address, admin_password(ctx), dbname=dbname,
-                              timeout=timeout, ca_pem=node_ca(ctx, node.id))
+    inst = inst or ctx.instance()  # one read for both: a failover opens several
+    conn = connection.connect(node.management_address, admin_password(ctx, inst),
+                              dbname=dbname, timeout=timeout,
+                              ca_pem=node_ca(ctx, node.id, inst))
     try:
         yield conn
     finally:
         conn.close()
 
 
-def node_ca(ctx: Context, node_id: str) -> str | None:
+def node_ca(ctx: Context, node_id: str, inst: Instance | None = None) -> str | None:
     """The CA to verify a node with, from the store as it is now (the caller's row may
-    predate the node's first certificate)."""
-    inst = ctx.instance()
+    predate the node's first certificate); `inst`: the caller's fresh read."""
+    inst = inst or ctx.instance()
     node = next((n for n in inst.nodes if n.id == node_id), None)
     return inst.ca_for(node) if node is not None else None
 
@@ -105,11 +109,11 @@ def refresh_hba(ctx: Context, node_id: str, *, timeout: float = 5.0) -> None:
     node = next((n for n in inst.live_nodes() if n.id == node_id), None)
     if node is None:
         return
-    admin_cidrs, app_cidrs = access_cidrs(ctx, target_plan(ctx))
+    admin_cidrs, app_cidrs = access_cidrs(ctx, target_plan(ctx, inst))
     lines = hba.render_hba(admin_cidrs=list(admin_cidrs),
                            peer_addresses=list(peer_addresses(inst, node_id)),
                            app_cidrs=list(app_cidrs), tls=bool(node.tls_cert))
-    with admin_connection(ctx, node, timeout=timeout) as conn:
+    with admin_connection(ctx, node, timeout=timeout, inst=inst) as conn:
         if node.role == PRIMARY and not tenants.tenant_model_in_place(conn):
             # Made by an earlier version: its read-only roles join the group that the
             # new pg_hba admits before that file replaces the one naming the old group.

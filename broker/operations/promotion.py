@@ -81,11 +81,17 @@ def record_event(ctx: Context, *, kind: str, cause: str, old_node_id: str | None
 
 
 def event_nodes(ctx: Context) -> tuple[str, str | None]:
-    """(old primary, node taking over) as recorded by the first step."""
+    """(old primary, node taking over) as recorded by the first step. They never change
+    once recorded, so one read serves every later step of this run."""
+    cached = ctx.scratch.get("event_nodes")
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
     row = get_event(ctx)
     if row is None or not row.old_primary_node_id:
         raise StepFailed("the failover event of this operation is missing")
-    return row.old_primary_node_id, row.new_primary_node_id
+    nodes = (row.old_primary_node_id, row.new_primary_node_id)
+    ctx.scratch["event_nodes"] = nodes
+    return nodes
 
 
 def stamp(ctx: Context, **values: Any) -> None:
@@ -138,14 +144,14 @@ def probe_node(ctx: Context, node: Node, *, timeout: float = 3.0, tries: int = 3
     """The node's replication state; a few tries, because one lost SYN is not death."""
     if not node.management_address:
         raise StepFailed(f"node {node.id} has no management address")
-    ca_pem = node_access.node_ca(ctx, node.id)
-    result = probe.probe(node.management_address, password(ctx), timeout=timeout, ca_pem=ca_pem)
+    inst = ctx.instance()
+    ca_pem, pw = node_access.node_ca(ctx, node.id, inst), node_access.admin_password(ctx, inst)
+    result = probe.probe(node.management_address, pw, timeout=timeout, ca_pem=ca_pem)
     for _ in range(tries - 1):
         if result.ok:
             break
         time.sleep(0.3)
-        result = probe.probe(node.management_address, password(ctx), timeout=timeout,
-                             ca_pem=ca_pem)
+        result = probe.probe(node.management_address, pw, timeout=timeout, ca_pem=ca_pem)
     return result
 
 

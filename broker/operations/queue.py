@@ -252,12 +252,16 @@ class Queue:
             op.lease_expires_at = None
 
     def finish(self, op_id: str, state: str, description: str, *,
-               error: str | None = None) -> None:
-        """End the operation (succeeded or failed) and free its row."""
+               error: str | None = None, step_index: int | None = None) -> None:
+        """End the operation (succeeded or failed) and free its row; `step_index`: every
+        step done."""
         with self.store.session() as s:
             op = s.get(Operation, op_id)
             if op is None:
                 return
+            if step_index is not None:
+                op.step_index = step_index
+                op.attempts = 0
             op.state = state
             op.description = description
             op.error = error

@@ -22,10 +22,11 @@ from broker.store.models import (
 )
 
 
-def target_plan(ctx: Context) -> Plan:
-    """The plan the instance is being built for: an update's new plan, else its own."""
+def target_plan(ctx: Context, inst: Instance | None = None) -> Plan:
+    """The plan the instance is being built for: an update's new plan, else its own
+    (`inst`: the caller's fresh read, to spare one)."""
     plan_id = ctx.params.plan_id if isinstance(ctx.params, UpdateParams) else None
-    return ctx.plan(plan_id or None)
+    return ctx.plan(plan_id or (inst.plan_id if inst is not None else None))
 
 
 def get_node(ctx: Context, node_id: str) -> Node:

@@ -105,7 +105,7 @@ def run_nic_agent(server_dir: Path, server_id: str) -> None:
     get no udev events). It reads the server's guest config, as in a VM."""
     try:
         result = subprocess.run(
-            ["ip", "netns", "exec", namespace(server_id), sys.executable, "-I",
+            ["ip", "netns", "exec", namespace(server_id), sys.executable, "-I", "-S",
              str(NIC_AGENT_SCRIPT), str(server_dir / GUEST_CONFIG)],
             capture_output=True, text=True, timeout=NIC_AGENT_TIMEOUT, check=False,
             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})

@@ -94,7 +94,7 @@ def _udev_rule(guest: GuestConfig) -> str:
     """The NIC agent when the service port's NIC appears (matched by its MAC), out of
     udev's way (udev kills long RUN programs)."""
     return (f'ACTION=="add", SUBSYSTEM=="net", ATTR{{address}}=="{guest.service_mac.lower()}", '
-            f'RUN+="/usr/bin/systemd-run --no-block /usr/bin/python3 -I {NIC_AGENT_PATH} '
+            f'RUN+="/usr/bin/systemd-run --no-block /usr/bin/python3 -I -S {NIC_AGENT_PATH} '
             f'{CONFIG_PATH}"\n')
 
 
