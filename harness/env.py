@@ -118,7 +118,11 @@ def failover_env(state_url: str | None = None) -> Iterator[FailoverEnv]:
                        pg_bin=pg_bin_dir())
     key = Fernet.generate_key().decode()
     url = state_url or f"sqlite:///{base / 'broker.sqlite3'}"
-    runtime = make_runtime(url, key, cloud)
+    try:
+        runtime = make_runtime(url, key, cloud)
+    except BaseException:  # a state store that cannot be reached: leave no directory
+        shutil.rmtree(base, ignore_errors=True)
+        raise
     env = FailoverEnv(base=base, cloud=cloud, state_url=url, key=key, runtime=runtime,
                       engine=make_engine(runtime))
     try:
