@@ -299,9 +299,7 @@ def wait_standby_streaming(ctx: Context, node_id: str, *, timeout: float = WAIT_
 def attach_service_port(ctx: Context, node_id: str) -> None:
     """Plug the service port into the node's server (no-op if it is already there)."""
     inst = ctx.instance()
-    node = next((n for n in inst.nodes if n.id == node_id), None)
-    if node is None:
-        raise StepFailed(f"node {node_id} is not in the state store")
+    node = get_node(ctx, node_id, inst)
     if not inst.service_port_id or not node.server_id:
         raise StepFailed("the service port and the server must exist before attaching")
     port = ctx.cloud.get_port(inst.service_port_id)

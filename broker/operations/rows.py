@@ -29,8 +29,9 @@ def target_plan(ctx: Context, inst: Instance | None = None) -> Plan:
     return ctx.plan(plan_id or (inst.plan_id if inst is not None else None))
 
 
-def get_node(ctx: Context, node_id: str) -> Node:
-    inst = ctx.instance()
+def get_node(ctx: Context, node_id: str, inst: Instance | None = None) -> Node:
+    """The node as the store has it now (`inst`: the caller's fresh read, to spare one)."""
+    inst = inst or ctx.instance()
     node = next((n for n in inst.nodes if n.id == node_id), None)
     if node is None:
         raise StepFailed(f"node {node_id} is not in the state store")
